@@ -1,0 +1,77 @@
+"""Pictures from a trained run.
+
+    python sample.py recon  --run RUN --data DIR [--no-quantize]   # real | reconstruction columns
+    python sample.py interp --run RUN --data DIR                   # rows from one image to another
+    python sample.py random --run RUN [--temperature T] [--top-k K] # samples from the prior
+"""
+
+import argparse
+import os
+
+import numpy as np
+
+import vq_vae_keras  # noqa: F401  (quiets TensorFlow's start-up logging)
+from vq_vae_keras.cli import ArgumentParser, positive_float, positive_int, run_main
+from vq_vae_keras.errors import UsageError
+
+
+def parse(argv):
+    parser = ArgumentParser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text, needs_data in [("recon", "reconstruction grid", True),
+                                        ("interp", "interpolation grid", True),
+                                        ("random", "random samples from the prior", False)]:
+        p = commands.add_parser(name, help=help_text)
+        p.add_argument("--run", required=True)
+        if needs_data:
+            p.add_argument("--data", required=True, help="folder of images")
+        p.add_argument("--n", type=positive_int, default=8, help="grid of n x n tiles (default 8)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--out", help=f"PNG to write (default RUN/samples/{name}.png)")
+        if name == "recon":
+            p.add_argument("--no-quantize", action="store_true", help="encoder -> decoder, skipping the quantizer")
+        if name == "random":
+            p.add_argument("--temperature", type=positive_float, default=1.0)
+            p.add_argument("--top-k", type=positive_int, help="draw only from the k likeliest codes")
+            p.add_argument("--codes-out", help="also save the sampled code maps (n*n, h, w) as .npy")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse(argv)
+    from vq_vae_keras.data import ImageFolder
+    from vq_vae_keras.grids import codes_grid, interpolation_grid, reconstruction_grid
+    from vq_vae_keras.io import save_npy, save_png
+    from vq_vae_keras.run import load_run
+
+    run = load_run(args.run)
+    out = args.out or os.path.join(args.run, "samples", f"{args.command}.png")
+    rng = np.random.default_rng(args.seed)
+    if args.command == "recon":
+        if args.n % 2:
+            raise UsageError(f"--n must be even for recon (pairs of real and reconstructed), got {args.n}")
+        images = ImageFolder(args.data, run.config.img_dim).random_images(args.n * args.n // 2, rng)
+        grid = reconstruction_grid(run.vqvae, images, args.n, quantize=not args.no_quantize)
+    elif args.command == "interp":
+        if args.n < 2:
+            raise UsageError(f"--n must be at least 2 for interp, got {args.n}")
+        images = ImageFolder(args.data, run.config.img_dim).random_images(2 * args.n, rng)
+        grid = interpolation_grid(run.vqvae, images[0::2], images[1::2], args.n)
+    else:
+        from vq_vae_keras.sampling import sample_codes
+
+        if run.prior is None:
+            raise UsageError(f"{args.run} has no trained prior; run: python train.py prior --run {args.run}")
+        if args.top_k is not None and args.top_k > run.config.num_codes:
+            raise UsageError(f"--top-k must be at most num_codes = {run.config.num_codes}, got {args.top_k}")
+        codes = sample_codes(run.prior, args.n * args.n, run.config.grid_shape, temperature=args.temperature,
+                             top_k=args.top_k, seed=args.seed, progress=True)
+        if args.codes_out:
+            save_npy(args.codes_out, codes)
+        grid = codes_grid(run.vqvae, codes)
+    save_png(out, grid)
+    print(out)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,90 @@
+"""Train a VQ-VAE and its attention prior on a folder of images.
+
+    python train.py                                   # demo: built-in shapes, 32 px, both stages
+    python train.py vqvae --data DIR --run RUN [...]  # stage 1: the VQ-VAE
+    python train.py prior --run RUN [...]             # stage 2: the prior over its codes
+"""
+
+import argparse
+import os
+import sys
+
+import vq_vae_keras  # noqa: F401  (quiets TensorFlow's start-up logging)
+from vq_vae_keras.cli import (ArgumentParser, add_steps_flags, config_for_run, nonnegative_float, positive_float,
+                              positive_int, run_main)
+
+DEMO_RUN = os.path.join("runs", "demo")
+
+
+def parse(argv):
+    parser = ArgumentParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command")
+
+    vq = commands.add_parser("vqvae", help="train the VQ-VAE")
+    vq.add_argument("--data", required=True, help="folder of images (searched recursively)")
+    vq.add_argument("--run", required=True, help="run directory")
+    vq.add_argument("--img-dim", type=int)
+    vq.add_argument("--z-dim", type=positive_int)
+    vq.add_argument("--num-codes", type=positive_int)
+    vq.add_argument("--batch-size", type=positive_int)
+    vq.add_argument("--lr", type=positive_float)
+    vq.add_argument("--beta", type=nonnegative_float)
+    vq.add_argument("--sample-every", type=positive_int, help="grids and checkpoint every N steps (default 100)")
+    vq.add_argument("--seed", type=int)
+    add_steps_flags(vq)
+
+    prior = commands.add_parser("prior", help="train the attention prior on a trained VQ-VAE's codes")
+    prior.add_argument("--run", required=True, help="run directory of a trained VQ-VAE")
+    prior.add_argument("--data", help="folder of images (default: the one in RUN/config.json)")
+    prior.add_argument("--batch-size", type=positive_int, help="default 32")
+    prior.add_argument("--seed", type=int)
+    add_steps_flags(prior)
+    return parser.parse_args(argv)
+
+
+def train_vqvae_command(args):
+    from vq_vae_keras.training import train_vqvae
+
+    flags = dict(data=args.data, img_dim=args.img_dim, z_dim=args.z_dim, num_codes=args.num_codes,
+                 batch_size=args.batch_size, lr=args.lr, beta=args.beta, sample_every=args.sample_every,
+                 seed=args.seed)
+    config = config_for_run(args.run, flags, args.resume)
+    train_vqvae(config, args.run, steps=args.steps, epochs=args.epochs, resume=args.resume)
+    print(f"VQ-VAE weights: {os.path.join(args.run, 'vqvae.weights.h5')}; grids in {os.path.join(args.run, 'samples')}")
+
+
+def train_prior_command(args):
+    from vq_vae_keras.training import train_prior
+    from vq_vae_keras.run import RunDir
+
+    config = RunDir(args.run).require_config()
+    if args.data is not None:
+        config.data = args.data
+    if args.batch_size is not None:
+        config.prior_batch_size = args.batch_size
+    if args.seed is not None:
+        config.seed = args.seed
+    train_prior(config, args.run, steps=args.steps, epochs=args.epochs, resume=args.resume)
+    print(f"prior weights: {os.path.join(args.run, 'prior.weights.h5')}")
+
+
+def demo():
+    """Built-in shapes data set, 32 px preset, both stages, grids under runs/demo."""
+    from vq_vae_keras.demo import run_demo
+
+    run_demo(DEMO_RUN)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        return demo()
+    args = parse(argv)
+    if args.command == "vqvae":
+        train_vqvae_command(args)
+    elif args.command == "prior":
+        train_prior_command(args)
+
+
+if __name__ == "__main__":
+    run_main(main)

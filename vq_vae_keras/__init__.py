@@ -1,0 +1,40 @@
+"""vq_vae_keras: Su Jianlin's VQ-VAE with its attention prior, for Keras 3 on TensorFlow."""
+
+import os
+import sys
+
+
+def _import_tensorflow_quietly():
+    """TensorFlow prints start-up notices (oneDNN, CUDA) from C++ before any setting can stop them;
+    hide the C-level stderr just while it is imported. Python errors still surface.
+    Set VQK_VERBOSE_TF=1 to see everything."""
+    if "tensorflow" in sys.modules or os.environ.get("VQK_VERBOSE_TF"):
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+_import_tensorflow_quietly()
+
+from .config import Config  # noqa: E402
+from .data import load_images  # noqa: E402
+from .errors import UsageError  # noqa: E402
+from .layers import CausalSelfAttention, GridPositionEmbedding, StraightThrough, VectorQuantizer  # noqa: E402
+from .models import VQVAE, build_vqvae  # noqa: E402
+from .prior import build_prior  # noqa: E402
+from .run import load_run  # noqa: E402
+from .sampling import sample_codes  # noqa: E402
+
+__all__ = ["Config", "UsageError", "VectorQuantizer", "StraightThrough", "GridPositionEmbedding",
+           "CausalSelfAttention", "VQVAE", "build_vqvae", "build_prior", "load_run", "sample_codes",
+           "load_images"]

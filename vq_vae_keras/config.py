@@ -1,0 +1,113 @@
+"""All hyper-parameters of a run, as plain fields (reference defaults)."""
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from .errors import UsageError
+
+
+@dataclass
+class Config:
+    # VQ-VAE (the reference's globals)
+    img_dim: int = 128
+    z_dim: int = 128
+    num_codes: int = 64
+    batch_size: int = 64
+    lr: float = 1e-3
+    beta: float = 0.25  # weight of the commitment term mse_z
+    # prior ("PixelAtt", the comment block at the end of the reference)
+    prior_heads: int = 8
+    prior_head_dim: int = 32
+    prior_depth: int = 4
+    prior_batch_size: int = 32
+    prior_lr: float = 1e-3
+    val_split: float = 0.05
+    # run
+    data: Optional[str] = None
+    seed: int = 0
+    sample_every: int = 100
+    # departures from the reference, all off by default (see README)
+    quantizer: str = "vq"  # "vq" (reference), "ema" or "gumbel"
+    ema_decay: float = 0.99
+    ema_epsilon: float = 1e-5
+    restart_dead: int = 0  # restart a code unused for this many steps; 0 = never
+    kmeans_init: bool = False
+    gumbel_tau_start: float = 1.0
+    gumbel_tau_end: float = 0.0625
+    gumbel_anneal_steps: int = 10000
+    gumbel_kl_weight: float = 0.0
+
+    @property
+    def num_layers(self) -> int:
+        """Residual blocks in encoder and decoder: int(log2(img_dim) - 4), 3 at 128 px, 0 below 32."""
+        return max(0, int(math.log2(self.img_dim) - 4))
+
+    @property
+    def grid_shape(self) -> tuple:
+        """(h, w) of the latent code grid."""
+        return (self.img_dim // 4, self.img_dim // 4)
+
+    @property
+    def prior_dim(self) -> int:
+        return 2 * self.z_dim
+
+    def validate(self) -> "Config":
+        def need(ok, message):
+            if not ok:
+                raise UsageError(message)
+
+        need(self.img_dim >= 16 and self.img_dim % 4 == 0,
+             f"img_dim must be a multiple of 4 and at least 16, got {self.img_dim}")
+        for name in ("z_dim", "batch_size", "prior_heads", "prior_head_dim", "prior_depth",
+                     "prior_batch_size", "sample_every"):
+            need(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
+        need(self.num_codes >= 2, f"num_codes must be at least 2, got {self.num_codes}")
+        need(self.lr > 0 and self.prior_lr > 0, "learning rates must be positive")
+        need(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
+        need(0 <= self.val_split < 1, f"val_split must be in [0, 1), got {self.val_split}")
+        need(self.quantizer in ("vq", "ema", "gumbel"),
+             f"quantizer must be vq, ema or gumbel, got {self.quantizer!r}")
+        need(0 < self.ema_decay < 1, f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        need(self.restart_dead >= 0, f"restart_dead must be >= 0, got {self.restart_dead}")
+        need(self.gumbel_tau_start > 0 and self.gumbel_tau_end > 0, "Gumbel temperatures must be > 0")
+        need(self.gumbel_anneal_steps >= 1, "gumbel_anneal_steps must be at least 1")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path) -> None:
+        """Write every field plus the keras/tensorflow versions as JSON (atomically)."""
+        import keras
+        import tensorflow as tf
+
+        from .io import atomic_write_text
+
+        record = self.to_dict()
+        record["versions"] = {"keras": keras.__version__, "tensorflow": tf.__version__}
+        atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path) -> "Config":
+        if not os.path.isfile(path):
+            raise UsageError(f"no config at {path}")
+        try:
+            with open(path) as f:
+                record = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot read config {path}: {e}") from None
+        if not isinstance(record, dict):
+            raise UsageError(f"config {path} is not a JSON object")
+        record.pop("versions", None)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(record) - names)
+        if unknown:
+            raise UsageError(f"config {path} has unknown fields: {', '.join(unknown)}")
+        try:
+            return cls(**record).validate()
+        except TypeError as e:
+            raise UsageError(f"config {path}: {e}") from None

@@ -1,0 +1,181 @@
+"""Image folders in, batches of [-1, 1] float32 images out.
+
+Each image is read as RGB (any mode or bit depth, EXIF orientation honoured), resized to
+img_dim x img_dim with bilinear filtering (no crop) and scaled with x / 255 * 2 - 1, as the
+reference. Training batches follow the reference's epochs: the file list is shuffled every
+epoch (seeded by (seed, epoch), so a resumed run sees the same order) and an epoch is
+ceil(N / batch_size) steps, the last batch smaller.
+"""
+
+import math
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageOps
+
+from .errors import UsageError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1))  # PIL releases the GIL while decoding
+
+
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def find_images(folder):
+    """Image files under folder, recursively, by extension, sorted."""
+    if not os.path.isdir(folder):
+        raise UsageError(f"no such folder: {folder}")
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return found
+
+
+def _to_rgb(img):
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16-bit or float greyscale
+        a = np.asarray(img, np.float64)
+        a = a / 257.0 if a.max() > 255 else a
+        img = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
+def read_image(path, img_dim):
+    """One file -> (img_dim, img_dim, 3) float32 in [-1, 1]. Raises OSError/ValueError if unreadable."""
+    with Image.open(path) as img:
+        img = _to_rgb(img)
+        img = img.resize((img_dim, img_dim), Image.BILINEAR)
+    return np.asarray(img, np.float32) / 255 * 2 - 1
+
+
+def _try_read(path, img_dim):
+    try:
+        return read_image(path, img_dim), None
+    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _looks_like_image(path):
+    """Header check only (fast): the file opens as an image with a non-empty size."""
+    try:
+        with Image.open(path) as img:
+            return img.size[0] > 0 and img.size[1] > 0
+    except Exception:
+        return False
+
+
+def _summarise_skips(skipped, what):
+    if skipped:
+        warn(f"skipped {len(skipped)} {what} (first: {skipped[0]})")
+
+
+def epoch_batches(n, batch_size, seed, start_step=0):
+    """Endless index batches over n items: each epoch a fresh permutation seeded by (seed, epoch),
+    ceil(n / batch_size) batches, the last smaller. Starts at global step start_step."""
+    steps = math.ceil(n / batch_size)
+    epoch, skip = divmod(start_step, steps)
+    while True:
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+        for b in range(skip, steps):
+            yield order[b * batch_size:(b + 1) * batch_size]
+        epoch, skip = epoch + 1, 0
+
+
+def load_images(paths_or_dir, img_dim):
+    """A folder or a list of files -> float32 (N, img_dim, img_dim, 3) in [-1, 1].
+    Unreadable files are skipped with one warning; none readable is a UsageError."""
+    paths = find_images(paths_or_dir) if isinstance(paths_or_dir, (str, os.PathLike)) else list(paths_or_dir)
+    results = list(_pool.map(lambda p: _try_read(p, img_dim), paths))
+    images = [image for image, _ in results if image is not None]
+    _summarise_skips([p for p, (image, _) in zip(paths, results) if image is None], "unreadable image files")
+    if not images:
+        raise UsageError(f"no readable images in {paths_or_dir}")
+    return np.stack(images)
+
+
+class ImageFolder:
+    """The usable images of a folder, and the reference's shuffled epochs over them."""
+
+    def __init__(self, folder, img_dim):
+        self.folder, self.img_dim = folder, img_dim
+        candidates = find_images(folder)
+        looks_ok = list(_pool.map(_looks_like_image, candidates))
+        self.paths = [p for p, ok in zip(candidates, looks_ok) if ok]
+        _summarise_skips([p for p, ok in zip(candidates, looks_ok) if not ok], "files that are not readable images")
+        if not self.paths:
+            raise UsageError(f"no usable images in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        self.bad = set()  # files that passed the header check but failed to decode
+
+    def __len__(self):
+        return len(self.paths)
+
+    def steps_per_epoch(self, batch_size):
+        return math.ceil(len(self.paths) / batch_size)
+
+    def read_batch(self, indices):
+        """Decode files in parallel; files that fail are dropped from the batch and remembered."""
+        paths = [self.paths[i] for i in indices if self.paths[i] not in self.bad]
+        results = list(_pool.map(lambda p: _try_read(p, self.img_dim), paths))
+        for path, (image, error) in zip(paths, results):
+            if image is None:
+                self.bad.add(path)
+                warn(f"skipping unreadable image {path} ({error}); {len(self.bad)} skipped so far")
+        images = [image for image, _ in results if image is not None]
+        return np.stack(images) if images else None
+
+    def batches(self, batch_size, seed, start_step=0):
+        """Endless training batches from global step start_step on: epoch after epoch."""
+        for indices in epoch_batches(len(self.paths), batch_size, seed, start_step):
+            batch = self.read_batch(indices)
+            if batch is not None:
+                yield batch
+
+    def dataset(self, batch_size, seed, start_step=0):
+        """tf.data pipeline over `batches`, prefetched so decoding overlaps the training step."""
+        import tensorflow as tf
+
+        spec = tf.TensorSpec((None, self.img_dim, self.img_dim, 3), tf.float32)
+        ds = tf.data.Dataset.from_generator(lambda: self.batches(batch_size, seed, start_step),
+                                            output_signature=spec)
+        return ds.map(lambda x: (x, x)).prefetch(tf.data.AUTOTUNE)
+
+    def random_images(self, n, rng):
+        """n images drawn at random (with replacement, as the reference's np.random.choice)."""
+        picks = rng.integers(0, len(self.paths), size=4 * n + 8)
+        images = [image for image, _ in (_try_read(self.paths[i], self.img_dim) for i in picks) if image is not None]
+        if len(images) < n:
+            raise UsageError(f"could not read {n} images from {self.folder}")
+        return np.stack(images[:n])
+
+
+def make_demo_images(folder, count=2000, size=64, seed=0):
+    """Write `count` PNGs of coloured shapes on colour gradients: the demo's built-in data set."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    t = np.linspace(0, 1, size)[:, None, None]
+    for i in range(count):
+        path = os.path.join(folder, f"shape_{i:05d}.png")
+        if os.path.exists(path):
+            continue
+        top, bottom = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        background = np.broadcast_to(top * (1 - t) + bottom * t, (size, size, 3))
+        img = Image.fromarray(background.astype(np.uint8))
+        draw = ImageDraw.Draw(img)
+        for _ in range(rng.integers(1, 3)):
+            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+            cx, cy = rng.uniform(0.25, 0.75, 2) * size
+            r = rng.uniform(0.12, 0.3) * size
+            kind = rng.integers(3)
+            if kind == 0:
+                draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+            elif kind == 1:
+                draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=colour)
+            else:
+                draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+        img.save(path)
+    return folder

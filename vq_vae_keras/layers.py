@@ -1,0 +1,206 @@
+"""Custom Keras layers: the vector quantizer, the straight-through estimator, and the prior's
+grid position embedding and causal self-attention. All written with keras.ops and serializable."""
+
+import keras
+from keras import ops
+
+PACKAGE = "vq_vae_keras"
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class CodeUsage(keras.metrics.Metric):
+    """How many times each code was chosen since the last reset; result() is the fraction used."""
+
+    def __init__(self, num_codes, name="usage", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.num_codes = num_codes
+        self.counts = self.add_variable(shape=(num_codes,), initializer="zeros", name="counts")
+
+    def update_state(self, codes):
+        flat = ops.reshape(ops.cast(codes, "int32"), (-1,))
+        self.counts.assign_add(ops.sum(ops.one_hot(flat, self.num_codes, dtype=self.dtype), axis=0))
+
+    def result(self):
+        return ops.mean(ops.cast(self.counts > 0, self.dtype))
+
+    def get_config(self):
+        return {**super().get_config(), "num_codes": self.num_codes}
+
+
+def perplexity(codes, num_codes):
+    """exp(entropy) of the code histogram: num_codes when all are used equally, 1 when one is."""
+    flat = ops.reshape(ops.cast(codes, "int32"), (-1,))
+    p = ops.mean(ops.one_hot(flat, num_codes), axis=0)
+    return ops.exp(-ops.sum(p * ops.log(ops.maximum(p, 1e-10))))
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class VectorQuantizer(keras.layers.Layer):
+    """Nearest-neighbour lookup in a learned codebook (the reference's `VectorQuantizer`).
+
+    Input:  z, (..., dim).
+    Output: [codes (...) int32, code vectors (..., dim)], the codebook rows nearest to z in
+            squared Euclidean distance |z|^2 + |e|^2 - 2 z.e.
+    While training it also tracks the batch perplexity and which codes were used.
+    """
+
+    def __init__(self, num_codes, **kwargs):
+        super().__init__(**kwargs)
+        self.num_codes = num_codes
+        self.perplexity = keras.metrics.Mean(name="perplexity")
+        self.usage = CodeUsage(num_codes, name="usage")
+
+    def build(self, input_shape):
+        # Keras 2's 'uniform' initialiser, as in the reference.
+        self.codebook = self.add_weight(
+            name="codebook", shape=(self.num_codes, input_shape[-1]),
+            initializer=keras.initializers.RandomUniform(-0.05, 0.05))
+
+    def distances(self, z):
+        """Squared distance of every z to every code: (..., num_codes)."""
+        z_sq = ops.sum(ops.square(z), axis=-1, keepdims=True)
+        e_sq = ops.sum(ops.square(self.codebook), axis=-1)
+        return z_sq + e_sq - 2 * ops.matmul(z, ops.transpose(self.codebook))
+
+    def call(self, z, training=None):
+        codes = ops.cast(ops.argmin(self.distances(z), axis=-1), "int32")
+        if training:
+            self.perplexity.update_state(perplexity(codes, self.num_codes))
+            self.usage.update_state(codes)
+        return [codes, self.lookup(codes)]
+
+    def lookup(self, codes):
+        """Code vectors of integer codes: (...) -> (..., dim)."""
+        return ops.take(self.codebook, ops.cast(codes, "int32"), axis=0)
+
+    def compute_output_spec(self, z, training=None):
+        return [keras.KerasTensor(z.shape[:-1], dtype="int32"), keras.KerasTensor(z.shape, dtype=self.compute_dtype)]
+
+    def get_config(self):
+        return {**super().get_config(), "num_codes": self.num_codes}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class StraightThrough(keras.layers.Layer):
+    """Straight-through estimator and the two VQ loss terms (the reference's Lambda + add_loss).
+
+    Inputs: [z, e], both (..., dim): encoder outputs and their code vectors.
+    Output: z + stop_gradient(e - z): the value of e, the gradient of z.
+    Adds codebook_weight * mse_e + beta * mse_z to the model's losses, where
+    mse_e = mean((stop_gradient(z) - e)^2) moves the codebook and
+    mse_z = mean((stop_gradient(e) - z)^2) (the commitment term) moves the encoder.
+    """
+
+    def __init__(self, beta=0.25, codebook_weight=1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.beta = beta
+        self.codebook_weight = codebook_weight
+        self.mse_e = keras.metrics.Mean(name="mse_e")
+        self.mse_z = keras.metrics.Mean(name="mse_z")
+
+    def call(self, inputs, training=None):
+        z, e = inputs
+        mse_e = ops.mean(ops.square(ops.stop_gradient(z) - e))
+        mse_z = ops.mean(ops.square(ops.stop_gradient(e) - z))
+        self.add_loss(self.codebook_weight * mse_e + self.beta * mse_z)
+        if training:
+            self.mse_e.update_state(mse_e)
+            self.mse_z.update_state(mse_z)
+        return z + ops.stop_gradient(e - z)
+
+    def compute_output_shape(self, input_shapes):
+        return input_shapes[0]
+
+    def get_config(self):
+        return {**super().get_config(), "beta": self.beta, "codebook_weight": self.codebook_weight}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class GridPositionEmbedding(keras.layers.Layer):
+    """Adds a learned row and column embedding to a flattened (row-major) grid sequence.
+
+    Input (batch, length, dim) with length <= height * width; position p has row p // width and
+    column p % width (the reference's two Embedding layers on Lambda-made position ids).
+    """
+
+    def __init__(self, height, width, **kwargs):
+        super().__init__(**kwargs)
+        self.height, self.width = height, width
+
+    def build(self, input_shape):
+        init = keras.initializers.RandomUniform(-0.05, 0.05)  # Embedding's default
+        dim = input_shape[-1]
+        self.rows = self.add_weight(name="rows", shape=(self.height, dim), initializer=init)
+        self.cols = self.add_weight(name="cols", shape=(self.width, dim), initializer=init)
+
+    def position(self, p):
+        """Embedding of positions p (any int shape) -> p.shape + (dim,)."""
+        return ops.take(self.rows, p // self.width, axis=0) + ops.take(self.cols, p % self.width, axis=0)
+
+    def call(self, x):
+        return x + ops.expand_dims(self.position(ops.arange(ops.shape(x)[1])), 0)
+
+    def get_config(self):
+        return {**super().get_config(), "height": self.height, "width": self.width}
+
+
+def _mask_value(dtype):
+    # Large enough that exp() underflows to 0, small enough to stay finite in float16.
+    return -3e4 if keras.backend.standardize_dtype(dtype) == "float16" else -1e9
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class CausalSelfAttention(keras.layers.Layer):
+    """Masked multi-head self-attention as in the reference's `Attention(8, 32, mask_right=True)`:
+    q, k, v projections without bias, no output projection, position i attends to 0..i.
+
+    Input (batch, length, dim) -> output (batch, length, heads * head_dim).
+    `step` runs one new position against a key/value cache, for fast sampling.
+    """
+
+    def __init__(self, heads=8, head_dim=32, **kwargs):
+        super().__init__(**kwargs)
+        self.heads, self.head_dim = heads, head_dim
+
+    def build(self, input_shape):
+        shape = (input_shape[-1], self.heads * self.head_dim)
+        self.query = self.add_weight(name="query", shape=shape, initializer="glorot_uniform")
+        self.key = self.add_weight(name="key", shape=shape, initializer="glorot_uniform")
+        self.value = self.add_weight(name="value", shape=shape, initializer="glorot_uniform")
+
+    def _split_heads(self, x, kernel):
+        """(batch, length, dim) @ kernel -> (batch, heads, length, head_dim)."""
+        y = ops.matmul(x, kernel)
+        y = ops.reshape(y, (ops.shape(x)[0], -1, self.heads, self.head_dim))
+        return ops.transpose(y, (0, 2, 1, 3))
+
+    def _attend(self, q, k, v, allowed):
+        """q (b, h, n, d), k/v (b, h, m, d), allowed broadcastable to (b, h, n, m)."""
+        scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) / ops.cast(self.head_dim ** 0.5, q.dtype)
+        scores = ops.where(allowed, scores, ops.cast(_mask_value(scores.dtype), scores.dtype))
+        out = ops.matmul(ops.softmax(scores, axis=-1), v)  # (b, h, n, d)
+        out = ops.transpose(out, (0, 2, 1, 3))
+        return ops.reshape(out, (ops.shape(q)[0], -1, self.heads * self.head_dim))
+
+    def call(self, x):
+        q, k, v = (self._split_heads(x, w) for w in (self.query, self.key, self.value))
+        n = ops.shape(x)[1]
+        i = ops.arange(n)
+        allowed = ops.expand_dims(i, 1) >= ops.expand_dims(i, 0)  # (n, n) lower triangle
+        return self._attend(q, k, v, allowed)
+
+    def step(self, x, cache_k, cache_v, index):
+        """One position. x (batch, 1, dim); caches (batch, heads, max_length, head_dim) hold the keys
+        and values of positions < index. Returns (output (batch, 1, heads*head_dim), new caches)."""
+        q, k, v = (self._split_heads(x, w) for w in (self.query, self.key, self.value))
+        start = [0, 0, index, 0]
+        cache_k = ops.slice_update(cache_k, start, ops.cast(k, cache_k.dtype))
+        cache_v = ops.slice_update(cache_v, start, ops.cast(v, cache_v.dtype))
+        allowed = ops.arange(ops.shape(cache_k)[2]) <= index  # (max_length,)
+        return self._attend(q, cache_k, cache_v, allowed), cache_k, cache_v
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.heads * self.head_dim)
+
+    def get_config(self):
+        return {**super().get_config(), "heads": self.heads, "head_dim": self.head_dim}

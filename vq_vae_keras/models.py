@@ -1,0 +1,116 @@
+"""The VQ-VAE: image -> encoder -> quantizer -> decoder -> image, as in the reference.
+
+Reference names: e_model -> encoder, q_model -> quantizer, g_model -> decoder, train_model -> train_model.
+"""
+
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+from keras import layers
+
+from .config import Config
+from .layers import StraightThrough, VectorQuantizer
+
+
+def residual_block(x, name):
+    """x + Conv1x1(ReLU(BN(Conv3x3(ReLU(x))))), the reference's resnet_block."""
+    dim = x.shape[-1]
+    h = layers.Activation("relu", name=f"{name}_relu1")(x)
+    h = layers.Conv2D(dim, 3, padding="same", name=f"{name}_conv3x3")(h)
+    h = layers.BatchNormalization(name=f"{name}_bn")(h)
+    h = layers.Activation("relu", name=f"{name}_relu2")(h)
+    h = layers.Conv2D(dim, 1, padding="same", name=f"{name}_conv1x1")(h)
+    return layers.Add(name=f"{name}_add")([x, h])
+
+
+def build_encoder(config: Config) -> keras.Model:
+    """(B, img_dim, img_dim, 3) images -> (B, img_dim/4, img_dim/4, z_dim) latents."""
+    x_in = keras.Input((config.img_dim, config.img_dim, 3), name="image")
+    x = layers.Conv2D(config.z_dim, 4, strides=2, padding="same", name="conv1")(x_in)
+    x = layers.BatchNormalization(name="bn1")(x)
+    x = layers.Activation("relu", name="relu1")(x)
+    x = layers.Conv2D(config.z_dim, 4, strides=2, padding="same", name="conv2")(x)
+    x = layers.BatchNormalization(name="bn2")(x)
+    for i in range(config.num_layers):
+        x = residual_block(x, name=f"res{i}")
+        if i < config.num_layers - 1:  # the encoder's output has no BatchNorm
+            x = layers.BatchNormalization(name=f"res{i}_out_bn")(x)
+    return keras.Model(x_in, x, name="encoder")
+
+
+def build_decoder(config: Config) -> keras.Model:
+    """(B, h, w, z_dim) latents -> (B, img_dim, img_dim, 3) images in [-1, 1]."""
+    h, w = config.grid_shape
+    z_in = keras.Input((h, w, config.z_dim), name="latent")
+    x = z_in
+    for i in range(config.num_layers):
+        x = layers.BatchNormalization(name=f"res{i}_in_bn")(x)
+        x = residual_block(x, name=f"res{i}")
+    x = layers.Conv2DTranspose(config.z_dim, 4, strides=2, padding="same", name="deconv1")(x)
+    x = layers.BatchNormalization(name="bn1")(x)
+    x = layers.Activation("relu", name="relu1")(x)
+    x = layers.Conv2DTranspose(3, 4, strides=2, padding="same", name="deconv2")(x)
+    x = layers.Activation("tanh", name="tanh")(x)
+    return keras.Model(z_in, x, name="decoder")
+
+
+@dataclass
+class VQVAE:
+    """The four Keras models of the reference, sharing one set of layers, plus batched helpers."""
+
+    config: Config
+    encoder: keras.Model
+    quantizer: keras.Model
+    decoder: keras.Model
+    train_model: keras.Model
+    vq_layer: VectorQuantizer
+
+    def encode(self, images, batch_size=64):
+        """Images (N, d, d, 3) in [-1, 1] -> latents z (N, h, w, z_dim)."""
+        return self.encoder.predict(np.asarray(images, np.float32), batch_size=batch_size, verbose=0)
+
+    def quantize(self, z, batch_size=64):
+        """Latents -> (codes (N, h, w) int32, code vectors (N, h, w, z_dim))."""
+        codes, vectors = self.quantizer.predict(np.asarray(z, np.float32), batch_size=batch_size, verbose=0)
+        return codes.astype(np.int32), vectors
+
+    def decode(self, z, batch_size=64):
+        """Latents or code vectors (N, h, w, z_dim) -> images (N, d, d, 3) in [-1, 1]."""
+        return self.decoder.predict(np.asarray(z, np.float32), batch_size=batch_size, verbose=0)
+
+    def codes_to_vectors(self, codes):
+        """Integer code maps (N, h, w) -> code vectors (N, h, w, z_dim) from the codebook."""
+        return keras.ops.convert_to_numpy(self.vq_layer.lookup(np.asarray(codes, np.int32)))
+
+    def reconstruct(self, images, quantize=True, batch_size=64):
+        """encoder -> (quantizer ->) decoder, as the reference's test_ae_2 (test_ae_1 without quantize)."""
+        z = self.encode(images, batch_size)
+        if quantize:
+            z = self.quantize(z, batch_size)[1]
+        return self.decode(z, batch_size)
+
+
+def build_vqvae(config: Config) -> VQVAE:
+    config.validate()
+    encoder = build_encoder(config)
+    decoder = build_decoder(config)
+
+    vq_layer = VectorQuantizer(config.num_codes, name="vector_quantizer")
+    z_in = keras.Input(encoder.output.shape[1:], name="latent")
+    quantizer = keras.Model(z_in, vq_layer(z_in), name="quantizer")
+
+    x_in = keras.Input((config.img_dim, config.img_dim, 3), name="image")
+    z = encoder(x_in)
+    _, e = vq_layer(z)
+    ze = StraightThrough(config.beta, name="straight_through")([z, e])
+    train_model = keras.Model(x_in, decoder(ze), name="vqvae")
+    return VQVAE(config, encoder, quantizer, decoder, train_model, vq_layer)
+
+
+def compile_vqvae(vqvae: VQVAE) -> keras.Model:
+    """Adam(lr); loss = mse_x (here) + mse_e + beta * mse_z (added by StraightThrough)."""
+    model = vqvae.train_model
+    model.compile(optimizer=keras.optimizers.Adam(vqvae.config.lr), loss="mse",
+                  metrics=[keras.metrics.MeanSquaredError(name="mse_x")])
+    return model

@@ -1,0 +1,58 @@
+"""A run directory: where each file lives, and loading a trained run back."""
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import keras
+
+from .config import Config
+from .errors import UsageError
+from .io import load_weights
+from .models import VQVAE, build_vqvae
+
+
+class RunDir:
+    def __init__(self, root):
+        self.root = str(root)
+
+    def path(self, *parts):
+        return os.path.join(self.root, *parts)
+
+    config = property(lambda self: self.path("config.json"))
+    vqvae_weights = property(lambda self: self.path("vqvae.weights.h5"))
+    vqvae_keras = property(lambda self: self.path("vqvae.keras"))
+    prior_weights = property(lambda self: self.path("prior.weights.h5"))
+    codes = property(lambda self: self.path("codes.npy"))
+    samples = property(lambda self: self.path("samples"))
+    log = property(lambda self: self.path("log.csv"))
+    prior_log = property(lambda self: self.path("prior_log.csv"))
+    vqvae_checkpoint = property(lambda self: self.path("checkpoint", "vqvae.npz"))
+    prior_checkpoint = property(lambda self: self.path("checkpoint", "prior.npz"))
+
+    def require_config(self) -> Config:
+        if not os.path.isdir(self.root):
+            raise UsageError(f"no run directory at {self.root}")
+        return Config.load(self.config)
+
+
+@dataclass
+class LoadedRun:
+    config: Config
+    vqvae: VQVAE
+    prior: Optional[keras.Model]
+
+
+def load_run(run) -> LoadedRun:
+    """Config, VQ-VAE and (if trained) prior of a run directory, weights loaded."""
+    from .prior import build_prior
+
+    run = RunDir(run)
+    config = run.require_config()
+    vqvae = build_vqvae(config)
+    load_weights(vqvae.train_model, run.vqvae_weights, "VQ-VAE weights")
+    prior = None
+    if os.path.isfile(run.prior_weights):
+        prior = build_prior(config)
+        load_weights(prior, run.prior_weights, "prior weights")
+    return LoadedRun(config, vqvae, prior)
