@@ -58,12 +58,9 @@ def train_prior_command(args):
     from vq_vae_keras.run import RunDir
 
     config = RunDir(args.run).require_config()
-    if args.data is not None:
-        config.data = args.data
-    if args.batch_size is not None:
-        config.prior_batch_size = args.batch_size
-    if args.seed is not None:
-        config.seed = args.seed
+    flags = {"data": args.data, "prior_batch_size": args.batch_size, "prior_seed": args.seed}
+    config = config_for_run(args.run, flags, resume=True, changeable=("data",) if args.resume else tuple(flags),
+                            base=config)
     train_prior(config, args.run, steps=args.steps, epochs=args.epochs, resume=args.resume)
     print(f"prior weights: {os.path.join(args.run, 'prior.weights.h5')}")
 

@@ -42,9 +42,10 @@ def add_steps_flags(parser):
     parser.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint")
 
 
-def config_for_run(run, flags, resume, changeable=("data", "sample_every")):
-    """The Config of a run: new from flags, or the saved one on --resume, where a flag that
-    contradicts it is an error (except the changeable ones, e.g. a moved data folder)."""
+def config_for_run(run, flags, resume, changeable=("data", "sample_every"), base=None):
+    """The Config of a run: new from flags, or the saved one (base, or RUN/config.json) on
+    --resume, where a flag that contradicts it is an error (except the changeable ones, e.g. a
+    moved data folder)."""
     from .config import Config
 
     flags = {k: v for k, v in flags.items() if v is not None}
@@ -53,7 +54,7 @@ def config_for_run(run, flags, resume, changeable=("data", "sample_every")):
         if os.path.exists(config_path):
             raise UsageError(f"{run} already holds a run; add --resume to continue it, or choose another --run")
         return Config(**flags).validate()
-    config = Config.load(config_path)
+    config = base if base is not None else Config.load(config_path)
     for name, value in flags.items():
         saved = getattr(config, name)
         if name in changeable:

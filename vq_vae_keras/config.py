@@ -26,20 +26,11 @@ class Config:
     prior_batch_size: int = 32
     prior_lr: float = 1e-3
     val_split: float = 0.05
+    prior_seed: Optional[int] = None  # None: the run's seed
     # run
     data: Optional[str] = None
     seed: int = 0
     sample_every: int = 100
-    # departures from the reference, all off by default (see README)
-    quantizer: str = "vq"  # "vq" (reference), "ema" or "gumbel"
-    ema_decay: float = 0.99
-    ema_epsilon: float = 1e-5
-    restart_dead: int = 0  # restart a code unused for this many steps; 0 = never
-    kmeans_init: bool = False
-    gumbel_tau_start: float = 1.0
-    gumbel_tau_end: float = 0.0625
-    gumbel_anneal_steps: int = 10000
-    gumbel_kl_weight: float = 0.0
 
     @property
     def num_layers(self) -> int:
@@ -69,12 +60,6 @@ class Config:
         need(self.lr > 0 and self.prior_lr > 0, "learning rates must be positive")
         need(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
         need(0 <= self.val_split < 1, f"val_split must be in [0, 1), got {self.val_split}")
-        need(self.quantizer in ("vq", "ema", "gumbel"),
-             f"quantizer must be vq, ema or gumbel, got {self.quantizer!r}")
-        need(0 < self.ema_decay < 1, f"ema_decay must be in (0, 1), got {self.ema_decay}")
-        need(self.restart_dead >= 0, f"restart_dead must be >= 0, got {self.restart_dead}")
-        need(self.gumbel_tau_start > 0 and self.gumbel_tau_end > 0, "Gumbel temperatures must be > 0")
-        need(self.gumbel_anneal_steps >= 1, "gumbel_anneal_steps must be at least 1")
         return self
 
     def to_dict(self) -> dict:

@@ -92,9 +92,9 @@ def load_images(paths_or_dir, img_dim):
     paths = find_images(paths_or_dir) if isinstance(paths_or_dir, (str, os.PathLike)) else list(paths_or_dir)
     results = list(_pool.map(lambda p: _try_read(p, img_dim), paths))
     images = [image for image, _ in results if image is not None]
-    _summarise_skips([p for p, (image, _) in zip(paths, results) if image is None], "unreadable image files")
     if not images:
-        raise UsageError(f"no readable images in {paths_or_dir}")
+        raise UsageError(f"no readable images in {paths_or_dir} ({len(paths)} candidate files)")
+    _summarise_skips([p for p, (image, _) in zip(paths, results) if image is None], "unreadable image files")
     return np.stack(images)
 
 
@@ -106,9 +106,11 @@ class ImageFolder:
         candidates = find_images(folder)
         looks_ok = list(_pool.map(_looks_like_image, candidates))
         self.paths = [p for p, ok in zip(candidates, looks_ok) if ok]
-        _summarise_skips([p for p, ok in zip(candidates, looks_ok) if not ok], "files that are not readable images")
+        skipped = [p for p, ok in zip(candidates, looks_ok) if not ok]
         if not self.paths:
-            raise UsageError(f"no usable images in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+            found = f"{len(skipped)} files are not readable images" if skipped else f"looked for {', '.join(IMAGE_EXTENSIONS)}"
+            raise UsageError(f"no usable images in {folder} ({found})")
+        _summarise_skips(skipped, "files that are not readable images")
         self.bad = set()  # files that passed the header check but failed to decode
 
     def __len__(self):

@@ -7,6 +7,7 @@ kill at any moment leaves the previous version intact.
 import json
 import os
 import tempfile
+import warnings
 
 import numpy as np
 
@@ -81,11 +82,19 @@ def load_weights(model, path, what="weights"):
     """model.load_weights with a one-line UsageError for a missing, corrupt or mismatched file."""
     if not os.path.isfile(path):
         raise UsageError(f"no {what} at {path}")
-    try:
-        model.load_weights(path)
-    except Exception as e:  # h5py and Keras raise many kinds; all mean "this file does not fit"
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"cannot load {what} from {path} (wrong config or corrupt file?): {message}") from None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model.load_weights(path)
+            error = None
+        except Exception as e:  # h5py and Keras raise many kinds; all mean "this file does not fit"
+            error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    # Keras only warns when parts of the file do not match; a half-loaded model is an error here.
+    skipped = [str(w.message) for w in caught if "freshly-initialized" in str(w.message) or "Skipping" in str(w.message)]
+    if error or skipped:
+        raise UsageError(f"cannot load {what} from {path} (wrong config or corrupt file?): {error or skipped[0]}")
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 # Checkpoint: one .npz file with the model's variables, the optimizer's variables and a JSON state.

@@ -7,6 +7,8 @@ moments, and it fixes the data position, so a resumed run continues exactly wher
 import csv
 import math
 import os
+import signal
+import threading
 
 import keras
 import numpy as np
@@ -149,14 +151,46 @@ def seed_everything(seed):
     tf.config.experimental.enable_op_determinism()
 
 
+class StopOnSignal(keras.callbacks.Callback):
+    """Ctrl-C (SIGINT) or SIGTERM asks training to stop after the current step, so its log row and
+    the final save still happen; a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.requested = False
+
+    def on_train_begin(self, logs=None):
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._request)
+
+    def _request(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous.get(signal.SIGINT, signal.default_int_handler))
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.requested:
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 def fit_with_interrupt(model, dataset, start, total, callbacks, save):
-    """model.fit from step `start` to `total`; on Ctrl-C save and re-raise KeyboardInterrupt."""
+    """model.fit from step `start` to `total`. A signal stops it cleanly (the callbacks save on
+    train end) and then raises KeyboardInterrupt; a hard interrupt saves what there is."""
+    stopper = StopOnSignal()
     try:
         if total > start:
-            model.fit(dataset, epochs=1, steps_per_epoch=total - start, callbacks=callbacks, verbose=0, shuffle=False)
+            model.fit(dataset, epochs=1, steps_per_epoch=total - start, callbacks=[stopper, *callbacks],
+                      verbose=0, shuffle=False)
     except KeyboardInterrupt:
         save(global_step(model))
         raise
+    if stopper.requested:
+        raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------- VQ-VAE
@@ -257,7 +291,7 @@ def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False):
     from .sampling import sample_codes
 
     run = RunDir(run_dir)
-    seed = config.seed
+    seed = config.seed if config.prior_seed is None else config.prior_seed
     codes = prior_codes(config, run, resume)
     train_tokens, val_tokens = split_validation(codes_to_tokens(codes), config.val_split, seed)
     batch_size = config.prior_batch_size

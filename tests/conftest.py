@@ -1,0 +1,61 @@
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import vq_vae_keras as vqk  # noqa: E402
+
+# 16 px: no residual blocks, 4x4 code grid. Every test model is this small.
+TINY = dict(img_dim=16, z_dim=8, num_codes=8, batch_size=4, prior_heads=2, prior_head_dim=4, prior_depth=2)
+TINY_FLAGS = ["--img-dim", "16", "--z-dim", "8", "--num-codes", "8", "--batch-size", "4"]
+
+
+def tiny_config(**overrides):
+    return vqk.Config(**{**TINY, **overrides})
+
+
+def write_images(folder, count=12, size=24, seed=0):
+    """Smooth random colour images (learnable), as PNGs."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    t = np.linspace(0, 1, size)[:, None, None]
+    for i in range(count):
+        a, b = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        img = np.broadcast_to(a * (1 - t) + b * t, (size, size, 3)).astype(np.uint8)
+        Image.fromarray(img).save(os.path.join(folder, f"img_{i:03d}.png"))
+    return str(folder)
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    return write_images(tmp_path / "images")
+
+
+def run_cli(*args, check=True, timeout=300):
+    """Run train.py / sample.py in a fresh process; returns CompletedProcess."""
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} exited {result.returncode}:\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A tiny run trained through the CLI: both stages."""
+    base = tmp_path_factory.mktemp("trained")
+    data = write_images(base / "images", count=16)
+    run = str(base / "run")
+    run_cli("train.py", "vqvae", "--data", data, "--run", run, *TINY_FLAGS, "--steps", "5", "--sample-every", "2")
+    # The prior's size is not a CLI flag: shrink it in the saved config (tests only).
+    config = vqk.Config.load(os.path.join(run, "config.json"))
+    config.prior_heads, config.prior_head_dim, config.prior_depth = 2, 4, 2
+    config.save(os.path.join(run, "config.json"))
+    run_cli("train.py", "prior", "--run", run, "--steps", "6", "--batch-size", "4")
+    return {"run": run, "data": data}

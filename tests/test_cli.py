@@ -1,0 +1,174 @@
+"""train.py and sample.py end to end in fresh processes, on tiny folders."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+import vq_vae_keras as vqk
+
+from conftest import ROOT, TINY_FLAGS, run_cli, write_images
+
+
+def test_training_writes_the_run_directory(trained_run):
+    run = trained_run["run"]
+    config = json.load(open(os.path.join(run, "config.json")))
+    assert config["img_dim"] == 16 and config["num_codes"] == 8 and config["beta"] == 0.25
+    assert set(config["versions"]) == {"keras", "tensorflow"}
+    for name in ("vqvae.weights.h5", "vqvae.keras", "prior.weights.h5", "codes.npy", "log.csv", "prior_log.csv",
+                 "checkpoint/vqvae.npz", "checkpoint/prior.npz"):
+        assert os.path.isfile(os.path.join(run, name)), name
+    # --sample-every 2 over 5 steps: after batches 0, 2, 4 (the reference's numbering).
+    for step in (0, 2, 4):
+        for kind in (1, 2):
+            grid = iio.imread(os.path.join(run, "samples", f"test_ae_{kind}_{step}.png"))
+            assert grid.shape == (8 * 16, 8 * 16, 3) and grid.dtype == np.uint8
+    codes = np.load(os.path.join(run, "codes.npy"))
+    assert codes.dtype == np.int32 and codes.shape == (16, 4, 4) and codes.max() < 8
+    assert len(open(os.path.join(run, "log.csv")).read().splitlines()) == 1 + 5
+
+
+def test_sample_commands(trained_run, tmp_path):
+    run, data = trained_run["run"], trained_run["data"]
+    out = {name: str(tmp_path / f"{name}.png") for name in ("recon", "recon1", "interp", "random")}
+    run_cli("sample.py", "recon", "--run", run, "--data", data, "--out", out["recon"])
+    run_cli("sample.py", "recon", "--run", run, "--data", data, "--no-quantize", "--n", "4", "--out", out["recon1"])
+    run_cli("sample.py", "interp", "--run", run, "--data", data, "--n", "5", "--out", out["interp"])
+    codes_out = str(tmp_path / "codes.npy")
+    run_cli("sample.py", "random", "--run", run, "--n", "3", "--top-k", "3", "--temperature", "0.7",
+            "--codes-out", codes_out, "--out", out["random"])
+    sizes = {name: iio.imread(path).shape for name, path in out.items()}
+    assert sizes == {"recon": (128, 128, 3), "recon1": (64, 64, 3), "interp": (80, 80, 3), "random": (48, 48, 3)}
+    codes = np.load(codes_out)
+    assert codes.shape == (9, 4, 4) and codes.min() >= 0 and codes.max() < 8
+
+
+def test_reload_in_a_fresh_process_gives_identical_outputs(trained_run, tmp_path):
+    run, data = trained_run["run"], trained_run["data"]
+    loaded = vqk.load_run(run)
+    images = vqk.load_images(data, 16)
+    tokens = np.load(os.path.join(run, "codes.npy"))
+    tokens = np.concatenate([np.zeros((len(tokens), 1), np.int32), tokens.reshape(len(tokens), -1) + 1], 1)
+    here_recon = loaded.vqvae.reconstruct(images)
+    here_probs = loaded.prior.predict(tokens[:, :-1], verbose=0)
+    script = f"""
+import numpy as np, vq_vae_keras as vqk
+config = vqk.Config.load({os.path.join(run, 'config.json')!r})
+vqvae = vqk.build_vqvae(config)
+vqvae.train_model.load_weights({os.path.join(run, 'vqvae.weights.h5')!r})
+prior = vqk.build_prior(config)
+prior.load_weights({os.path.join(run, 'prior.weights.h5')!r})
+images = vqk.load_images({data!r}, config.img_dim)
+np.save({str(tmp_path / 'recon.npy')!r}, vqvae.reconstruct(images))
+np.save({str(tmp_path / 'probs.npy')!r}, prior.predict(np.load({str(tmp_path / 'tokens.npy')!r}), verbose=0))
+"""
+    np.save(tmp_path / "tokens.npy", tokens[:, :-1])
+    run_cli("-c", script)
+    np.testing.assert_array_equal(np.load(tmp_path / "recon.npy"), here_recon)
+    np.testing.assert_array_equal(np.load(tmp_path / "probs.npy"), here_probs)
+
+
+def test_keras_file_loads_in_safe_mode(trained_run, tmp_path):
+    run, data = trained_run["run"], trained_run["data"]
+    images = vqk.load_images(data, 16)
+    np.save(tmp_path / "x.npy", images)
+    script = f"""
+import keras, numpy as np, vq_vae_keras
+model = keras.saving.load_model({os.path.join(run, 'vqvae.keras')!r}, safe_mode=True)
+np.save({str(tmp_path / 'y.npy')!r}, model.predict(np.load({str(tmp_path / 'x.npy')!r}), verbose=0))
+"""
+    run_cli("-c", script)
+    expected = vqk.load_run(run).vqvae.train_model.predict(images, verbose=0)
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, atol=1e-6)
+
+
+def _other_config_run(trained_run, tmp_path):
+    other = str(tmp_path / "other")
+    shutil.copytree(trained_run["run"], other)
+    config = vqk.Config.load(os.path.join(other, "config.json"))
+    config.z_dim = 16
+    config.save(os.path.join(other, "config.json"))
+    return other
+
+
+def _corrupt_weights_run(trained_run, tmp_path):
+    broken = str(tmp_path / "broken")
+    shutil.copytree(trained_run["run"], broken)
+    with open(os.path.join(broken, "vqvae.weights.h5"), "r+b") as f:
+        f.truncate(100)
+    return broken
+
+
+def _bad_codes_run(trained_run, tmp_path):
+    run = str(tmp_path / "badcodes")
+    shutil.copytree(trained_run["run"], run)
+    np.save(os.path.join(run, "codes.npy"), np.zeros((3, 5, 5), np.int32))
+    return run
+
+
+BAD = {
+    "empty folder": lambda t, p: ["train.py", "vqvae", "--data", str(p.mkdir() or p), "--run", str(p / "r")],
+    "non-images": lambda t, p: ["train.py", "vqvae", "--data", _non_images(p), "--run", str(p / "r")],
+    "negative steps": lambda t, p: ["train.py", "vqvae", "--data", t["data"], "--run", str(p / "r"), "--steps", "-3"],
+    "img-dim not /4": lambda t, p: ["train.py", "vqvae", "--data", t["data"], "--run", str(p / "r"), "--img-dim", "30"],
+    "img-dim < 16": lambda t, p: ["train.py", "vqvae", "--data", t["data"], "--run", str(p / "r"), "--img-dim", "8"],
+    "run exists": lambda t, p: ["train.py", "vqvae", "--data", t["data"], "--run", t["run"], "--steps", "1"],
+    "resume contradicts": lambda t, p: ["train.py", "vqvae", "--data", t["data"], "--run", t["run"], "--resume",
+                                        "--z-dim", "32"],
+    "resume nothing": lambda t, p: ["train.py", "vqvae", "--data", t["data"], "--run", str(p / "r"), "--resume"],
+    "missing run": lambda t, p: ["sample.py", "recon", "--run", str(p / "nope"), "--data", t["data"]],
+    "other config": lambda t, p: ["sample.py", "recon", "--run", _other_config_run(t, p), "--data", t["data"]],
+    "corrupt weights": lambda t, p: ["sample.py", "interp", "--run", _corrupt_weights_run(t, p), "--data", t["data"]],
+    "codes do not fit": lambda t, p: ["train.py", "prior", "--run", _bad_codes_run(t, p), "--resume"],
+    "temperature 0": lambda t, p: ["sample.py", "random", "--run", t["run"], "--temperature", "0"],
+    "top-k too big": lambda t, p: ["sample.py", "random", "--run", t["run"], "--top-k", "9"],
+    "n 0": lambda t, p: ["sample.py", "interp", "--run", t["run"], "--data", t["data"], "--n", "0"],
+    "odd n recon": lambda t, p: ["sample.py", "recon", "--run", t["run"], "--data", t["data"], "--n", "3"],
+    "unknown command": lambda t, p: ["sample.py", "paint", "--run", t["run"]],
+}
+
+
+def _non_images(path):
+    path.mkdir()
+    (path / "a.png").write_text("not a png")
+    (path / "b.jpg").write_bytes(b"")
+    return str(path)
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_and_exit_2(trained_run, tmp_path, case):
+    result = run_cli(*BAD[case](trained_run, tmp_path / "case"), check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1 and "error" in lines[0], result.stderr
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
+    data = write_images(tmp_path / "images", count=8)
+    run = str(tmp_path / "run")
+    args = [sys.executable, "train.py", "vqvae", "--data", data, "--run", run, *TINY_FLAGS,
+            "--steps", "100000", "--sample-every", "1000"]
+    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = os.path.join(run, "log.csv")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(log) and len(open(log).readlines()) > 30):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    state = np.load(os.path.join(run, "checkpoint", "vqvae.npz"))
+    saved_step = json.loads(state["state"].tobytes())["step"]
+    assert saved_step >= 30  # not the last periodic checkpoint (there was none): the interrupt saved it
+    run_cli("train.py", "vqvae", "--data", data, "--run", run, "--resume", "--steps", str(saved_step + 3))
+    rows = open(log).read().splitlines()
+    assert rows[-1].startswith(f"{saved_step + 3},") and len(rows) == 1 + saved_step + 3
