@@ -1,0 +1,105 @@
+"""Prior sampling speed: cached sampler vs the reference's full-prefix recompute, same weights.
+
+    python bench/sample_speed.py [--ref-grid 16] [--n 64]
+
+Prints, from one run:
+  1. both methods on the same small grid (the reference's method is O(L^2) and one predict call
+     per position: too slow for 32x32 on a CPU), and their ratio;
+  2. the cached sampler alone at the reference size: 64 samples, 32x32 grid (128 px config);
+     with the reference's time extrapolated from (1) by its measured per-position cost growth;
+  3. the peak memory of one prior training step at the reference size (sequence 1024, batch 32),
+     measured in a child process (ru_maxrss growth over the built model).
+"""
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import vq_vae_keras as vqk  # noqa: E402  (first: it quiets TensorFlow's start-up)
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from vq_vae_keras.prior import codes_to_tokens  # noqa: E402
+
+
+def reference_sample(prior, n, grid_shape, seed=0):
+    """The reference's random_sample_code: rerun the whole prefix for each position."""
+    h, w = grid_shape
+    rng = np.random.default_rng(seed)
+    tokens = np.zeros((n, h * w + 1), np.int32)
+    for i in range(h * w):
+        p = prior.predict(tokens[:, :i + 1], verbose=0)[:, -1].astype(np.float64)
+        for j in range(n):
+            tokens[j, i + 1] = rng.choice(p.shape[-1], p=p[j] / p[j].sum()) + 1
+    return tokens[:, 1:].reshape(n, h, w) - 1
+
+
+def timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def memory_child():
+    config = vqk.Config()  # 128 px: 32x32 grid, sequence 1024
+    prior = vqk.build_prior(config)
+    prior.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
+    tokens = codes_to_tokens(np.random.default_rng(0).integers(0, 64, (32, 32, 32)))
+    prior.predict(tokens[:1, :-1], verbose=0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    prior.train_on_batch(tokens[:, :-1], tokens[:, 1:] - 1)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"{before / 2**20:.2f} {after / 2**20:.2f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ref-grid", type=int, default=16, help="side of the grid for the head-to-head (default 16)")
+    parser.add_argument("--n", type=int, default=64, help="samples (default 64)")
+    args = parser.parse_args()
+
+    keras.utils.set_random_seed(0)
+    config = vqk.Config()
+    small = (args.ref_grid, args.ref_grid)
+    half = (args.ref_grid // 2, args.ref_grid)
+    # The reference prior (dim 256, 8 heads x 32, 4 blocks), random weights, for the small grid.
+    prior = vqk.build_prior(vqk.Config(img_dim=4 * args.ref_grid))
+
+    vqk.sample_codes(prior, args.n, small, seed=0)  # warm-up: trace the step once
+    cached_small = timed(lambda: vqk.sample_codes(prior, args.n, small, seed=1))
+    reference_sample(prior, args.n, (1, 2))  # warm-up predict
+    reference_half = timed(lambda: reference_sample(prior, args.n, half))
+    reference_small = timed(lambda: reference_sample(prior, args.n, small))
+    print(f"{args.n} samples on a {small[0]}x{small[1]} grid ({small[0] * small[1]} positions), same weights:")
+    print(f"  reference full recompute: {reference_small:8.2f} s")
+    print(f"  cached sampler:           {cached_small:8.2f} s")
+    print(f"  speed-up:                 {reference_small / cached_small:8.1f}x")
+
+    full_prior = vqk.build_prior(config)
+    vqk.sample_codes(full_prior, 1, config.grid_shape, seed=0)  # warm-up
+    cached_full = timed(lambda: vqk.sample_codes(full_prior, args.n, config.grid_shape, seed=2))
+    # Reference cost per run grows between L/2 and L positions by reference_small / reference_half;
+    # extrapolate with the same exponent to L = 1024 (an estimate, printed as such).
+    positions = small[0] * small[1]
+    exponent = np.log(reference_small / reference_half) / np.log(2)
+    reference_full = reference_small * (1024 / positions) ** exponent
+    print(f"\n{args.n} samples at the reference size (32x32 grid, 128 px config):")
+    print(f"  cached sampler:           {cached_full:8.2f} s")
+    print(f"  reference (extrapolated, cost ~ L^{exponent:.2f}): {reference_full:8.0f} s "
+          f"-> {reference_full / cached_full:.0f}x")
+
+    out = subprocess.run([sys.executable, __file__, "--memory-child"], capture_output=True, text=True, check=True)
+    before, after = map(float, out.stdout.split()[-2:])
+    print(f"\none prior training step at sequence 1024, batch 32: peak RSS {after:.2f} GiB "
+          f"(+{after - before:.2f} GiB over the built model)")
+
+
+if __name__ == "__main__":
+    if "--memory-child" in sys.argv:
+        memory_child()
+    else:
+        main()
