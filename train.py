@@ -10,8 +10,8 @@ import os
 import sys
 
 import vq_vae_keras  # noqa: F401  (quiets TensorFlow's start-up logging)
-from vq_vae_keras.cli import (ArgumentParser, add_steps_flags, config_for_run, nonnegative_float, positive_float,
-                              positive_int, run_main)
+from vq_vae_keras.cli import (ArgumentParser, add_steps_flags, apply_flags, config_for_run, nonnegative_float,
+                              positive_float, positive_int, run_main)
 
 DEMO_RUN = os.path.join("runs", "demo")
 
@@ -59,8 +59,7 @@ def train_prior_command(args):
 
     config = RunDir(args.run).require_config()
     flags = {"data": args.data, "prior_batch_size": args.batch_size, "prior_seed": args.seed}
-    config = config_for_run(args.run, flags, resume=True, changeable=("data",) if args.resume else tuple(flags),
-                            base=config)
+    config = apply_flags(config, flags, changeable=("data",) if args.resume else tuple(flags))
     train_prior(config, args.run, steps=args.steps, epochs=args.epochs, resume=args.resume)
     print(f"prior weights: {os.path.join(args.run, 'prior.weights.h5')}")
 

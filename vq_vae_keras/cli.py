@@ -42,20 +42,25 @@ def add_steps_flags(parser):
     parser.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint")
 
 
-def config_for_run(run, flags, resume, changeable=("data", "sample_every"), base=None):
-    """The Config of a run: new from flags, or the saved one (base, or RUN/config.json) on
-    --resume, where a flag that contradicts it is an error (except the changeable ones, e.g. a
-    moved data folder)."""
+def config_for_run(run, flags, resume):
+    """The Config of a VQ-VAE run: new from flags, or on --resume the saved one, which the flags
+    may not contradict (a moved --data folder and --sample-every may change)."""
     from .config import Config
 
-    flags = {k: v for k, v in flags.items() if v is not None}
     config_path = os.path.join(run, "config.json")
     if not resume:
         if os.path.exists(config_path):
             raise UsageError(f"{run} already holds a run; add --resume to continue it, or choose another --run")
-        return Config(**flags).validate()
-    config = base if base is not None else Config.load(config_path)
+        return Config(**{k: v for k, v in flags.items() if v is not None}).validate()
+    return apply_flags(Config.load(config_path), flags, changeable=("data", "sample_every"))
+
+
+def apply_flags(config, flags, changeable):
+    """Set the given (non-None) flags on config; one outside `changeable` that differs from the
+    saved value is a UsageError."""
     for name, value in flags.items():
+        if value is None:
+            continue
         saved = getattr(config, name)
         if name in changeable:
             setattr(config, name, value)

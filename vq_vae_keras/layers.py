@@ -174,12 +174,11 @@ class CausalSelfAttention(keras.layers.Layer):
         y = ops.reshape(y, (ops.shape(x)[0], -1, self.heads, self.head_dim))
         return ops.transpose(y, (0, 2, 1, 3))
 
-    def _attend(self, q, k, v, allowed=None):
+    def _attend(self, q, k, v, allowed):
         """q (b, h, n, d), k/v (b, h, m, d), allowed broadcastable to (b, h, n, m)."""
         q = q / ops.cast(self.head_dim ** 0.5, q.dtype)  # on q, not on the (n, m) scores: less memory
         scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2)))
-        if allowed is not None:
-            scores = ops.where(allowed, scores, ops.cast(_mask_value(scores.dtype), scores.dtype))
+        scores = ops.where(allowed, scores, ops.cast(_mask_value(scores.dtype), scores.dtype))
         out = ops.matmul(ops.softmax(scores, axis=-1), v)  # (b, h, n, d)
         out = ops.transpose(out, (0, 2, 1, 3))
         return ops.reshape(out, (ops.shape(q)[0], -1, self.heads * self.head_dim))

@@ -43,14 +43,20 @@ class LoadedRun:
     prior: Optional[keras.Model]
 
 
+def load_vqvae(config: Config, run: RunDir) -> VQVAE:
+    """The run's VQ-VAE, built from config, weights loaded."""
+    vqvae = build_vqvae(config)
+    load_weights(vqvae.train_model, run.vqvae_weights, "VQ-VAE weights")
+    return vqvae
+
+
 def load_run(run) -> LoadedRun:
     """Config, VQ-VAE and (if trained) prior of a run directory, weights loaded."""
     from .prior import build_prior
 
     run = RunDir(run)
     config = run.require_config()
-    vqvae = build_vqvae(config)
-    load_weights(vqvae.train_model, run.vqvae_weights, "VQ-VAE weights")
+    vqvae = load_vqvae(config, run)
     prior = None
     if os.path.isfile(run.prior_weights):
         prior = build_prior(config)

@@ -19,10 +19,10 @@ from .config import Config
 from .data import ImageFolder, epoch_batches, warn
 from .errors import UsageError
 from .grids import reconstruction_grid
-from .io import load_checkpoint, save_checkpoint, save_model, save_png, save_weights
+from .io import load_checkpoint, save_checkpoint, save_model, save_npy, save_png, save_weights
 from .layers import CodeUsage
 from .models import build_vqvae, compile_vqvae
-from .run import RunDir
+from .run import RunDir, load_vqvae
 
 REFERENCE_EPOCHS = 1000
 
@@ -138,6 +138,17 @@ class LogEachStep(keras.callbacks.Callback):
         self.log.append(step, {"epoch": (step - 1) // self.steps_per_epoch, **values})
 
 
+def save_state(model, weights_path, checkpoint_path, step):
+    """Weights file and resumable checkpoint, both atomic; refuses non-finite weights so the last
+    good ones stay. Returns whether it saved."""
+    if not all(np.isfinite(w).all() for w in model.get_weights()):
+        warn(f"weights are not finite at step {step}; not saving them")
+        return False
+    save_weights(model, weights_path)
+    save_checkpoint(checkpoint_path, model, model.optimizer, {"step": step})
+    return True
+
+
 def resolve_total_steps(steps, epochs, steps_per_epoch):
     if steps is not None and epochs is not None:
         raise UsageError("give --steps or --epochs, not both")
@@ -219,18 +230,13 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False):
 
     def save(step, logs=None):
         """The reference's Trainer: two grids and the weights, plus a resumable checkpoint."""
-        if step == 0:
-            return
-        if not all(np.isfinite(w).all() for w in model.get_weights()):
-            warn(f"weights are not finite at step {step}; not saving them")
+        if step == 0 or not save_state(model, run.vqvae_weights, run.vqvae_checkpoint, step):
             return
         rng = np.random.default_rng([config.seed, step])
         images = folder.random_images(32, rng)
         name = step - 1  # the reference numbers grids by the index of the batch just trained
         save_png(os.path.join(run.samples, f"test_ae_1_{name}.png"), reconstruction_grid(vqvae, images, 8, quantize=False))
         save_png(os.path.join(run.samples, f"test_ae_2_{name}.png"), reconstruction_grid(vqvae, images, 8, quantize=True))
-        save_weights(model, run.vqvae_weights)
-        save_checkpoint(run.vqvae_checkpoint, model, model.optimizer, {"step": step})
         for metric in model.metrics:
             if isinstance(metric, CodeUsage):
                 metric.reset_state()
@@ -254,7 +260,6 @@ PRIOR_KEYS = ["loss", "accuracy"]
 
 def prior_codes(config: Config, run: RunDir, resume):
     """RUN/codes.npy: reused on --resume, else every training image encoded and saved."""
-    from .io import load_weights
     from .prior import check_codes, encode_folder
 
     if resume and os.path.isfile(run.codes):
@@ -265,11 +270,7 @@ def prior_codes(config: Config, run: RunDir, resume):
         return check_codes(codes, config, run.codes)
     if not config.data:
         raise UsageError("no image folder: give --data (the run's config.json names none)")
-    vqvae = build_vqvae(config)
-    load_weights(vqvae.train_model, run.vqvae_weights, "VQ-VAE weights")
-    codes = encode_folder(vqvae, ImageFolder(config.data, config.img_dim), config.batch_size)
-    from .io import save_npy
-
+    codes = encode_folder(load_vqvae(config, run), ImageFolder(config.data, config.img_dim), config.batch_size)
     save_npy(run.codes, codes)
     return codes
 
@@ -286,7 +287,6 @@ def split_validation(tokens, fraction, seed):
 def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False):
     """Train (or resume) the prior of a run directory on its VQ-VAE's codes. Returns the prior."""
     from .grids import codes_grid
-    from .io import load_weights
     from .prior import build_prior, codes_to_tokens, prior_nll
     from .sampling import sample_codes
 
@@ -312,13 +312,8 @@ def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False):
     vqvae = None
 
     def save(step, logs=None):
-        if step == 0:
-            return
-        if not all(np.isfinite(w).all() for w in prior.get_weights()):
-            warn(f"prior weights are not finite at step {step}; not saving them")
-            return
-        save_weights(prior, run.prior_weights)
-        save_checkpoint(run.prior_checkpoint, prior, prior.optimizer, {"step": step})
+        if step > 0:
+            save_state(prior, run.prior_weights, run.prior_checkpoint, step)
 
     def end_of_epoch(step, logs):
         """Validation NLL, a log row and a grid of random samples at the end of each epoch."""
@@ -329,8 +324,7 @@ def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False):
         tqdm.write(f"prior epoch {epoch}: loss {float(logs.get('loss', np.nan)):.4f}, "
                    f"accuracy {float(logs.get('accuracy', np.nan)):.4f}, val_nll {val_nll:.4f}")
         if vqvae is None:
-            vqvae = build_vqvae(config)
-            load_weights(vqvae.train_model, run.vqvae_weights, "VQ-VAE weights")
+            vqvae = load_vqvae(config, run)
         sampled = sample_codes(prior, 64, config.grid_shape, seed=seed + epoch)
         save_png(os.path.join(run.samples, f"prior_sample_{epoch}.png"), codes_grid(vqvae, sampled))
 
