@@ -62,6 +62,46 @@ def test_cached_step_gives_the_full_model_distributions(prior):
     np.testing.assert_allclose(cached, full, atol=1e-5)
 
 
+def test_chunked_attention_equals_the_plain_one_with_its_gradients(monkeypatch):
+    """Long static sequences take the chunked, recomputed path; values and gradients must not change."""
+    import tensorflow as tf
+    from vq_vae_keras import layers as vq_layers
+
+    keras.utils.set_random_seed(1)
+    attention = vqk.CausalSelfAttention(heads=2, head_dim=4)
+    x = tf.constant(np.random.default_rng(0).normal(size=(2, 20, 6)), tf.float32)
+    attention.build(x.shape)
+
+    def value_and_grads():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = attention(x)
+            loss = tf.reduce_sum(y * tf.range(1.0, 9.0))
+        grads = tape.gradient(loss, [x, *attention.trainable_weights])
+        return y.numpy(), [g.numpy() for g in grads]
+
+    plain, plain_grads = value_and_grads()
+    monkeypatch.setattr(vq_layers, "QUERY_CHUNK", 6)  # 20 positions -> chunks 6, 6, 6, 2
+    chunked, chunked_grads = value_and_grads()
+    np.testing.assert_allclose(chunked, plain, atol=1e-6)
+    for a, b in zip(chunked_grads, plain_grads):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_draw_follows_the_tempered_softmax():
+    """Gumbel-max draws: frequencies match softmax(logits / T), and top-k keeps only the k best."""
+    from vq_vae_keras.sampling import draw
+
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]] * 20000, np.float32))
+    for temperature in (1.0, 0.5):
+        codes = draw(logits, temperature, 4, [3, 0]).numpy()
+        p = np.exp(logits[0] / temperature)
+        p /= p.sum()
+        np.testing.assert_allclose(np.bincount(codes, minlength=4) / len(codes), p, atol=0.012)
+    codes = draw(logits, 1.0, 2, [3, 1]).numpy()
+    np.testing.assert_allclose(np.bincount(codes, minlength=4) / len(codes), [0.625, 0.375, 0, 0], atol=0.012)
+
+
 def test_cached_step_is_traced_once(prior):
     _, model = prior
     cached = CachedPrior(model)
@@ -71,9 +111,10 @@ def test_cached_step_is_traced_once(prior):
 
 def test_sampling_is_reproducible_with_a_seed(prior):
     config, model = prior
-    a = sample_codes(model, 5, config.grid_shape, seed=7)
-    b = sample_codes(model, 5, config.grid_shape, seed=7)
-    c = sample_codes(model, 5, config.grid_shape, seed=8)
+    # batch_size 2: three batches on parallel threads, the last padded
+    a = sample_codes(model, 5, config.grid_shape, seed=7, batch_size=2)
+    b = sample_codes(model, 5, config.grid_shape, seed=7, batch_size=2)
+    c = sample_codes(model, 5, config.grid_shape, seed=8, batch_size=2)
     assert a.shape == (5, 6, 6) and a.dtype == np.int32
     assert a.min() >= 0 and a.max() < config.num_codes
     np.testing.assert_array_equal(a, b)

@@ -149,6 +149,10 @@ def _mask_value(dtype):
     return -3e4 if keras.backend.standardize_dtype(dtype) == "float16" else -1e9
 
 
+# Query positions per attention chunk on long sequences: bounds the scores held per block.
+QUERY_CHUNK = 256
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class CausalSelfAttention(keras.layers.Layer):
     """Masked multi-head self-attention as in the reference's `Attention(8, 32, mask_right=True)`:
@@ -185,9 +189,21 @@ class CausalSelfAttention(keras.layers.Layer):
 
     def call(self, x):
         q, k, v = (self._split_heads(x, w) for w in (self.query, self.key, self.value))
-        n = ops.shape(x)[1]
-        i = ops.arange(n)
-        allowed = ops.expand_dims(i, 1) >= ops.expand_dims(i, 0)  # (n, n) lower triangle
+        n = x.shape[1]
+        if n is None or n <= QUERY_CHUNK:
+            return self._causal(q, k, v, 0)
+        # Long, static sequences (training): queries in chunks, each against only the keys it may
+        # see, recomputed in the backward pass. The (n, n) scores are never all held at once.
+        chunks = []
+        for i in range(0, n, QUERY_CHUNK):
+            causal = keras.remat(lambda q, k, v, offset=i: self._causal(q, k, v, offset))
+            chunks.append(causal(q[:, :, i:i + QUERY_CHUNK], k[:, :, :i + QUERY_CHUNK], v[:, :, :i + QUERY_CHUNK]))
+        return ops.concatenate(chunks, axis=1)
+
+    def _causal(self, q, k, v, offset):
+        """Queries at positions offset.. attend to keys at positions 0..their own."""
+        rows = ops.arange(ops.shape(q)[2]) + offset
+        allowed = ops.expand_dims(rows, 1) >= ops.expand_dims(ops.arange(ops.shape(k)[2]), 0)
         return self._attend(q, k, v, allowed)
 
     def step(self, x, cache_k, cache_v, index):
