@@ -59,7 +59,8 @@ def train_prior_command(args):
 
     config = RunDir(args.run).require_config()
     flags = {"data": args.data, "prior_batch_size": args.batch_size, "prior_seed": args.seed}
-    config = apply_flags(config, flags, changeable=("data",) if args.resume else tuple(flags))
+    config = apply_flags(config, flags, changeable=("data",) if args.resume else tuple(flags),
+                         flag_names={"prior_batch_size": "--batch-size", "prior_seed": "--seed"})
     train_prior(config, args.run, steps=args.steps, epochs=args.epochs, resume=args.resume)
     print(f"prior weights: {os.path.join(args.run, 'prior.weights.h5')}")
 

@@ -172,3 +172,32 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
     run_cli("train.py", "vqvae", "--data", data, "--run", run, "--resume", "--steps", str(saved_step + 3))
     rows = open(log).read().splitlines()
     assert rows[-1].startswith(f"{saved_step + 3},") and len(rows) == 1 + saved_step + 3
+
+
+def test_prior_resume_contradiction_names_the_real_flag(trained_run):
+    result = run_cli("train.py", "prior", "--run", trained_run["run"], "--resume", "--batch-size", "7", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: --batch-size 7 contradicts"), result.stderr
+
+
+def test_kill_9_loses_at_most_sample_every_steps(tmp_path):
+    data = write_images(tmp_path / "images", count=8)
+    run = str(tmp_path / "run")
+    every = 5
+    args = [sys.executable, "train.py", "vqvae", "--data", data, "--run", run, *TINY_FLAGS,
+            "--steps", "100000", "--sample-every", str(every)]
+    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = os.path.join(run, "log.csv")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(log) and len(open(log).readlines()) > 23):
+        time.sleep(0.05)
+    proc.kill()  # SIGKILL: no handler runs, possibly in the middle of a checkpoint write
+    proc.wait(timeout=30)
+    logged = int(open(log).read().splitlines()[-1].split(",")[0])
+    state = np.load(os.path.join(run, "checkpoint", "vqvae.npz"))
+    saved_step = json.loads(state["state"].tobytes())["step"]
+    assert logged - every <= saved_step <= logged
+    run_cli("train.py", "vqvae", "--data", data, "--run", run, "--resume", "--steps", str(saved_step + 2))
+    rows = open(log).read().splitlines()
+    assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, saved_step + 3))

@@ -89,3 +89,22 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(image_dir, tmp_path,
     model = compile_vqvae(vqvae)
     assert io.load_checkpoint(os.path.join(run, "checkpoint", "vqvae.npz"), model, model.optimizer)["step"] == 3
     assert all(np.isfinite(w).all() for w in model.get_weights())
+
+
+def test_prior_resume_ends_with_the_same_weights(image_dir, tmp_path):
+    import shutil
+
+    from vq_vae_keras.training import train_prior
+
+    config = tiny_config(data=image_dir, seed=2, prior_batch_size=4)  # 11 training sequences: 3 steps an epoch
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train_vqvae(config, straight, steps=3)
+    shutil.copytree(straight, resumed)
+    a = train_prior(config, straight, steps=8)
+    train_prior(config, resumed, steps=5)  # stops inside the second epoch
+    b = train_prior(config, resumed, steps=8, resume=True)
+    assert int(b.optimizer.iterations.numpy()) == 8
+    for x, y in zip(a.get_weights(), b.get_weights()):
+        np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
+    with open(os.path.join(resumed, "prior_log.csv")) as f:
+        assert [row["step"] for row in csv.DictReader(f)] == ["3", "5", "6", "8"]  # 5: where the first session ended

@@ -55,9 +55,9 @@ def config_for_run(run, flags, resume):
     return apply_flags(Config.load(config_path), flags, changeable=("data", "sample_every"))
 
 
-def apply_flags(config, flags, changeable):
+def apply_flags(config, flags, changeable, flag_names=None):
     """Set the given (non-None) flags on config; one outside `changeable` that differs from the
-    saved value is a UsageError."""
+    saved value is a UsageError. flag_names maps a field to its flag where they differ."""
     for name, value in flags.items():
         if value is None:
             continue
@@ -65,7 +65,8 @@ def apply_flags(config, flags, changeable):
         if name in changeable:
             setattr(config, name, value)
         elif value != saved:
-            raise UsageError(f"--{name.replace('_', '-')} {value} contradicts the run's saved {name} = {saved}")
+            flag = (flag_names or {}).get(name, f"--{name.replace('_', '-')}")
+            raise UsageError(f"{flag} {value} contradicts the run's saved {name} = {saved}")
     return config.validate()
 
 
