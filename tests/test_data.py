@@ -123,3 +123,50 @@ def test_epochs_follow_the_reference():
     assert not np.array_equal(np.concatenate(epoch0), np.concatenate(epoch1))  # reshuffled
     again = epoch_batches(10, 4, seed=3, start_step=4)  # resume: the same position
     np.testing.assert_array_equal(next(again), epoch1[1])
+
+
+def test_cache_serves_the_same_batches_and_is_reused(tmp_path, monkeypatch):
+    from vq_vae_keras import data
+
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "broken.png").write_bytes((tmp_path / "0.png").read_bytes()[:200])  # header fine, data cut
+    plain = ImageFolder(str(tmp_path), 16)
+    file = str(tmp_path / "cache" / "images.npz")
+    cached = ImageFolder(str(tmp_path), 16).cache(file)
+    assert cached.readable.sum() == 6 and os.path.isfile(file)
+    plain_batches, cached_batches = plain.batches(4, seed=1), cached.batches(4, seed=1)
+    for _ in range(6):  # three epochs, the broken file dropped from its batch in both
+        np.testing.assert_array_equal(next(cached_batches), next(plain_batches))
+
+    def no_decoding(path, img_dim):
+        raise AssertionError("the cache file should have been reused")
+
+    monkeypatch.setattr(data, "read_pixels", no_decoding)
+    again = ImageFolder(str(tmp_path), 16).cache(file)
+    np.testing.assert_array_equal(again.pixels, cached.pixels)
+    monkeypatch.undo()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "new.png")  # the folder changed
+    assert ImageFolder(str(tmp_path), 16).cache(file).readable.sum() == 7
+
+
+def test_unreadable_file_is_skipped(tmp_path, capsys, monkeypatch):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "good.png")
+    secret = tmp_path / "secret.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(secret)
+    os.chmod(secret, 0)
+    if os.geteuid() == 0:  # root reads anything: refuse it as the OS would for another user
+        real_open = Image.open
+
+        def guarded_open(fp, *args, **kwargs):
+            if str(fp) == str(secret):
+                raise PermissionError(13, "Permission denied", str(secret))
+            return real_open(fp, *args, **kwargs)
+
+        monkeypatch.setattr(Image, "open", guarded_open)
+    folder = ImageFolder(str(tmp_path), 8)
+    assert folder.paths == [str(tmp_path / "good.png")]
+    assert vqk.load_images(str(tmp_path), 8).shape == (1, 8, 8, 3)
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 2 and "secret.png" in err

@@ -14,8 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
+from tqdm.auto import tqdm
 
 from .errors import UsageError
+from .io import save_npz
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 _pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1))  # PIL releases the GIL while decoding
@@ -45,17 +47,27 @@ def _to_rgb(img):
     return img.convert("RGB")
 
 
-def read_image(path, img_dim):
-    """One file -> (img_dim, img_dim, 3) float32 in [-1, 1]. Raises OSError/ValueError if unreadable."""
+def read_pixels(path, img_dim):
+    """One file -> (img_dim, img_dim, 3) uint8 RGB. Raises OSError/ValueError if unreadable."""
     with Image.open(path) as img:
         img = _to_rgb(img)
         img = img.resize((img_dim, img_dim), Image.BILINEAR)
-    return np.asarray(img, np.float32) / 255 * 2 - 1
+    return np.asarray(img, np.uint8)
 
 
-def _try_read(path, img_dim):
+def to_float(pixels):
+    """uint8 pixels -> float32 in [-1, 1], the reference's x / 255 * 2 - 1."""
+    return np.asarray(pixels, np.float32) / 255 * 2 - 1
+
+
+def read_image(path, img_dim):
+    """One file -> (img_dim, img_dim, 3) float32 in [-1, 1]. Raises OSError/ValueError if unreadable."""
+    return to_float(read_pixels(path, img_dim))
+
+
+def _try_read(path, img_dim, read=read_image):
     try:
-        return read_image(path, img_dim), None
+        return read(path, img_dim), None
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
         return None, f"{type(e).__name__}: {e}"
 
@@ -112,6 +124,34 @@ class ImageFolder:
             raise UsageError(f"no usable images in {folder} ({found})")
         _summarise_skips(skipped, "files that are not readable images")
         self.bad = set()  # files that passed the header check but failed to decode
+        self.pixels = None  # (N, img_dim, img_dim, 3) uint8 once cached
+
+    def cache(self, file=None):
+        """Decode and resize every image once and serve batches from memory from then on: the same
+        batches as reading the files. With a file (.npz), the decoded images are kept there and
+        reused while the folder's files (names, sizes, times) and img_dim are unchanged."""
+        signature = np.array([f"{p}\t{os.path.getsize(p)}\t{os.stat(p).st_mtime_ns}" for p in self.paths])
+        if file and os.path.exists(file):
+            try:
+                with np.load(file) as archive:
+                    if int(archive["img_dim"]) == self.img_dim and np.array_equal(archive["signature"], signature):
+                        self.pixels, self.readable = archive["pixels"], archive["readable"]
+                        self.bad = {p for p, ok in zip(self.paths, self.readable) if not ok}
+                        return self
+            except Exception as e:
+                raise UsageError(f"cannot read image cache {file}: {e}") from None
+        results = list(tqdm(_pool.map(lambda p: _try_read(p, self.img_dim, read_pixels), self.paths),
+                            total=len(self.paths), desc="caching", unit="image"))
+        self.readable = np.array([pixels is not None for pixels, _ in results])
+        if not self.readable.any():
+            raise UsageError(f"no readable images in {self.folder}")
+        self.bad = {p for p, ok in zip(self.paths, self.readable) if not ok}
+        _summarise_skips(sorted(self.bad), "unreadable image files")
+        blank = np.zeros((self.img_dim, self.img_dim, 3), np.uint8)  # stands in for unreadable files
+        self.pixels = np.stack([blank if pixels is None else pixels for pixels, _ in results])
+        if file:
+            save_npz(file, pixels=self.pixels, readable=self.readable, signature=signature, img_dim=self.img_dim)
+        return self
 
     def __len__(self):
         return len(self.paths)
@@ -121,6 +161,9 @@ class ImageFolder:
 
     def read_batch(self, indices):
         """Decode files in parallel; files that fail are dropped from the batch and remembered."""
+        if self.pixels is not None:
+            kept = [i for i in indices if self.readable[i]]
+            return to_float(self.pixels[kept]) if kept else None
         paths = [self.paths[i] for i in indices if self.paths[i] not in self.bad]
         results = list(_pool.map(lambda p: _try_read(p, self.img_dim), paths))
         for path, (image, error) in zip(paths, results):
@@ -149,6 +192,8 @@ class ImageFolder:
     def random_images(self, n, rng):
         """n images drawn at random (with replacement, as the reference's np.random.choice)."""
         picks = rng.integers(0, len(self.paths), size=4 * n + 8)
+        if self.pixels is not None:
+            return to_float(self.pixels[picks[self.readable[picks]][:n]])
         images = [image for image, _ in (_try_read(self.paths[i], self.img_dim) for i in picks) if image is not None]
         if len(images) < n:
             raise UsageError(f"could not read {n} images from {self.folder}")

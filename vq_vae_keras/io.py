@@ -78,6 +78,14 @@ def save_npy(path, array):
     _atomic(path, write)
 
 
+def save_npz(path, **arrays):
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    _atomic(path, write)
+
+
 def load_weights(model, path, what="weights"):
     """model.load_weights with a one-line UsageError for a missing, corrupt or mismatched file."""
     if not os.path.isfile(path):
@@ -100,16 +108,18 @@ def load_weights(model, path, what="weights"):
 # Checkpoint: one .npz file with the model's variables, the optimizer's variables and a JSON state.
 # Variables are matched by order, which is fixed by the model's construction from the saved config.
 
+def _random_state(model):
+    """Variables that are not weights: the states of the model's random seed generators."""
+    weights = {w.path for w in model.weights}
+    return [v for v in model.variables if v.path not in weights]
+
+
 def save_checkpoint(path, model, optimizer, state):
     arrays = {f"model/{i}": np.asarray(v) for i, v in enumerate(model.get_weights())}
+    arrays.update({f"random/{i}": np.asarray(v) for i, v in enumerate(_random_state(model))})
     arrays.update({f"optimizer/{i}": np.asarray(v) for i, v in enumerate(optimizer.variables)})
     arrays["state"] = np.frombuffer(json.dumps(state).encode(), dtype=np.uint8)
-
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-
-    _atomic(path, write)
+    save_npz(path, **arrays)
 
 
 def load_checkpoint(path, model, optimizer):
@@ -129,6 +139,9 @@ def load_checkpoint(path, model, optimizer):
             raise ValueError(f"{len(opt_arrays)} optimizer arrays for {len(optimizer.variables)} variables")
         for variable, value in zip(optimizer.variables, opt_arrays):
             variable.assign(value)
+        for i, variable in enumerate(_random_state(model)):
+            if f"random/{i}" in files:
+                variable.assign(files[f"random/{i}"])
     except ValueError as e:
         raise UsageError(f"checkpoint {path} does not fit this model: {e}") from None
     return json.loads(files["state"].tobytes().decode())
