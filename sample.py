@@ -3,6 +3,7 @@
     python sample.py recon  --run RUN --data DIR [--no-quantize]   # real | reconstruction columns
     python sample.py interp --run RUN --data DIR                   # rows from one image to another
     python sample.py random --run RUN [--temperature T] [--top-k K] # samples from the prior
+    python sample.py usage  --run RUN --data DIR                   # code-usage histogram over a folder
 """
 
 import argparse
@@ -20,14 +21,17 @@ def parse(argv):
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text, needs_data in [("recon", "reconstruction grid", True),
                                         ("interp", "interpolation grid", True),
-                                        ("random", "random samples from the prior", False)]:
+                                        ("random", "random samples from the prior", False),
+                                        ("usage", "code-usage histogram over a folder (text and PNG)", True)]:
         p = commands.add_parser(name, help=help_text)
         p.add_argument("--run", required=True)
         if needs_data:
             p.add_argument("--data", required=True, help="folder of images")
+        p.add_argument("--out", help=f"PNG to write (default RUN/samples/{name}.png)")
+        if name == "usage":
+            continue
         p.add_argument("--n", type=positive_int, default=8, help="grid of n x n tiles (default 8)")
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--out", help=f"PNG to write (default RUN/samples/{name}.png)")
         if name == "recon":
             p.add_argument("--no-quantize", action="store_true", help="encoder -> decoder, skipping the quantizer")
         if name == "random":
@@ -46,6 +50,8 @@ def main(argv=None):
 
     run = load_run(args.run)
     out = args.out or os.path.join(args.run, "samples", f"{args.command}.png")
+    if args.command == "usage":
+        return usage(run, args.data, out)
     rng = np.random.default_rng(args.seed)
     if args.command == "recon":
         if args.n % 2:
@@ -70,6 +76,22 @@ def main(argv=None):
             save_npy(args.codes_out, codes)
         grid = codes_grid(run.vqvae, codes)
     save_png(out, grid)
+    print(out)
+
+
+def usage(run, data, out):
+    """How often each code is chosen over every image of a folder: printed and drawn."""
+    from vq_vae_keras.codebook import histogram_image, histogram_text, summary, usage_counts
+    from vq_vae_keras.data import ImageFolder
+    from vq_vae_keras.io import save_png
+    from vq_vae_keras.prior import encode_folder
+
+    folder = ImageFolder(data, run.config.img_dim)
+    counts = usage_counts(encode_folder(run.vqvae, folder, run.config.batch_size), run.config.num_codes)
+    print(" code     count  share")
+    print(histogram_text(counts))
+    print(f"{len(folder)} images, {counts.sum()} code positions: {summary(counts)}")
+    save_png(out, histogram_image(counts))
     print(out)
 
 

@@ -10,8 +10,8 @@ import os
 import sys
 
 import vq_vae_keras  # noqa: F401  (quiets TensorFlow's start-up logging)
-from vq_vae_keras.cli import (ArgumentParser, add_steps_flags, apply_flags, config_for_run, nonnegative_float,
-                              positive_float, positive_int, run_main)
+from vq_vae_keras.cli import (ArgumentParser, add_steps_flags, apply_flags, check_options_apply, config_for_run,
+                              nonnegative_float, nonnegative_int, positive_float, positive_int, run_main)
 
 DEMO_RUN = os.path.join("runs", "demo")
 
@@ -31,6 +31,23 @@ def parse(argv):
     vq.add_argument("--beta", type=nonnegative_float)
     vq.add_argument("--sample-every", type=positive_int, help="grids and checkpoint every N steps (default 100)")
     vq.add_argument("--seed", type=int)
+    health = vq.add_argument_group("codebook options (departures from the reference, off by default)")
+    health.add_argument("--quantizer", choices=["vq", "ema", "gumbel"],
+                        help="vq: the reference; ema: codebook moved by exponential moving averages; "
+                             "gumbel: Gumbel-softmax relaxation (DALL-E's dVAE)")
+    health.add_argument("--ema-decay", type=positive_float, help="EMA decay (default 0.99)")
+    health.add_argument("--restart-dead", type=nonnegative_int, metavar="N",
+                        help="move a code unused for N steps to a random encoder output of the batch")
+    health.add_argument("--kmeans-init", action="store_true", default=None,
+                        help="initialise the codebook by k-means on the first batch's encoder outputs")
+    health.add_argument("--gumbel-temperature", type=positive_float, help="start temperature (default 1)")
+    health.add_argument("--gumbel-temperature-end", type=positive_float, help="end temperature (default 1/16)")
+    health.add_argument("--gumbel-anneal-steps", type=positive_int, help="steps from start to end (default 5000)")
+    health.add_argument("--gumbel-schedule", choices=["cosine", "linear", "exponential"], help="default cosine")
+    health.add_argument("--gumbel-kl-weight", type=nonnegative_float, help="weight of KL to uniform (default 5e-4)")
+    vq.add_argument("--cache", nargs="?", const="memory", metavar="FILE.npz",
+                    help="decode and resize the images once, keep them in memory (and in FILE.npz if given, "
+                         "reused by later runs); same results, for folders that fit in memory")
     add_steps_flags(vq)
 
     prior = commands.add_parser("prior", help="train the attention prior on a trained VQ-VAE's codes")
@@ -45,11 +62,13 @@ def parse(argv):
 def train_vqvae_command(args):
     from vq_vae_keras.training import train_vqvae
 
-    flags = dict(data=args.data, img_dim=args.img_dim, z_dim=args.z_dim, num_codes=args.num_codes,
-                 batch_size=args.batch_size, lr=args.lr, beta=args.beta, sample_every=args.sample_every,
-                 seed=args.seed)
+    names = ["data", "img_dim", "z_dim", "num_codes", "batch_size", "lr", "beta", "sample_every", "seed",
+             "quantizer", "ema_decay", "restart_dead", "kmeans_init", "gumbel_temperature",
+             "gumbel_temperature_end", "gumbel_anneal_steps", "gumbel_schedule", "gumbel_kl_weight"]
+    flags = {name: getattr(args, name) for name in names}
     config = config_for_run(args.run, flags, args.resume)
-    train_vqvae(config, args.run, steps=args.steps, epochs=args.epochs, resume=args.resume)
+    check_options_apply(flags, config.quantizer)
+    train_vqvae(config, args.run, steps=args.steps, epochs=args.epochs, resume=args.resume, cache=args.cache)
     print(f"VQ-VAE weights: {os.path.join(args.run, 'vqvae.weights.h5')}; grids in {os.path.join(args.run, 'samples')}")
 
 

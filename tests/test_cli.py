@@ -131,6 +131,8 @@ BAD = {
     "top-k too big": lambda t, p: ["sample.py", "random", "--run", t["run"], "--top-k", "9"],
     "n 0": lambda t, p: ["sample.py", "interp", "--run", t["run"], "--data", t["data"], "--n", "0"],
     "odd n recon": lambda t, p: ["sample.py", "recon", "--run", t["run"], "--data", t["data"], "--n", "3"],
+    "cache is a folder": lambda t, p: ["train.py", "vqvae", "--data", t["data"], "--run", str(p / "r"),
+                                       "--cache", t["data"]],
     "unknown command": lambda t, p: ["sample.py", "paint", "--run", t["run"]],
 }
 

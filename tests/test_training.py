@@ -30,8 +30,9 @@ def test_a_few_steps_reduce_reconstruction_error(image_dir, tmp_path):
     assert vqvae.encoder.output.shape[1:] == (4, 4, 8)
 
 
-def test_resume_continues_the_same_loss_sequence(image_dir, tmp_path):
-    config = tiny_config(data=image_dir, seed=5, sample_every=100)
+@pytest.mark.parametrize("quantizer", ["vq", "gumbel"])  # gumbel: its noise generator's state resumes too
+def test_resume_continues_the_same_loss_sequence(image_dir, tmp_path, quantizer):
+    config = tiny_config(data=image_dir, seed=5, sample_every=100, quantizer=quantizer)
     straight = str(tmp_path / "straight")
     train_vqvae(config, straight, steps=8)
     resumed = str(tmp_path / "resumed")
@@ -39,7 +40,7 @@ def test_resume_continues_the_same_loss_sequence(image_dir, tmp_path):
     train_vqvae(config, resumed, steps=8, resume=True)
     a, b = read_log(straight), read_log(resumed)
     assert [r["step"] for r in b] == [str(i) for i in range(1, 9)]
-    for key in ("loss", "mse_x", "mse_e", "mse_z"):
+    for key in ("loss", "mse_x", "mse_e", "mse_z") if quantizer == "vq" else ("loss", "mse_x", "kl", "temperature"):
         np.testing.assert_allclose([float(r[key]) for r in b], [float(r[key]) for r in a], rtol=1e-4)
     # Adam's iteration count came back too: it did not restart at 0.
     state = np.load(os.path.join(resumed, "checkpoint", "vqvae.npz"))
@@ -108,3 +109,12 @@ def test_prior_resume_ends_with_the_same_weights(image_dir, tmp_path):
         np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
     with open(os.path.join(resumed, "prior_log.csv")) as f:
         assert [row["step"] for row in csv.DictReader(f)] == ["3", "5", "6", "8"]  # 5: where the first session ended
+
+
+def test_cached_images_train_exactly_like_files(image_dir, tmp_path):
+    config = tiny_config(data=image_dir, seed=3)
+    train_vqvae(config, str(tmp_path / "files"), steps=4)
+    train_vqvae(config, str(tmp_path / "cached"), steps=4, cache=str(tmp_path / "images.npz"))
+    a, b = read_log(str(tmp_path / "files")), read_log(str(tmp_path / "cached"))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert os.path.isfile(tmp_path / "images.npz")

@@ -70,6 +70,14 @@ def apply_flags(config, flags, changeable, flag_names=None):
     return config.validate()
 
 
+def check_options_apply(flags, quantizer):
+    """A quantizer-specific flag given with another quantizer is a mistake worth an error."""
+    for name, value in flags.items():
+        family = name.split("_")[0]
+        if value is not None and family in ("ema", "gumbel") and family != quantizer:
+            raise UsageError(f"--{name.replace('_', '-')} applies to --quantizer {family}, this run uses {quantizer}")
+
+
 def run_main(main, argv=None):
     """Run main(argv), turning known failures into a one-line message and an exit status."""
     from .training import NonFiniteLoss

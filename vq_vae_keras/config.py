@@ -10,6 +10,10 @@ from typing import Optional
 from .errors import UsageError
 
 
+QUANTIZERS = ("vq", "ema", "gumbel")
+SCHEDULES = ("cosine", "linear", "exponential")
+
+
 @dataclass
 class Config:
     # VQ-VAE (the reference's globals)
@@ -19,6 +23,17 @@ class Config:
     batch_size: int = 64
     lr: float = 1e-3
     beta: float = 0.25  # weight of the commitment term mse_z
+    # codebook health: every option off by default, which is the reference
+    quantizer: str = "vq"  # "vq" (the reference), "ema" (EMA codebook) or "gumbel" (Gumbel-softmax)
+    ema_decay: float = 0.99
+    ema_epsilon: float = 1e-5
+    restart_dead: int = 0  # move a code unused for this many steps to a random encoder output; 0: never
+    kmeans_init: bool = False  # codebook from k-means on the first batch's encoder outputs
+    gumbel_temperature: float = 1.0  # annealed from this ...
+    gumbel_temperature_end: float = 1 / 16  # ... to this (DALL-E's values) ...
+    gumbel_anneal_steps: int = 5000  # ... over this many steps ...
+    gumbel_schedule: str = "cosine"  # ... along "cosine", "linear" or "exponential"
+    gumbel_kl_weight: float = 5e-4  # weight of KL(q || uniform) per code position
     # prior ("PixelAtt", the comment block at the end of the reference)
     prior_heads: int = 8
     prior_head_dim: int = 32
@@ -60,7 +75,29 @@ class Config:
         need(self.lr > 0 and self.prior_lr > 0, "learning rates must be positive")
         need(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
         need(0 <= self.val_split < 1, f"val_split must be in [0, 1), got {self.val_split}")
+        need(self.quantizer in QUANTIZERS, f"quantizer must be one of {', '.join(QUANTIZERS)}, got {self.quantizer!r}")
+        need(0 < self.ema_decay < 1, f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        need(self.ema_epsilon > 0, f"ema_epsilon must be > 0, got {self.ema_epsilon}")
+        need(self.restart_dead >= 0, f"restart_dead must be >= 0, got {self.restart_dead}")
+        gumbel = self.quantizer == "gumbel"
+        need(not (gumbel and (self.restart_dead or self.kmeans_init)),
+             "restart_dead and kmeans_init apply to the vq and ema quantizers, not gumbel")
+        need(self.gumbel_temperature > 0 and self.gumbel_temperature_end > 0, "Gumbel temperatures must be > 0")
+        need(self.gumbel_anneal_steps >= 1, f"gumbel_anneal_steps must be at least 1, got {self.gumbel_anneal_steps}")
+        need(self.gumbel_schedule in SCHEDULES,
+             f"gumbel_schedule must be one of {', '.join(SCHEDULES)}, got {self.gumbel_schedule!r}")
+        need(self.gumbel_kl_weight >= 0, f"gumbel_kl_weight must be >= 0, got {self.gumbel_kl_weight}")
         return self
+
+    def gumbel_temperature_at(self, step) -> float:
+        """The annealed Gumbel-softmax temperature at a global step."""
+        start, end = self.gumbel_temperature, self.gumbel_temperature_end
+        t = min(step / self.gumbel_anneal_steps, 1.0)
+        if self.gumbel_schedule == "linear":
+            return start + (end - start) * t
+        if self.gumbel_schedule == "exponential":
+            return start * (end / start) ** t
+        return end + (start - end) * (1 + math.cos(math.pi * t)) / 2
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

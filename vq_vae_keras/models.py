@@ -10,7 +10,7 @@ import numpy as np
 from keras import layers
 
 from .config import Config
-from .layers import StraightThrough, VectorQuantizer
+from .layers import GumbelQuantizer, StraightThrough, VectorQuantizer
 
 
 def residual_block(x, name):
@@ -64,7 +64,7 @@ class VQVAE:
     quantizer: keras.Model
     decoder: keras.Model
     train_model: keras.Model
-    vq_layer: VectorQuantizer
+    vq_layer: keras.layers.Layer  # VectorQuantizer, or GumbelQuantizer with --quantizer gumbel
 
     def encode(self, images, batch_size=64):
         """Images (N, d, d, 3) in [-1, 1] -> latents z (N, h, w, z_dim)."""
@@ -91,25 +91,41 @@ class VQVAE:
         return self.decode(z, batch_size)
 
 
+def build_quantizer(config: Config) -> keras.layers.Layer:
+    """The reference's VectorQuantizer, or the quantizer the config's codebook options ask for."""
+    if config.quantizer == "gumbel":
+        return GumbelQuantizer(config.num_codes, config.gumbel_kl_weight, config.gumbel_temperature,
+                               seed=config.seed, name="gumbel_quantizer")
+    return VectorQuantizer(config.num_codes, ema_decay=config.ema_decay if config.quantizer == "ema" else None,
+                           ema_epsilon=config.ema_epsilon, restart_dead=config.restart_dead, seed=config.seed,
+                           name="vector_quantizer")
+
+
 def build_vqvae(config: Config) -> VQVAE:
     config.validate()
     encoder = build_encoder(config)
     decoder = build_decoder(config)
 
-    vq_layer = VectorQuantizer(config.num_codes, name="vector_quantizer")
+    vq_layer = build_quantizer(config)
     z_in = keras.Input(encoder.output.shape[1:], name="latent")
     quantizer = keras.Model(z_in, vq_layer(z_in), name="quantizer")
 
     x_in = keras.Input((config.img_dim, config.img_dim, 3), name="image")
     z = encoder(x_in)
     _, e = vq_layer(z)
-    ze = StraightThrough(config.beta, name="straight_through")([z, e])
-    train_model = keras.Model(x_in, decoder(ze), name="vqvae")
+    if config.quantizer == "gumbel":
+        decoder_input = e  # while training, a soft mixture of codes: differentiable as it is
+    else:
+        # With EMA the codebook follows the encoder by averages, so mse_e (its gradient) is dropped.
+        codebook_weight = 0.0 if config.quantizer == "ema" else 1.0
+        decoder_input = StraightThrough(config.beta, codebook_weight, name="straight_through")([z, e])
+    train_model = keras.Model(x_in, decoder(decoder_input), name="vqvae")
     return VQVAE(config, encoder, quantizer, decoder, train_model, vq_layer)
 
 
 def compile_vqvae(vqvae: VQVAE) -> keras.Model:
-    """Adam(lr); loss = mse_x (here) + mse_e + beta * mse_z (added by StraightThrough)."""
+    """Adam(lr); loss = mse_x (here) + mse_e + beta * mse_z (added by StraightThrough); with
+    --quantizer ema the mse_e term is 0, with gumbel it is mse_x + kl_weight * KL instead."""
     model = vqvae.train_model
     model.compile(optimizer=keras.optimizers.Adam(vqvae.config.lr), loss="mse",
                   metrics=[keras.metrics.MeanSquaredError(name="mse_x")])

@@ -207,12 +207,55 @@ def fit_with_interrupt(model, dataset, start, total, callbacks, save):
 # ---------------------------------------------------------------- VQ-VAE
 
 VQVAE_KEYS = ["loss", "mse_x", "mse_e", "mse_z", "perplexity", "usage"]
+GUMBEL_KEYS = ["loss", "mse_x", "kl", "temperature", "perplexity", "usage"]
 
 
-def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False):
-    """Train (or resume) the VQ-VAE of a run directory. Returns the VQVAE."""
+def kmeans_initialise(vqvae, folder, config):
+    """Codebook from k-means on the encoder outputs of the run's first batch (more batches of the
+    first epoch if it holds fewer than 10 vectors per code). The encoder runs as in training
+    (batch statistics), its BatchNorm moving averages are left as they were."""
+    from .codebook import kmeans
+
+    h, w = config.grid_shape
+    indices = []
+    for batch in epoch_batches(len(folder), config.batch_size, config.seed):
+        indices.extend(batch)
+        if len(indices) * h * w >= 10 * config.num_codes or len(indices) >= len(folder):
+            break
+    images = folder.read_batch(indices)
+    saved = [v.numpy() for v in vqvae.encoder.non_trainable_variables]
+    z = keras.ops.convert_to_numpy(vqvae.encoder(images, training=True))
+    for variable, value in zip(vqvae.encoder.non_trainable_variables, saved):
+        variable.assign(value)
+    try:
+        centroids = kmeans(z.reshape(-1, z.shape[-1]), config.num_codes, seed=config.seed)
+    except ValueError as e:
+        raise UsageError(f"--kmeans-init: {e} (use more images or fewer codes)") from None
+    vqvae.vq_layer.initialise(centroids)
+
+
+class GumbelAnneal(keras.callbacks.Callback):
+    """Sets the Gumbel-softmax temperature from the global step before each step, and logs it."""
+
+    def __init__(self, layer, config):
+        super().__init__()
+        self.layer, self.config = layer, config
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.layer.temperature.assign(self.config.gumbel_temperature_at(global_step(self.model)))
+
+    def on_train_batch_end(self, batch, logs=None):
+        if logs is not None:
+            logs["temperature"] = float(self.layer.temperature.numpy())
+
+
+def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, cache=None):
+    """Train (or resume) the VQ-VAE of a run directory. Returns the VQVAE.
+    cache: None (read files every step), "memory", or an .npz file path (see ImageFolder.cache)."""
     run = RunDir(run_dir)
     folder = ImageFolder(config.data, config.img_dim)
+    if cache:
+        folder.cache(None if cache == "memory" else cache)
     steps_per_epoch = folder.steps_per_epoch(config.batch_size)
     total = resolve_total_steps(steps, epochs, steps_per_epoch)
 
@@ -224,9 +267,14 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False):
     if resume:
         start = load_checkpoint(run.vqvae_checkpoint, model, model.optimizer)["step"]
         print(f"resuming from step {start} of {total}")
+    elif config.kmeans_init:
+        kmeans_initialise(vqvae, folder, config)
     os.makedirs(run.samples, exist_ok=True)
     config.save(run.config)
-    log = CSVLog(run.log, ["epoch"] + VQVAE_KEYS, resume_step=start if resume else None)
+    keys = GUMBEL_KEYS if config.quantizer == "gumbel" else VQVAE_KEYS
+    log = CSVLog(run.log, ["epoch"] + keys, resume_step=start if resume else None)
+    usage = next(m for m in model.metrics if isinstance(m, CodeUsage))
+    window = {}  # code counts of the last completed --sample-every window, for the summary
 
     def save(step, logs=None):
         """The reference's Trainer: two grids and the weights, plus a resumable checkpoint."""
@@ -237,18 +285,25 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False):
         name = step - 1  # the reference numbers grids by the index of the batch just trained
         save_png(os.path.join(run.samples, f"test_ae_1_{name}.png"), reconstruction_grid(vqvae, images, 8, quantize=False))
         save_png(os.path.join(run.samples, f"test_ae_2_{name}.png"), reconstruction_grid(vqvae, images, 8, quantize=True))
-        for metric in model.metrics:
-            if isinstance(metric, CodeUsage):
-                metric.reset_state()
+        window.update(steps=(window.get("end", start), step), counts=usage.counts.numpy().astype(np.int64), end=step)
+        usage.reset_state()
 
     callbacks = [
         ResetMetrics(1),
         NanGuard(),
-        LogEachStep(log, VQVAE_KEYS, steps_per_epoch),
+        *([GumbelAnneal(vqvae.vq_layer, config)] if config.quantizer == "gumbel" else []),
+        LogEachStep(log, keys, steps_per_epoch),
         Every(config.sample_every, save),
-        TqdmProgress(total, start, ["loss", "mse_x", "mse_e", "mse_z", "perplexity"], "vqvae"),
+        TqdmProgress(total, start, keys, "vqvae"),
     ]
-    fit_with_interrupt(model, folder.dataset(config.batch_size, config.seed, start), start, total, callbacks, save)
+    try:
+        fit_with_interrupt(model, folder.dataset(config.batch_size, config.seed, start), start, total, callbacks, save)
+    finally:
+        if window:
+            from .codebook import summary
+
+            first, last = window["steps"]
+            tqdm.write(f"codebook, steps {first + 1}-{last}: {summary(window['counts'])}")
     save_model(model, run.vqvae_keras)
     return vqvae
 
