@@ -167,6 +167,11 @@ def test_each_option_trains_end_to_end_and_reloads(option, tmp_path):
     config = vqk.Config.load(os.path.join(run, "config.json"))
     loaded = vqk.load_run(run)  # strict: fails unless the same quantizer was rebuilt
     layer = loaded.vqvae.vq_layer
+    import keras
+
+    whole = keras.saving.load_model(os.path.join(run, "vqvae.keras"))  # safe mode: registered layers only
+    x = vqk.load_images(data, 16)[:2]
+    np.testing.assert_allclose(whole(x, training=False), loaded.vqvae.train_model(x, training=False), atol=1e-6)
     if option == "gumbel":
         assert config.quantizer == "gumbel" and isinstance(layer, GumbelQuantizer)
         header = open(os.path.join(run, "log.csv")).readline().strip().split(",")
