@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
+from .codebook import summary
 from .config import Config
 from .data import ImageFolder, epoch_batches, warn
 from .errors import UsageError
@@ -274,7 +275,7 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     keys = GUMBEL_KEYS if config.quantizer == "gumbel" else VQVAE_KEYS
     log = CSVLog(run.log, ["epoch"] + keys, resume_step=start if resume else None)
     usage = next(m for m in model.metrics if isinstance(m, CodeUsage))
-    window = {}  # code counts of the last completed --sample-every window, for the summary
+    window = {"since": start}  # code counts of the last --sample-every window, for the summary
 
     def save(step, logs=None):
         """The reference's Trainer: two grids and the weights, plus a resumable checkpoint."""
@@ -285,7 +286,7 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, 
         name = step - 1  # the reference numbers grids by the index of the batch just trained
         save_png(os.path.join(run.samples, f"test_ae_1_{name}.png"), reconstruction_grid(vqvae, images, 8, quantize=False))
         save_png(os.path.join(run.samples, f"test_ae_2_{name}.png"), reconstruction_grid(vqvae, images, 8, quantize=True))
-        window.update(steps=(window.get("end", start), step), counts=usage.counts.numpy().astype(np.int64), end=step)
+        window.update(first=window["since"] + 1, last=step, counts=usage.counts.numpy().astype(np.int64), since=step)
         usage.reset_state()
 
     callbacks = [
@@ -299,11 +300,8 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     try:
         fit_with_interrupt(model, folder.dataset(config.batch_size, config.seed, start), start, total, callbacks, save)
     finally:
-        if window:
-            from .codebook import summary
-
-            first, last = window["steps"]
-            tqdm.write(f"codebook, steps {first + 1}-{last}: {summary(window['counts'])}")
+        if "counts" in window:
+            tqdm.write(f"codebook, steps {window['first']}-{window['last']}: {summary(window['counts'])}")
     save_model(model, run.vqvae_keras)
     return vqvae
 
