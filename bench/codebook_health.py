@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import vq_vae_keras as vqk  # noqa: E402  (first: it quiets TensorFlow's start-up)
 import numpy as np  # noqa: E402
-from vq_vae_keras.codebook import usage_counts  # noqa: E402
+from vq_vae_keras.codebook import counts_perplexity, usage_counts  # noqa: E402
 from vq_vae_keras.data import make_demo_images  # noqa: E402
 from vq_vae_keras.training import train_vqvae  # noqa: E402
 
@@ -35,8 +35,7 @@ def held_out_scores(vqvae, images, num_codes):
     codes, vectors = vqvae.quantize(vqvae.encode(images))
     mse = float(np.mean((vqvae.decode(vectors) - images) ** 2))
     counts = usage_counts(codes, num_codes)
-    p = counts[counts > 0] / counts.sum()
-    return (counts > 0).mean(), float(np.exp(-(p * np.log(p)).sum())), mse
+    return (counts > 0).mean(), counts_perplexity(counts), mse
 
 
 def main():

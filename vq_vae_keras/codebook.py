@@ -48,12 +48,16 @@ def usage_counts(codes, num_codes):
     return np.bincount(np.asarray(codes).ravel(), minlength=num_codes)
 
 
+def counts_perplexity(counts):
+    """exp(entropy) of a code histogram (num_codes,): num_codes when all are used equally; 0 if empty."""
+    p = counts[counts > 0] / max(counts.sum(), 1)
+    return float(np.exp(-(p * np.log(p)).sum())) if len(p) else 0.0
+
+
 def summary(counts):
     """One line: codes used, perplexity, the most used code's share."""
     p = counts / max(counts.sum(), 1)
-    nz = p[p > 0]
-    perplexity = float(np.exp(-(nz * np.log(nz)).sum())) if len(nz) else 0.0
-    return (f"{int((counts > 0).sum())} of {len(counts)} codes used, perplexity {perplexity:.1f}, "
+    return (f"{int((counts > 0).sum())} of {len(counts)} codes used, perplexity {counts_perplexity(counts):.1f}, "
             f"most used code {int(counts.argmax())} at {100 * p.max():.1f}%")
 
 

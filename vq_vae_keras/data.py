@@ -130,7 +130,8 @@ class ImageFolder:
         """Decode and resize every image once and serve batches from memory from then on: the same
         batches as reading the files. With a file (.npz), the decoded images are kept there and
         reused while the folder's files (names, sizes, times) and img_dim are unchanged."""
-        signature = np.array([f"{p}\t{os.path.getsize(p)}\t{os.stat(p).st_mtime_ns}" for p in self.paths])
+        stats = [os.stat(p) for p in self.paths]
+        signature = np.array([f"{p}\t{st.st_size}\t{st.st_mtime_ns}" for p, st in zip(self.paths, stats)])
         if file and os.path.exists(file):
             try:
                 with np.load(file) as archive:

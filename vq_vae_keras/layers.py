@@ -34,8 +34,38 @@ def perplexity(codes, num_codes):
     return ops.exp(-ops.sum(p * ops.log(ops.maximum(p, 1e-10))))
 
 
+class CodebookLayer(keras.layers.Layer):
+    """What the quantizers share: a (num_codes, dim) codebook, code lookup, the output
+    [codes (...) int32, code vectors (..., dim)], and the perplexity and usage metrics."""
+
+    def __init__(self, num_codes, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.num_codes, self.seed = num_codes, seed
+        self.perplexity = keras.metrics.Mean(name="perplexity")
+        self.usage = CodeUsage(num_codes, name="usage")
+
+    def add_codebook(self, dim, trainable=True):
+        # Keras 2's 'uniform' initialiser, as in the reference.
+        self.codebook = self.add_weight(name="codebook", shape=(self.num_codes, dim), trainable=trainable,
+                                        initializer=keras.initializers.RandomUniform(-0.05, 0.05))
+
+    def track_usage(self, codes):
+        self.perplexity.update_state(perplexity(codes, self.num_codes))
+        self.usage.update_state(codes)
+
+    def lookup(self, codes):
+        """Code vectors of integer codes: (...) -> (..., dim)."""
+        return ops.take(self.codebook, ops.cast(codes, "int32"), axis=0)
+
+    def compute_output_spec(self, z, training=None):
+        return [keras.KerasTensor(z.shape[:-1], dtype="int32"), keras.KerasTensor(z.shape, dtype=self.compute_dtype)]
+
+    def get_config(self):
+        return {**super().get_config(), "num_codes": self.num_codes, "seed": self.seed}
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class VectorQuantizer(keras.layers.Layer):
+class VectorQuantizer(CodebookLayer):
     """Nearest-neighbour lookup in a learned codebook (the reference's `VectorQuantizer`).
 
     Input:  z, (..., dim).
@@ -54,21 +84,14 @@ class VectorQuantizer(keras.layers.Layer):
     """
 
     def __init__(self, num_codes, ema_decay=None, ema_epsilon=1e-5, restart_dead=0, seed=None, **kwargs):
-        super().__init__(**kwargs)
-        self.num_codes = num_codes
+        super().__init__(num_codes, seed, **kwargs)
         self.ema_decay, self.ema_epsilon, self.restart_dead = ema_decay, ema_epsilon, restart_dead
-        self.seed = seed
-        self.perplexity = keras.metrics.Mean(name="perplexity")
-        self.usage = CodeUsage(num_codes, name="usage")
         if restart_dead:
             self.seed_generator = keras.random.SeedGenerator(seed, name="restart_seed")
 
     def build(self, input_shape):
         dim = input_shape[-1]
-        # Keras 2's 'uniform' initialiser, as in the reference.
-        self.codebook = self.add_weight(
-            name="codebook", shape=(self.num_codes, dim), trainable=self.ema_decay is None,
-            initializer=keras.initializers.RandomUniform(-0.05, 0.05))
+        self.add_codebook(dim, trainable=self.ema_decay is None)
         if self.ema_decay is not None:
             self.ema_counts = self.add_weight(name="ema_counts", shape=(self.num_codes,), initializer="ones",
                                               trainable=False)
@@ -89,8 +112,7 @@ class VectorQuantizer(keras.layers.Layer):
         codes = ops.cast(ops.argmin(self.distances(z), axis=-1), "int32")
         vectors = self.lookup(codes)  # before any update below: this step's code vectors
         if training:
-            self.perplexity.update_state(perplexity(codes, self.num_codes))
-            self.usage.update_state(codes)
+            self.track_usage(codes)
             flat_z = ops.stop_gradient(ops.reshape(z, (-1, ops.shape(z)[-1])))
             assigned = ops.one_hot(ops.reshape(codes, (-1,)), self.num_codes, dtype=flat_z.dtype)  # (n, K)
             if self.ema_decay is not None:
@@ -130,20 +152,13 @@ class VectorQuantizer(keras.layers.Layer):
             self.ema_counts.assign(ops.ones((self.num_codes,)))
             self.ema_sums.assign(codebook)
 
-    def lookup(self, codes):
-        """Code vectors of integer codes: (...) -> (..., dim)."""
-        return ops.take(self.codebook, ops.cast(codes, "int32"), axis=0)
-
-    def compute_output_spec(self, z, training=None):
-        return [keras.KerasTensor(z.shape[:-1], dtype="int32"), keras.KerasTensor(z.shape, dtype=self.compute_dtype)]
-
     def get_config(self):
-        return {**super().get_config(), "num_codes": self.num_codes, "ema_decay": self.ema_decay,
-                "ema_epsilon": self.ema_epsilon, "restart_dead": self.restart_dead, "seed": self.seed}
+        return {**super().get_config(), "ema_decay": self.ema_decay, "ema_epsilon": self.ema_epsilon,
+                "restart_dead": self.restart_dead}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class GumbelQuantizer(keras.layers.Layer):
+class GumbelQuantizer(CodebookLayer):
     """Gumbel-softmax relaxation over a codebook (the dVAE of DALL-E), a departure from the reference.
 
     Input:  z, (..., dim).
@@ -157,17 +172,14 @@ class GumbelQuantizer(keras.layers.Layer):
     """
 
     def __init__(self, num_codes, kl_weight=5e-4, temperature=1.0, seed=None, **kwargs):
-        super().__init__(**kwargs)
-        self.num_codes, self.kl_weight, self.initial_temperature, self.seed = num_codes, kl_weight, temperature, seed
+        super().__init__(num_codes, seed, **kwargs)
+        self.kl_weight, self.initial_temperature = kl_weight, temperature
         self.seed_generator = keras.random.SeedGenerator(seed, name="gumbel_seed")
-        self.perplexity = keras.metrics.Mean(name="perplexity")
-        self.usage = CodeUsage(num_codes, name="usage")
         self.kl = keras.metrics.Mean(name="kl")
 
     def build(self, input_shape):
         dim = input_shape[-1]
-        self.codebook = self.add_weight(name="codebook", shape=(self.num_codes, dim),
-                                        initializer=keras.initializers.RandomUniform(-0.05, 0.05))
+        self.add_codebook(dim)
         self.logit_kernel = self.add_weight(name="logit_kernel", shape=(dim, self.num_codes),
                                             initializer="glorot_uniform")
         self.logit_bias = self.add_weight(name="logit_bias", shape=(self.num_codes,), initializer="zeros")
@@ -189,19 +201,11 @@ class GumbelQuantizer(keras.layers.Layer):
         kl = ops.mean(ops.sum(ops.exp(log_q) * log_q, axis=-1)) + ops.log(float(self.num_codes))
         self.add_loss(self.kl_weight * kl)
         self.kl.update_state(kl)
-        self.perplexity.update_state(perplexity(codes, self.num_codes))
-        self.usage.update_state(codes)
+        self.track_usage(codes)
         return [codes, ops.matmul(soft, self.codebook)]
 
-    def lookup(self, codes):
-        return ops.take(self.codebook, ops.cast(codes, "int32"), axis=0)
-
-    def compute_output_spec(self, z, training=None):
-        return [keras.KerasTensor(z.shape[:-1], dtype="int32"), keras.KerasTensor(z.shape, dtype=self.compute_dtype)]
-
     def get_config(self):
-        return {**super().get_config(), "num_codes": self.num_codes, "kl_weight": self.kl_weight,
-                "temperature": self.initial_temperature, "seed": self.seed}
+        return {**super().get_config(), "kl_weight": self.kl_weight, "temperature": self.initial_temperature}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

@@ -10,7 +10,7 @@ import numpy as np
 from keras import layers
 
 from .config import Config
-from .layers import GumbelQuantizer, StraightThrough, VectorQuantizer
+from .layers import CodebookLayer, GumbelQuantizer, StraightThrough, VectorQuantizer
 
 
 def residual_block(x, name):
@@ -64,7 +64,7 @@ class VQVAE:
     quantizer: keras.Model
     decoder: keras.Model
     train_model: keras.Model
-    vq_layer: keras.layers.Layer  # VectorQuantizer, or GumbelQuantizer with --quantizer gumbel
+    vq_layer: CodebookLayer  # VectorQuantizer, or GumbelQuantizer with --quantizer gumbel
 
     def encode(self, images, batch_size=64):
         """Images (N, d, d, 3) in [-1, 1] -> latents z (N, h, w, z_dim)."""
@@ -91,7 +91,7 @@ class VQVAE:
         return self.decode(z, batch_size)
 
 
-def build_quantizer(config: Config) -> keras.layers.Layer:
+def build_quantizer(config: Config) -> CodebookLayer:
     """The reference's VectorQuantizer, or the quantizer the config's codebook options ask for."""
     if config.quantizer == "gumbel":
         return GumbelQuantizer(config.num_codes, config.gumbel_kl_weight, config.gumbel_temperature,

@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from .codebook import summary
+from .codebook import kmeans, summary
 from .config import Config
 from .data import ImageFolder, epoch_batches, warn
 from .errors import UsageError
@@ -215,8 +215,6 @@ def kmeans_initialise(vqvae, folder, config):
     """Codebook from k-means on the encoder outputs of the run's first batch (more batches of the
     first epoch if it holds fewer than 10 vectors per code). The encoder runs as in training
     (batch statistics), its BatchNorm moving averages are left as they were."""
-    from .codebook import kmeans
-
     h, w = config.grid_shape
     indices = []
     for batch in epoch_batches(len(folder), config.batch_size, config.seed):
