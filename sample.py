@@ -12,11 +12,11 @@ import os
 import numpy as np
 
 import vq_vae_keras  # noqa: F401  (quiets TensorFlow's start-up logging)
-from vq_vae_keras.cli import ArgumentParser, positive_float, positive_int, run_main
+from vq_vae_keras.cli import ArgumentParser, positive_float, positive_int, run_main, seed_int
 from vq_vae_keras.errors import UsageError
 
 
-def parse(argv):
+def build_parser():
     parser = ArgumentParser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text, needs_data in [("recon", "reconstruction grid", True),
@@ -31,28 +31,36 @@ def parse(argv):
         if name == "usage":
             continue
         p.add_argument("--n", type=positive_int, default=8, help="grid of n x n tiles (default 8)")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=seed_int, help="repeat an earlier call's draws (default: a fresh seed, printed)")
         if name == "recon":
             p.add_argument("--no-quantize", action="store_true", help="encoder -> decoder, skipping the quantizer")
         if name == "random":
             p.add_argument("--temperature", type=positive_float, default=1.0)
             p.add_argument("--top-k", type=positive_int, help="draw only from the k likeliest codes")
             p.add_argument("--codes-out", help="also save the sampled code maps (n*n, h, w) as .npy")
-    return parser.parse_args(argv)
+    return parser
+
+
+def fresh_seed():
+    """A new seed each call, as the reference drew fresh samples; printed so a call can be repeated."""
+    seed = int(np.random.SeedSequence().entropy % 2 ** 31)
+    print(f"seed {seed}: pass --seed {seed} to repeat")
+    return seed
 
 
 def main(argv=None):
-    args = parse(argv)
+    args = build_parser().parse_args(argv)
     from vq_vae_keras.data import ImageFolder
     from vq_vae_keras.grids import codes_grid, interpolation_grid, reconstruction_grid
     from vq_vae_keras.io import save_npy, save_png
     from vq_vae_keras.run import load_run
 
-    run = load_run(args.run)
+    run = load_run(args.run, prior=args.command == "random")  # a broken prior must not block the rest
     out = args.out or os.path.join(args.run, "samples", f"{args.command}.png")
     if args.command == "usage":
         return usage(run, args.data, out)
-    rng = np.random.default_rng(args.seed)
+    seed = fresh_seed() if args.seed is None else args.seed
+    rng = np.random.default_rng(seed)
     if args.command == "recon":
         if args.n % 2:
             raise UsageError(f"--n must be even for recon (pairs of real and reconstructed), got {args.n}")
@@ -71,7 +79,7 @@ def main(argv=None):
         if args.top_k is not None and args.top_k > run.config.num_codes:
             raise UsageError(f"--top-k must be at most num_codes = {run.config.num_codes}, got {args.top_k}")
         codes = sample_codes(run.prior, args.n * args.n, run.config.grid_shape, temperature=args.temperature,
-                             top_k=args.top_k, seed=args.seed, progress=True)
+                             top_k=args.top_k, seed=seed, progress=True)
         if args.codes_out:
             save_npy(args.codes_out, codes)
         grid = codes_grid(run.vqvae, codes)

@@ -12,11 +12,12 @@ import sys
 import vq_vae_keras  # noqa: F401  (quiets TensorFlow's start-up logging)
 from vq_vae_keras.cli import (ArgumentParser, add_steps_flags, apply_flags, check_options_apply, config_for_run,
                               nonnegative_float, nonnegative_int, positive_float, positive_int, run_main)
+from vq_vae_keras.errors import UsageError
 
 DEMO_RUN = os.path.join("runs", "demo")
 
 
-def parse(argv):
+def build_parser():
     parser = ArgumentParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command")
 
@@ -55,8 +56,8 @@ def parse(argv):
     prior.add_argument("--data", help="folder of images (default: the one in RUN/config.json)")
     prior.add_argument("--batch-size", type=positive_int, help="default 32")
     prior.add_argument("--seed", type=int)
-    add_steps_flags(prior)
-    return parser.parse_args(argv)
+    add_steps_flags(prior, restart=True)
+    return parser
 
 
 def train_vqvae_command(args):
@@ -76,10 +77,25 @@ def train_prior_command(args):
     from vq_vae_keras.training import train_prior
     from vq_vae_keras.run import RunDir
 
-    config = RunDir(args.run).require_config()
+    run = RunDir(args.run)
+    config = run.require_config()
+    existing = run.prior_files()
+    if existing and not (args.resume or args.restart):
+        raise UsageError(f"{args.run} already has a prior ({os.path.basename(existing[0])}, ...); add --resume to "
+                         "continue it, or --restart to delete it and train a new one")
+    if args.resume and not os.path.isfile(run.prior_checkpoint):
+        raise UsageError(f"no prior checkpoint at {run.prior_checkpoint} to resume; train without --resume")
     flags = {"data": args.data, "prior_batch_size": args.batch_size, "prior_seed": args.seed}
     config = apply_flags(config, flags, changeable=("data",) if args.resume else tuple(flags),
                          flag_names={"prior_batch_size": "--batch-size", "prior_seed": "--seed"})
+    if not args.resume and not (config.data and os.path.isdir(config.data)):
+        raise UsageError(f"--data {config.data} is not a folder" if config.data else
+                         "no image folder: give --data (the run's config.json names none)")
+    if not os.path.isfile(run.vqvae_weights):
+        raise UsageError(f"no trained VQ-VAE in {args.run}; run: python train.py vqvae --run {args.run} ...")
+    if args.restart:
+        for path in existing:  # a half-done restart must not leave the old prior to --resume from
+            os.remove(path)
     train_prior(config, args.run, steps=args.steps, epochs=args.epochs, resume=args.resume)
     print(f"prior weights: {os.path.join(args.run, 'prior.weights.h5')}")
 
@@ -95,7 +111,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         return demo()
-    args = parse(argv)
+    args = build_parser().parse_args(argv)
     if args.command == "vqvae":
         train_vqvae_command(args)
     elif args.command == "prior":

@@ -6,22 +6,30 @@ import sys
 
 def _import_tensorflow_quietly():
     """TensorFlow prints start-up notices (oneDNN, CUDA) from C++ before any setting can stop them;
-    hide the C-level stderr just while it is imported. Python errors still surface.
-    Set VQK_VERBOSE_TF=1 to see everything."""
+    hide the C-level stderr just while it is imported. Python errors still surface, and the
+    user's TF_CPP_MIN_LOG_LEVEL (set or not) is restored afterwards. Set VQK_VERBOSE_TF=1 to see everything."""
     if "tensorflow" in sys.modules or os.environ.get("VQK_VERBOSE_TF"):
         return
+    user_level = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
         saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     except OSError:
-        return
-    os.dup2(devnull, 2)
+        saved = devnull = None
+    if saved is not None:
+        os.dup2(devnull, 2)
     try:
         import tensorflow  # noqa: F401
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+        if saved is not None:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(devnull)
+        # The quiet level is for the import only: later C++ errors must reach the user.
+        if user_level is None:
+            os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)
+        else:
+            os.environ["TF_CPP_MIN_LOG_LEVEL"] = user_level
 
 
 _import_tensorflow_quietly()

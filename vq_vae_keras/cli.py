@@ -1,6 +1,7 @@
 """What train.py and sample.py share: argument types, one-line errors, exit statuses."""
 
 import argparse
+import math
 import os
 import sys
 
@@ -17,29 +18,41 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
-def _number(kind, low, inclusive, what):
+def _number(kind, what, low, high=None, open_low=False, open_high=False):
+    """An argparse type: a finite number of `kind` in [low, high] (an end excluded if open_*)."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
-        if value < low or (not inclusive and value == low):
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        too_low = value < low or (open_low and value == low)
+        too_high = high is not None and (value > high or (open_high and value == high))
+        if too_low or too_high:
             raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
         return value
     return parse
 
 
-positive_int = _number(int, 1, True, ">= 1")
-nonnegative_int = _number(int, 0, True, ">= 0")
-positive_float = _number(float, 0.0, False, "> 0")
-nonnegative_float = _number(float, 0.0, True, ">= 0")
+MAX_SEED = 2 ** 31 - 1
+positive_int = _number(int, ">= 1", 1)
+nonnegative_int = _number(int, ">= 0", 0)
+seed_int = _number(int, f"in [0, {MAX_SEED}]", 0, MAX_SEED)
+positive_float = _number(float, "> 0", 0.0, open_low=True)
+nonnegative_float = _number(float, ">= 0", 0.0)
+unit_interval = _number(float, "in (0, 1)", 0.0, 1.0, open_low=True, open_high=True)
 
 
-def add_steps_flags(parser):
+def add_steps_flags(parser, restart=False):
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--steps", type=positive_int, help="train until this global step")
     group.add_argument("--epochs", type=positive_int, help="train this many epochs (default: the reference's 1000)")
-    parser.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint")
+    if restart:
+        group.add_argument("--restart", action="store_true",
+                           help="delete the run's prior (weights, checkpoint, codes.npy, log, sample grids) and train it anew")
 
 
 def config_for_run(run, flags, resume):

@@ -61,11 +61,27 @@ class Config:
     def prior_dim(self) -> int:
         return 2 * self.z_dim
 
+    def _check_types(self):
+        """Each field holds its annotated type (an int is fine for a float), every float is finite."""
+        kinds = {"int": ((int,), "an integer"), "float": ((int, float), "a number"), "str": ((str,), "a string"),
+                 "bool": ((bool,), "true or false")}
+        for field in dataclasses.fields(self):
+            value, annotation = getattr(self, field.name), str(field.type)
+            if value is None and "Optional" in annotation:
+                continue
+            kind = next(k for k in kinds if k in annotation)
+            types, words = kinds[kind]
+            if not isinstance(value, types) or (isinstance(value, bool) and kind != "bool"):
+                raise UsageError(f"{field.name} must be {words}, got {value!r}")
+            if kind == "float" and not math.isfinite(value):
+                raise UsageError(f"{field.name} must be finite, got {value}")
+
     def validate(self) -> "Config":
         def need(ok, message):
             if not ok:
                 raise UsageError(message)
 
+        self._check_types()
         need(self.img_dim >= 16 and self.img_dim % 4 == 0,
              f"img_dim must be a multiple of 4 and at least 16, got {self.img_dim}")
         for name in ("z_dim", "batch_size", "prior_heads", "prior_head_dim", "prior_depth",
@@ -79,6 +95,7 @@ class Config:
         need(0 < self.ema_decay < 1, f"ema_decay must be in (0, 1), got {self.ema_decay}")
         need(self.ema_epsilon > 0, f"ema_epsilon must be > 0, got {self.ema_epsilon}")
         need(self.restart_dead >= 0, f"restart_dead must be >= 0, got {self.restart_dead}")
+        need(self.seed >= 0 and (self.prior_seed is None or self.prior_seed >= 0), "seeds must be >= 0")
         gumbel = self.quantizer == "gumbel"
         need(not (gumbel and (self.restart_dead or self.kmeans_init)),
              "restart_dead and kmeans_init apply to the vq and ema quantizers, not gumbel")

@@ -38,11 +38,25 @@ def find_images(folder):
     return found
 
 
+# Greyscale modes beyond 8 bits, scaled to 0..255 by the range the mode declares, never by the
+# data (a dark frame stays dark): 16-bit /257, "I" (signed 32-bit) by 2**31 - 1 (negatives are
+# black). Float ("F") images are taken to be in [0, 1], the usual convention; outside is clipped.
+_FULL_SCALE = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 2 ** 31 - 1, "F": 1.0}
+
+
+def _full_scale(img):
+    """The value that maps to white in a wide greyscale image. Pillow < 11 opens 16-bit PNGs as "I"
+    (32-bit), so the raw mode of the file's data, not the mode, tells 16 from 32 bits."""
+    if img.mode == "I" and any("I;16" in str(t[3]) for t in img.tile):
+        return 65535
+    return _FULL_SCALE[img.mode]
+
+
 def _to_rgb(img):
+    wide = _full_scale(img) if img.mode in _FULL_SCALE else None  # before exif_transpose drops img.tile
     img = ImageOps.exif_transpose(img)
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16-bit or float greyscale
-        a = np.asarray(img, np.float64)
-        a = a / 257.0 if a.max() > 255 else a
+    if wide is not None:
+        a = np.asarray(img, np.float64) * (255.0 / wide)
         img = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
     return img.convert("RGB")
 

@@ -1,5 +1,6 @@
 """A run directory: where each file lives, and loading a trained run back."""
 
+import glob
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -30,6 +31,12 @@ class RunDir:
     vqvae_checkpoint = property(lambda self: self.path("checkpoint", "vqvae.npz"))
     prior_checkpoint = property(lambda self: self.path("checkpoint", "prior.npz"))
 
+    def prior_files(self) -> list:
+        """The files `train.py prior` writes that exist now (grids under samples/ included)."""
+        fixed = [self.prior_weights, self.prior_checkpoint, self.codes, self.prior_log]
+        grids = sorted(glob.glob(os.path.join(glob.escape(self.samples), "prior_sample_*.png")))
+        return [p for p in fixed if os.path.exists(p)] + grids
+
     def require_config(self) -> Config:
         if not os.path.isdir(self.root):
             raise UsageError(f"no run directory at {self.root}")
@@ -50,15 +57,17 @@ def load_vqvae(config: Config, run: RunDir) -> VQVAE:
     return vqvae
 
 
-def load_run(run) -> LoadedRun:
-    """Config, VQ-VAE and (if trained) prior of a run directory, weights loaded."""
+def load_run(run, prior=True) -> LoadedRun:
+    """Config, VQ-VAE and (if trained) prior of a run directory, weights loaded.
+    prior=False skips the prior (`.prior` is None): what needs only the VQ-VAE then works even
+    when the prior's file is missing or broken."""
     from .prior import build_prior
 
     run = RunDir(run)
     config = run.require_config()
     vqvae = load_vqvae(config, run)
-    prior = None
-    if os.path.isfile(run.prior_weights):
+    want_prior, prior = prior, None
+    if want_prior and os.path.isfile(run.prior_weights):
         prior = build_prior(config)
         load_weights(prior, run.prior_weights, "prior weights")
     return LoadedRun(config, vqvae, prior)
