@@ -205,14 +205,17 @@ class ImageFolder:
         return ds.map(lambda x: (x, x)).prefetch(tf.data.AUTOTUNE)
 
     def random_images(self, n, rng):
-        """n images drawn at random (with replacement, as the reference's np.random.choice)."""
-        picks = rng.integers(0, len(self.paths), size=4 * n + 8)
-        if self.pixels is not None:
-            return to_float(self.pixels[picks[self.readable[picks]][:n]])
-        images = [image for image, _ in (_try_read(self.paths[i], self.img_dim) for i in picks) if image is not None]
-        if len(images) < n:
-            raise UsageError(f"could not read {n} images from {self.folder}")
-        return np.stack(images[:n])
+        """n images drawn at random (with replacement, as the reference's np.random.choice), decoded
+        on the pool; a pick that turns out unreadable is drawn again. (n, img_dim, img_dim, 3)."""
+        images = []
+        while len(images) < n:
+            usable = self.readable.any() if self.pixels is not None else len(self.bad) < len(self.paths)
+            if not usable:
+                raise UsageError(f"no readable images in {self.folder} to draw {n} from")
+            batch = self.read_batch(rng.integers(0, len(self.paths), size=n - len(images)))
+            if batch is not None:
+                images.extend(batch)
+        return np.stack(images)
 
 
 def make_demo_images(folder, count=2000, size=64, seed=0):

@@ -105,43 +105,110 @@ def load_weights(model, path, what="weights"):
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
-# Checkpoint: one .npz file with the model's variables, the optimizer's variables and a JSON state.
-# Variables are matched by order, which is fixed by the model's construction from the saved config.
+# Checkpoint: one .npz file with every variable of the model (weights, BatchNorm statistics, EMA
+# state, seed-generator states), every optimizer variable and a JSON state, each keyed by name, so
+# a variable can only be restored into the variable it came from. Keras paths are not unique in a
+# model of sub-models (the encoder and the decoder both have a "bn1"), so a sub-model's name is put
+# in front; optimizer slots are named after the model variable they belong to.
 
-def _random_state(model):
-    """Variables that are not weights: the states of the model's random seed generators."""
-    weights = {w.path for w in model.weights}
-    return [v for v in model.variables if v.path not in weights]
+CHECKPOINT_FORMAT = 2  # 1: this project's first checkpoints, matched by position (refused)
+
+
+def model_variables(model):
+    """{name: variable} of every variable of a model, names like "encoder/bn1/gamma"."""
+    import keras
+
+    named, seen = {}, set()
+
+    def walk(layers, prefix):
+        for layer in layers:
+            if isinstance(layer, keras.Model):
+                walk(layer.layers, f"{prefix}{layer.name}/")
+                continue
+            for variable in layer.variables:
+                if id(variable) not in seen:  # a layer shared by two sub-models is saved once
+                    seen.add(id(variable))
+                    name = prefix + variable.path
+                    assert name not in named, f"two variables named {name}"
+                    named[name] = variable
+
+    walk(model.layers, "")
+    assert seen == {id(v) for v in model.variables}, "a model variable has no name in the checkpoint"
+    return named
+
+
+def optimizer_variables(optimizer, model):
+    """{name: variable} of an optimizer's variables: "iteration", "learning_rate", and each slot as
+    "<model variable name>/<slot>" ("encoder/bn1/gamma/momentum"). Keras names a slot after its
+    variable's path with "/" -> "_", which two sub-models can share: the k-th slot of that name
+    belongs to the k-th such variable of model.trainable_variables, the order the optimizer was
+    built in."""
+    name_of = {id(v): name for name, v in model_variables(model).items()}
+    by_mangled = {}
+    for variable in model.trainable_variables:
+        by_mangled.setdefault(variable.path.replace("/", "_"), []).append(name_of[id(variable)])
+    named, taken = {}, {}
+    for variable in optimizer.variables:
+        key = variable.name
+        for mangled in sorted(by_mangled, key=len, reverse=True):  # the longest prefix: "a_b" before "a"
+            if key.startswith(mangled + "_"):
+                slot = key[len(mangled) + 1:]
+                k = taken.get((mangled, slot), 0)
+                taken[(mangled, slot)] = k + 1
+                if k < len(by_mangled[mangled]):
+                    key = f"{by_mangled[mangled][k]}/{slot}"
+                break
+        assert key not in named, f"two optimizer variables named {key}"
+        named[key] = variable
+    return named
+
+
+def _checkpoint_variables(model, optimizer):
+    if not optimizer.built:
+        optimizer.build(model.trainable_variables)
+    named = {f"model/{k}": v for k, v in model_variables(model).items()}
+    named.update({f"optimizer/{k}": v for k, v in optimizer_variables(optimizer, model).items()})
+    return named
 
 
 def save_checkpoint(path, model, optimizer, state):
-    arrays = {f"model/{i}": np.asarray(v) for i, v in enumerate(model.get_weights())}
-    arrays.update({f"random/{i}": np.asarray(v) for i, v in enumerate(_random_state(model))})
-    arrays.update({f"optimizer/{i}": np.asarray(v) for i, v in enumerate(optimizer.variables)})
+    arrays = {k: np.asarray(v) for k, v in _checkpoint_variables(model, optimizer).items()}
+    arrays["format"] = np.array(CHECKPOINT_FORMAT)
     arrays["state"] = np.frombuffer(json.dumps(state).encode(), dtype=np.uint8)
     save_npz(path, **arrays)
 
 
+def _listing(names, most=3):
+    names = sorted(names)
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def load_checkpoint(path, model, optimizer):
-    """Restore model and optimizer variables in place; return the saved state dict."""
+    """Restore model and optimizer variables in place, by name; return the saved state dict.
+    Any missing, extra or reshaped variable is a UsageError, and then nothing is changed."""
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}")
     try:
         with np.load(path) as archive:
             files = dict(archive)
-    except Exception as e:
-        raise UsageError(f"cannot read checkpoint {path}: {e}") from None
-    model_arrays = [files[f"model/{i}"] for i in range(sum(k.startswith("model/") for k in files))]
-    opt_arrays = [files[f"optimizer/{i}"] for i in range(sum(k.startswith("optimizer/") for k in files))]
-    try:
-        model.set_weights(model_arrays)
-        if not optimizer.built:
-            optimizer.build(model.trainable_variables)
-        if len(opt_arrays) != len(optimizer.variables):
-            raise ValueError(f"{len(opt_arrays)} optimizer arrays for {len(optimizer.variables)} variables")
-        for variable, value in zip(optimizer.variables, opt_arrays):
-            variable.assign(value)
-        for i, variable in enumerate(_random_state(model)):
-            if f"random/{i}" in files:
-                variable.assign(files[f"random/{i}"])
-    except ValueError as e:
-        raise UsageError(f"checkpoint {path} does not fit this model: {e}") from None
-    return json.loads(files["state"].tobytes().decode())
+        state = json.loads(files.pop("state").tobytes().decode())
+        saved_format = int(files.pop("format", 1))
+    except Exception as e:  # zip, pickle, JSON and key errors: all mean "not our checkpoint"
+        raise UsageError(f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if saved_format != CHECKPOINT_FORMAT:
+        raise UsageError(f"checkpoint {path} is in an older format (variables by position) that cannot be "
+                         "restored safely; train again without --resume")
+    named = _checkpoint_variables(model, optimizer)
+    problems = []
+    if set(named) - set(files):
+        problems.append(f"missing {_listing(set(named) - set(files))}")
+    if set(files) - set(named):
+        problems.append(f"unexpected {_listing(set(files) - set(named))}")
+    reshaped = [k for k in set(named) & set(files) if tuple(files[k].shape) != tuple(named[k].shape)]
+    if reshaped:
+        problems.append(f"other shapes for {_listing(reshaped)}")
+    if problems:
+        raise UsageError(f"checkpoint {path} does not fit this model ({'; '.join(problems)})")
+    for name, variable in named.items():
+        variable.assign(files[name])
+    return state
