@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 import vq_vae_keras  # noqa: F401  (quiets TensorFlow's start-up logging)
-from vq_vae_keras.cli import ArgumentParser, positive_float, positive_int, run_main, seed_int
+from vq_vae_keras.cli import ArgumentParser, folder, output_file, positive_float, positive_int, run_main, seed_int
 from vq_vae_keras.errors import UsageError
 
 
@@ -24,10 +24,10 @@ def build_parser():
                                         ("random", "random samples from the prior", False),
                                         ("usage", "code-usage histogram over a folder (text and PNG)", True)]:
         p = commands.add_parser(name, help=help_text)
-        p.add_argument("--run", required=True)
+        p.add_argument("--run", required=True, type=folder, help="run directory")
         if needs_data:
-            p.add_argument("--data", required=True, help="folder of images")
-        p.add_argument("--out", help=f"PNG to write (default RUN/samples/{name}.png)")
+            p.add_argument("--data", required=True, type=folder, help="folder of images")
+        p.add_argument("--out", type=output_file, help=f"PNG to write (default RUN/samples/{name}.png)")
         if name == "usage":
             continue
         p.add_argument("--n", type=positive_int, default=8, help="grid of n x n tiles (default 8)")
@@ -37,7 +37,7 @@ def build_parser():
         if name == "random":
             p.add_argument("--temperature", type=positive_float, default=1.0)
             p.add_argument("--top-k", type=positive_int, help="draw only from the k likeliest codes")
-            p.add_argument("--codes-out", help="also save the sampled code maps (n*n, h, w) as .npy")
+            p.add_argument("--codes-out", type=output_file, help="also save the sampled code maps (n*n, h, w) as .npy")
     return parser
 
 

@@ -10,8 +10,9 @@ import os
 import sys
 
 import vq_vae_keras  # noqa: F401  (quiets TensorFlow's start-up logging)
-from vq_vae_keras.cli import (ArgumentParser, add_steps_flags, apply_flags, check_options_apply, config_for_run,
-                              nonnegative_float, nonnegative_int, positive_float, positive_int, run_main)
+from vq_vae_keras.cli import (ArgumentParser, add_steps_flags, apply_flags, check_options_apply, config_for_run, folder,
+                              nonnegative_float, nonnegative_int, not_a_file, output_file, positive_float, positive_int,
+                              run_main, seed_int, unit_interval)
 from vq_vae_keras.errors import UsageError
 
 DEMO_RUN = os.path.join("runs", "demo")
@@ -22,8 +23,8 @@ def build_parser():
     commands = parser.add_subparsers(dest="command")
 
     vq = commands.add_parser("vqvae", help="train the VQ-VAE")
-    vq.add_argument("--data", required=True, help="folder of images (searched recursively)")
-    vq.add_argument("--run", required=True, help="run directory")
+    vq.add_argument("--data", required=True, type=folder, help="folder of images (searched recursively)")
+    vq.add_argument("--run", required=True, type=not_a_file, help="run directory")
     vq.add_argument("--img-dim", type=int)
     vq.add_argument("--z-dim", type=positive_int)
     vq.add_argument("--num-codes", type=positive_int)
@@ -31,12 +32,12 @@ def build_parser():
     vq.add_argument("--lr", type=positive_float)
     vq.add_argument("--beta", type=nonnegative_float)
     vq.add_argument("--sample-every", type=positive_int, help="grids and checkpoint every N steps (default 100)")
-    vq.add_argument("--seed", type=int)
+    vq.add_argument("--seed", type=seed_int)
     health = vq.add_argument_group("codebook options (departures from the reference, off by default)")
     health.add_argument("--quantizer", choices=["vq", "ema", "gumbel"],
                         help="vq: the reference; ema: codebook moved by exponential moving averages; "
                              "gumbel: Gumbel-softmax relaxation (DALL-E's dVAE)")
-    health.add_argument("--ema-decay", type=positive_float, help="EMA decay (default 0.99)")
+    health.add_argument("--ema-decay", type=unit_interval, help="EMA decay (default 0.99)")
     health.add_argument("--restart-dead", type=nonnegative_int, metavar="N",
                         help="move a code unused for N steps to a random encoder output of the batch")
     health.add_argument("--kmeans-init", action="store_true", default=None,
@@ -46,16 +47,16 @@ def build_parser():
     health.add_argument("--gumbel-anneal-steps", type=positive_int, help="steps from start to end (default 5000)")
     health.add_argument("--gumbel-schedule", choices=["cosine", "linear", "exponential"], help="default cosine")
     health.add_argument("--gumbel-kl-weight", type=nonnegative_float, help="weight of KL to uniform (default 5e-4)")
-    vq.add_argument("--cache", nargs="?", const="memory", metavar="FILE.npz",
+    vq.add_argument("--cache", nargs="?", const="memory", type=output_file, metavar="FILE.npz",
                     help="decode and resize the images once, keep them in memory (and in FILE.npz if given, "
                          "reused by later runs); same results, for folders that fit in memory")
     add_steps_flags(vq)
 
     prior = commands.add_parser("prior", help="train the attention prior on a trained VQ-VAE's codes")
-    prior.add_argument("--run", required=True, help="run directory of a trained VQ-VAE")
-    prior.add_argument("--data", help="folder of images (default: the one in RUN/config.json)")
+    prior.add_argument("--run", required=True, type=folder, help="run directory of a trained VQ-VAE")
+    prior.add_argument("--data", type=folder, help="folder of images (default: the one in RUN/config.json)")
     prior.add_argument("--batch-size", type=positive_int, help="default 32")
-    prior.add_argument("--seed", type=int)
+    prior.add_argument("--seed", type=seed_int)
     add_steps_flags(prior, restart=True)
     return parser
 
@@ -75,7 +76,7 @@ def train_vqvae_command(args):
 
 def train_prior_command(args):
     from vq_vae_keras.training import train_prior
-    from vq_vae_keras.run import RunDir
+    from vq_vae_keras.run import RunDir, load_vqvae
 
     run = RunDir(args.run)
     config = run.require_config()
@@ -94,6 +95,7 @@ def train_prior_command(args):
     if not os.path.isfile(run.vqvae_weights):
         raise UsageError(f"no trained VQ-VAE in {args.run}; run: python train.py vqvae --run {args.run} ...")
     if args.restart:
+        load_vqvae(config, run)  # the VQ-VAE must load before the old prior goes
         for path in existing:  # a half-done restart must not leave the old prior to --resume from
             os.remove(path)
     train_prior(config, args.run, steps=args.steps, epochs=args.epochs, resume=args.resume)

@@ -59,3 +59,21 @@ def trained_run(tmp_path_factory):
     config.save(os.path.join(run, "config.json"))
     run_cli("train.py", "prior", "--run", run, "--steps", "6", "--batch-size", "4")
     return {"run": run, "data": data}
+
+
+def call_main(main, argv):
+    """main(argv) through the CLIs' run_main, in this process: (exit status, stdout, stderr).
+    Much faster than run_cli (no new process, TensorFlow already imported)."""
+    import contextlib
+    import io
+
+    from vq_vae_keras.cli import run_main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run_main(main, argv)
+            status = 0
+        except SystemExit as e:
+            status = e.code
+    return status, out.getvalue(), err.getvalue()

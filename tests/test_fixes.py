@@ -2,9 +2,7 @@
 a second `train.py prior`, checkpoints by name, sampling seeds, what `sample.py` loads,
 random_images, and the layout of the picture grids."""
 
-import contextlib
 import hashlib
-import io
 import os
 import re
 import shutil
@@ -15,26 +13,13 @@ import pytest
 from PIL import Image
 
 import vq_vae_keras as vqk
-from vq_vae_keras.cli import run_main
 from vq_vae_keras.data import ImageFolder
 from vq_vae_keras.errors import UsageError
 from vq_vae_keras.grids import interpolation_grid, reconstruction_grid
 from vq_vae_keras.io import load_checkpoint, save_checkpoint, to_uint8
 from vq_vae_keras.models import compile_vqvae
 
-from conftest import ROOT, run_cli, tiny_config, write_images
-
-
-def call(main, argv):
-    """main(argv) through run_main, in this process: (exit status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            run_main(main, argv)
-            status = 0
-        except SystemExit as e:
-            status = e.code
-    return status, out.getvalue(), err.getvalue()
+from conftest import ROOT, call_main, run_cli, tiny_config, write_images
 
 
 def tree_hashes(folder):
@@ -104,7 +89,7 @@ def test_second_prior_is_refused_and_changes_nothing_then_restart_starts_over(ru
     import train
 
     before = tree_hashes(run_copy)
-    status, _, err = call(train.main, ["prior", "--run", run_copy, "--steps", "2", "--batch-size", "4"])
+    status, _, err = call_main(train.main, ["prior", "--run", run_copy, "--steps", "2", "--batch-size", "4"])
     assert status == 2
     assert len(err.strip().splitlines()) == 1 and "--restart" in err and "--resume" in err
     assert tree_hashes(run_copy) == before
@@ -130,7 +115,7 @@ def test_resume_and_restart_together_are_refused(run_copy):
     import train
 
     before = tree_hashes(run_copy)
-    status, _, err = call(train.main, ["prior", "--run", run_copy, "--resume", "--restart"])
+    status, _, err = call_main(train.main, ["prior", "--run", run_copy, "--resume", "--restart"])
     assert status == 2 and "not allowed with" in err
     assert tree_hashes(run_copy) == before
 
@@ -246,11 +231,11 @@ def test_fresh_seed_by_default_printed_and_repeatable(trained_run, tmp_path, com
 
     base = ["--run", trained_run["run"], "--n", "2"] + ([] if command == "random" else ["--data", trained_run["data"]])
     outs = [str(tmp_path / f"{i}.png") for i in range(3)]
-    runs = [call(sample.main, [command, *base, "--out", outs[i]]) for i in range(2)]
+    runs = [call_main(sample.main, [command, *base, "--out", outs[i]]) for i in range(2)]
     assert [status for status, _, _ in runs] == [0, 0]
     first, second = seed_of(runs[0][1]), seed_of(runs[1][1])
     assert first != second
-    status, stdout, _ = call(sample.main, [command, *base, "--seed", str(first), "--out", outs[2]])
+    status, stdout, _ = call_main(sample.main, [command, *base, "--seed", str(first), "--out", outs[2]])
     assert status == 0 and "pass --seed" not in stdout
     assert open(outs[2], "rb").read() == open(outs[0], "rb").read()
 
@@ -262,11 +247,11 @@ def test_a_broken_prior_does_not_block_what_needs_only_the_vqvae(run_copy, train
     with open(os.path.join(run_copy, "prior.weights.h5"), "wb") as f:
         f.write(b"not an HDF5 file")
     argv = [command, "--run", run_copy, "--data", trained_run["data"], "--out", str(tmp_path / "out.png")]
-    status, _, err = call(sample.main, argv + (["--seed", "1"] if command != "usage" else []))
+    status, _, err = call_main(sample.main, argv + (["--seed", "1"] if command != "usage" else []))
     assert status == 0, err
     assert os.path.isfile(tmp_path / "out.png")
     # random needs the prior: a clear one-line error.
-    status, _, err = call(sample.main, ["random", "--run", run_copy, "--seed", "1", "--out", str(tmp_path / "r.png")])
+    status, _, err = call_main(sample.main, ["random", "--run", run_copy, "--seed", "1", "--out", str(tmp_path / "r.png")])
     assert status == 2 and err.startswith("error: cannot load prior weights") and len(err.strip().splitlines()) == 1
 
 

@@ -44,6 +44,42 @@ nonnegative_float = _number(float, ">= 0", 0.0)
 unit_interval = _number(float, "in (0, 1)", 0.0, 1.0, open_low=True, open_high=True)
 
 
+def folder(text):
+    """An argparse type: an existing folder."""
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{'not a folder' if os.path.exists(text) else 'no such folder'}: {text}")
+    return text
+
+
+def not_a_file(text):
+    """An argparse type: a folder to create or to use (a run directory), not a file."""
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+    return text
+
+
+def output_file(text):
+    """An argparse type: a file to write (its folder is made if missing), not a folder."""
+    if os.path.isdir(text) or text.endswith(os.sep):
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
+    return text
+
+
+def _flag(name, flag_names=None):
+    return (flag_names or {}).get(name, f"--{name.replace('_', '-')}")
+
+
+def validate_flags(config, flags, flag_names=None):
+    """config.validate(), a complaint about a field set by a flag naming that flag."""
+    try:
+        return config.validate()
+    except UsageError as e:
+        field = str(e).split(" ")[0]
+        if flags.get(field) is not None:
+            raise UsageError(f"{_flag(field, flag_names)}: {e}") from None
+        raise
+
+
 def add_steps_flags(parser, restart=False):
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--steps", type=positive_int, help="train until this global step")
@@ -64,7 +100,9 @@ def config_for_run(run, flags, resume):
     if not resume:
         if os.path.exists(config_path):
             raise UsageError(f"{run} already holds a run; add --resume to continue it, or choose another --run")
-        return Config(**{k: v for k, v in flags.items() if v is not None}).validate()
+        return validate_flags(Config(**{k: v for k, v in flags.items() if v is not None}), flags)
+    if not os.path.isfile(config_path):
+        raise UsageError(f"--resume: no run to resume at {run} (no config.json)")
     return apply_flags(Config.load(config_path), flags, changeable=("data", "sample_every"))
 
 
@@ -78,9 +116,8 @@ def apply_flags(config, flags, changeable, flag_names=None):
         if name in changeable:
             setattr(config, name, value)
         elif value != saved:
-            flag = (flag_names or {}).get(name, f"--{name.replace('_', '-')}")
-            raise UsageError(f"{flag} {value} contradicts the run's saved {name} = {saved}")
-    return config.validate()
+            raise UsageError(f"{_flag(name, flag_names)} {value} contradicts the run's saved {name} = {saved}")
+    return validate_flags(config, flags, flag_names)
 
 
 def check_options_apply(flags, quantizer):
