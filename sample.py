@@ -12,7 +12,8 @@ import os
 import numpy as np
 
 import vq_vae_keras  # noqa: F401  (quiets TensorFlow's start-up logging)
-from vq_vae_keras.cli import ArgumentParser, folder, output_file, positive_float, positive_int, run_main, seed_int
+from vq_vae_keras.cli import (ArgumentParser, folder, grid_size, output_file, positive_float, positive_int, run_main,
+                              seed_int)
 from vq_vae_keras.errors import UsageError
 
 
@@ -27,17 +28,17 @@ def build_parser():
         p.add_argument("--run", required=True, type=folder, help="run directory")
         if needs_data:
             p.add_argument("--data", required=True, type=folder, help="folder of images")
-        p.add_argument("--out", type=output_file, help=f"PNG to write (default RUN/samples/{name}.png)")
+        p.add_argument("--out", type=output_file(".png"), help=f"PNG to write (default RUN/samples/{name}.png)")
         if name == "usage":
             continue
-        p.add_argument("--n", type=positive_int, default=8, help="grid of n x n tiles (default 8)")
+        p.add_argument("--n", type=grid_size, default=8, help="grid of n x n tiles (default 8, at most 64)")
         p.add_argument("--seed", type=seed_int, help="repeat an earlier call's draws (default: a fresh seed, printed)")
         if name == "recon":
             p.add_argument("--no-quantize", action="store_true", help="encoder -> decoder, skipping the quantizer")
         if name == "random":
             p.add_argument("--temperature", type=positive_float, default=1.0)
             p.add_argument("--top-k", type=positive_int, help="draw only from the k likeliest codes")
-            p.add_argument("--codes-out", type=output_file, help="also save the sampled code maps (n*n, h, w) as .npy")
+            p.add_argument("--codes-out", type=output_file(".npy"), help="also save the sampled code maps (n*n, h, w) as .npy")
     return parser
 
 

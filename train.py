@@ -47,7 +47,7 @@ def build_parser():
     health.add_argument("--gumbel-anneal-steps", type=positive_int, help="steps from start to end (default 5000)")
     health.add_argument("--gumbel-schedule", choices=["cosine", "linear", "exponential"], help="default cosine")
     health.add_argument("--gumbel-kl-weight", type=nonnegative_float, help="weight of KL to uniform (default 5e-4)")
-    vq.add_argument("--cache", nargs="?", const="memory", type=output_file, metavar="FILE.npz",
+    vq.add_argument("--cache", nargs="?", const="memory", type=cache_file, metavar="FILE.npz",
                     help="decode and resize the images once, keep them in memory (and in FILE.npz if given, "
                          "reused by later runs); same results, for folders that fit in memory")
     add_steps_flags(vq)
@@ -59,6 +59,10 @@ def build_parser():
     prior.add_argument("--seed", type=seed_int)
     add_steps_flags(prior, restart=True)
     return parser
+
+
+def cache_file(text):
+    return text if text == "memory" else output_file(".npz")(text)
 
 
 def train_vqvae_command(args):

@@ -12,7 +12,7 @@ Placeholders in the command lines:
   {file}     a text file                   {missing}  a path that does not exist
   {empty}    an empty folder               {noimages} a folder of files that are not images
   {noprior}  a run with a VQ-VAE and no prior
-  {badconfig} {emptyconfig} {typoconfig} {badweights} {badprior} {badckpt} {badcodes}
+  {badconfig} {emptyconfig} {typoconfig} {badweights} {badprior} {badckpt} {badcodes} {nocodes} {textcodes}
              copies of {run} with one file broken (see `broken_runs`)
   {badcache} a file.npz that is not an image cache
 """
@@ -28,7 +28,9 @@ import pytest
 
 import sample
 import train
+import vq_vae_keras as vqk
 from vq_vae_keras import cli
+from vq_vae_keras.data import ImageFolder
 
 from conftest import call_main, run_cli
 
@@ -50,6 +52,7 @@ ROWS = [
     ("train.py vqvae --data {data} --run {run} --resume --img-dim 32", "--img-dim 32 contradicts"),
     ("train.py vqvae --data {data} --run {new} --cache {empty}", "argument --cache: "),
     ("train.py vqvae --data {data} --run {new} --cache {badcache} --img-dim 16", "cannot read image cache"),
+    ("train.py vqvae --data {data} --run {new} --cache images.zip", "argument --cache: images.zip must end in .npz"),
     # ---- train.py vqvae: numbers out of range (NaN and infinities are added for every number below)
     ("train.py vqvae --data {data} --run {new} --img-dim 15", "--img-dim: img_dim must be a multiple of 4"),
     ("train.py vqvae --data {data} --run {new} --img-dim 8", "--img-dim: img_dim must be a multiple of 4"),
@@ -65,6 +68,7 @@ ROWS = [
     ("train.py vqvae --data {data} --run {new} --seed -1", "argument --seed"),
     ("train.py vqvae --data {data} --run {new} --seed 4294967296", "argument --seed"),
     ("train.py vqvae --data {data} --run {new} --steps 0", "argument --steps"),
+    ("train.py vqvae --data {data} --run {new} --steps 4294967296", "argument --steps: must be in [1, 2147483647]"),
     ("train.py vqvae --data {data} --run {new} --epochs 0", "argument --epochs"),
     ("train.py vqvae --data {data} --run {new} --steps 2 --epochs 2", "not allowed with argument"),
     # ---- train.py vqvae: codebook options
@@ -100,6 +104,8 @@ ROWS = [
     ("train.py prior --run {badweights} --restart --steps 1", "cannot load VQ-VAE weights"),
     ("train.py prior --run {badckpt} --resume --steps 99", "cannot read checkpoint"),
     ("train.py prior --run {badcodes} --resume --steps 99", "codes.npy"),
+    ("train.py prior --run {nocodes} --resume --steps 99", "codes.npy has shape (0, 4, 4)"),
+    ("train.py prior --run {textcodes} --resume --steps 99", "cannot read"),
     ("train.py prior --run {run} --resume --batch-size 0", "argument --batch-size"),
     ("train.py prior --run {run} --resume --batch-size 8", "--batch-size 8 contradicts"),
     ("train.py prior --run {run} --seed -3", "argument --seed"),
@@ -115,6 +121,8 @@ ROWS = [
     ("sample.py recon --run {run} --data {noimages}", "no usable images"),
     ("sample.py recon --run {run} --data {data} --n 3", "--n must be even"),
     ("sample.py recon --run {run} --data {data} --n 0", "argument --n"),
+    ("sample.py recon --run {run} --data {data} --n 66", "argument --n: must be in [1, 64]"),
+    ("sample.py recon --run {run} --data {data} --out recon.jpg", "argument --out: recon.jpg must end in .png"),
     ("sample.py recon --run {run} --data {data} --seed -1", "argument --seed"),
     ("sample.py recon --run {run} --data {data} --out {empty}", "argument --out: "),
     ("sample.py recon --run {run} --data {data} --no-quantize=no", "ignored explicit argument"),
@@ -133,6 +141,7 @@ ROWS = [
     ("sample.py random --run {run} --seed x", "argument --seed"),
     ("sample.py random --run {run} --out {empty}", "argument --out: "),
     ("sample.py random --run {run} --codes-out {empty}", "argument --codes-out: "),
+    ("sample.py random --run {run} --codes-out codes.txt", "argument --codes-out: codes.txt must end in .npy"),
     ("sample.py random --run {noprior}", "has no trained prior"),
     ("sample.py random --run {badprior}", "cannot load prior weights"),
     ("sample.py random --run {file}", "argument --run"),
@@ -154,8 +163,8 @@ BASE = {
     ("sample.py", "random"): "--run {run}",
     ("sample.py", "usage"): "--run {run} --data {data}",
 }
-NUMBER_TYPES = {cli.positive_int, cli.nonnegative_int, cli.seed_int, cli.positive_float, cli.nonnegative_float,
-                cli.unit_interval}
+NUMBER_TYPES = {cli.positive_int, cli.nonnegative_int, cli.seed_int, cli.count, cli.grid_size, cli.positive_float,
+                cli.nonnegative_float, cli.unit_interval}
 
 
 def commands():
@@ -268,6 +277,8 @@ def places(trained_run, tmp_path_factory):
         "badprior": broken("badprior", lambda copy: truncate(os.path.join(copy, "prior.weights.h5"))),
         "badckpt": broken("badckpt", bad_checkpoints),
         "badcodes": broken("badcodes", lambda copy: np.save(os.path.join(copy, "codes.npy"), np.ones((3, 4, 4)))),
+        "nocodes": broken("nocodes", lambda copy: np.save(os.path.join(copy, "codes.npy"), np.zeros((0, 4, 4), np.int32))),
+        "textcodes": broken("textcodes", write("codes.npy", b"1 2 3\n")),
     }
     return fill, str(base)
 
@@ -300,3 +311,45 @@ def test_bad_input_in_a_fresh_process(places, line, fragment):
     fill, _ = places
     result = run_cli(*[w.format(**fill) for w in shlex.split(line)], check=False)
     check(result.returncode, result.stderr, fragment, line)
+
+
+# The Python API, by class: each call must raise UsageError with a one-line message.
+nan, inf = float("nan"), float("inf")
+API_ROWS = [
+    ("load_images(data, 0)", lambda p: vqk.load_images(p["data"], 0), "img_dim must be a positive integer"),
+    ("load_images(data, nan)", lambda p: vqk.load_images(p["data"], nan), "img_dim must be a positive integer"),
+    ("load_images(data, '16')", lambda p: vqk.load_images(p["data"], "16"), "img_dim must be a positive integer"),
+    ("load_images(file)", lambda p: vqk.load_images(p["file"], 16), "not a folder"),
+    ("load_images(missing)", lambda p: vqk.load_images(p["missing"], 16), "no such folder"),
+    ("load_images([])", lambda p: vqk.load_images([], 16), "no readable images"),
+    ("load_images([file])", lambda p: vqk.load_images([p["file"]], 16), "no readable images"),
+    ("ImageFolder(empty)", lambda p: ImageFolder(p["empty"], 16), "no usable images"),
+    ("ImageFolder(data, -1)", lambda p: ImageFolder(p["data"], -1), "img_dim must be a positive integer"),
+    ("Config(img_dim=15)", lambda p: vqk.Config(img_dim=15).validate(), "img_dim must be a multiple of 4"),
+    ("Config(img_dim=16.0)", lambda p: vqk.Config(img_dim=16.0).validate(), "img_dim must be an integer"),
+    ("Config(lr=nan)", lambda p: vqk.Config(lr=nan).validate(), "lr must be finite"),
+    ("Config(lr=-1)", lambda p: vqk.Config(lr=-1).validate(), "learning rates must be positive"),
+    ("Config(beta=inf)", lambda p: vqk.Config(beta=inf).validate(), "beta must be finite"),
+    ("Config(ema_decay=1)", lambda p: vqk.Config(ema_decay=1.0).validate(), "ema_decay must be in (0, 1)"),
+    ("Config(val_split=1)", lambda p: vqk.Config(val_split=1.0).validate(), "val_split must be in [0, 1)"),
+    ("Config(quantizer='x')", lambda p: vqk.Config(quantizer="x").validate(), "quantizer must be one of"),
+    ("Config(seed=-1)", lambda p: vqk.Config(seed=-1).validate(), "seeds must be >= 0"),
+    ("Config(data=3)", lambda p: vqk.Config(data=3).validate(), "data must be a string"),
+    ("Config(kmeans_init=1)", lambda p: vqk.Config(kmeans_init=1).validate(), "kmeans_init must be true or false"),
+    ("Config.load(file)", lambda p: vqk.Config.load(p["file"]), "cannot read config"),
+    ("Config.load(missing)", lambda p: vqk.Config.load(p["missing"]), "no config at"),
+    ("build_vqvae(img_dim=15)", lambda p: vqk.build_vqvae(vqk.Config(img_dim=15)), "img_dim must be a multiple"),
+    ("build_prior(prior_heads=0)", lambda p: vqk.build_prior(vqk.Config(prior_heads=0)), "prior_heads must be at least 1"),
+    ("load_run(missing)", lambda p: vqk.load_run(p["missing"]), "no run directory"),
+    ("load_run(empty)", lambda p: vqk.load_run(p["empty"]), "no config at"),
+    ("load_run(badweights)", lambda p: vqk.load_run(p["badweights"]), "cannot load VQ-VAE weights"),
+    ("load_run(badprior)", lambda p: vqk.load_run(p["badprior"]), "cannot load prior weights"),
+]
+
+
+@pytest.mark.parametrize("call, fragment", [row[1:] for row in API_ROWS], ids=[row[0] for row in API_ROWS])
+def test_bad_api_arguments_raise_a_one_line_usage_error(places, call, fragment):
+    fill, _ = places
+    with pytest.raises(vqk.UsageError) as raised:
+        call(fill)
+    assert fragment in str(raised.value) and "\n" not in str(raised.value)

@@ -37,6 +37,8 @@ def _number(kind, what, low, high=None, open_low=False, open_high=False):
 
 MAX_SEED = 2 ** 31 - 1
 positive_int = _number(int, ">= 1", 1)
+count = _number(int, f"in [1, {MAX_SEED}]", 1, MAX_SEED)  # steps, epochs: past int32 is a typo
+grid_size = _number(int, "in [1, 64]", 1, 64)  # n of an n x n picture grid
 nonnegative_int = _number(int, ">= 0", 0)
 seed_int = _number(int, f"in [0, {MAX_SEED}]", 0, MAX_SEED)
 positive_float = _number(float, "> 0", 0.0, open_low=True)
@@ -58,11 +60,15 @@ def not_a_file(text):
     return text
 
 
-def output_file(text):
-    """An argparse type: a file to write (its folder is made if missing), not a folder."""
-    if os.path.isdir(text) or text.endswith(os.sep):
-        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
-    return text
+def output_file(ending):
+    """An argparse type: a file to write, named *ending (its folder is made if missing)."""
+    def parse(text):
+        if os.path.isdir(text) or text.endswith(os.sep):
+            raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name ending in {ending}")
+        if not text.lower().endswith(ending):
+            raise argparse.ArgumentTypeError(f"{text} must end in {ending}")
+        return text
+    return parse
 
 
 def _flag(name, flag_names=None):
@@ -82,8 +88,8 @@ def validate_flags(config, flags, flag_names=None):
 
 def add_steps_flags(parser, restart=False):
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--steps", type=positive_int, help="train until this global step")
-    group.add_argument("--epochs", type=positive_int, help="train this many epochs (default: the reference's 1000)")
+    group.add_argument("--steps", type=count, help="train until this global step")
+    group.add_argument("--epochs", type=count, help="train this many epochs (default: the reference's 1000)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint")
     if restart:

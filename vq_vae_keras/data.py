@@ -30,7 +30,7 @@ def warn(message):
 def find_images(folder):
     """Image files under folder, recursively, by extension, sorted."""
     if not os.path.isdir(folder):
-        raise UsageError(f"no such folder: {folder}")
+        raise UsageError(f"{'not a folder' if os.path.exists(folder) else 'no such folder'}: {folder}")
     found = []
     for root, dirs, files in os.walk(folder):
         dirs.sort()
@@ -112,9 +112,16 @@ def epoch_batches(n, batch_size, seed, start_step=0):
         epoch, skip = epoch + 1, 0
 
 
+def check_img_dim(img_dim):
+    if isinstance(img_dim, bool) or not isinstance(img_dim, (int, np.integer)) or img_dim < 1:
+        raise UsageError(f"img_dim must be a positive integer, got {img_dim!r}")
+    return int(img_dim)
+
+
 def load_images(paths_or_dir, img_dim):
     """A folder or a list of files -> float32 (N, img_dim, img_dim, 3) in [-1, 1].
     Unreadable files are skipped with one warning; none readable is a UsageError."""
+    img_dim = check_img_dim(img_dim)
     paths = find_images(paths_or_dir) if isinstance(paths_or_dir, (str, os.PathLike)) else list(paths_or_dir)
     results = list(_pool.map(lambda p: _try_read(p, img_dim), paths))
     images = [image for image, _ in results if image is not None]
@@ -128,7 +135,7 @@ class ImageFolder:
     """The usable images of a folder, and the reference's shuffled epochs over them."""
 
     def __init__(self, folder, img_dim):
-        self.folder, self.img_dim = folder, img_dim
+        self.folder, self.img_dim = folder, check_img_dim(img_dim)
         candidates = find_images(folder)
         looks_ok = list(_pool.map(_looks_like_image, candidates))
         self.paths = [p for p, ok in zip(candidates, looks_ok) if ok]

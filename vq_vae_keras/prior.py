@@ -32,7 +32,7 @@ def tokens_to_codes(tokens, grid_shape):
 
 def check_codes(codes, config: Config, source="codes"):
     h, w = config.grid_shape
-    if codes.ndim != 3 or codes.shape[1:] != (h, w):
+    if codes.ndim != 3 or codes.shape[1:] != (h, w) or len(codes) == 0:
         raise UsageError(f"{source} has shape {codes.shape}, this run needs (N, {h}, {w})")
     if not np.issubdtype(codes.dtype, np.integer) or codes.min() < 0 or codes.max() >= config.num_codes:
         raise UsageError(f"{source} must hold integer codes in [0, {config.num_codes})")
