@@ -57,7 +57,7 @@ def _to_rgb(img):
     img = ImageOps.exif_transpose(img)
     if wide is not None:
         a = np.asarray(img, np.float64) * (255.0 / wide)
-        img = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
+        img = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8))  # 2-D uint8: mode "L"
     return img.convert("RGB")
 
 
