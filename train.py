@@ -93,8 +93,8 @@ def train_prior_command(args):
     flags = {"data": args.data, "prior_batch_size": args.batch_size, "prior_seed": args.seed}
     config = apply_flags(config, flags, changeable=("data",) if args.resume else tuple(flags),
                          flag_names={"prior_batch_size": "--batch-size", "prior_seed": "--seed"})
-    if not args.resume and not (config.data and os.path.isdir(config.data)):
-        raise UsageError(f"--data {config.data} is not a folder" if config.data else
+    if not args.resume and not (config.data and os.path.isdir(config.data)):  # --data itself was checked
+        raise UsageError(f"the run's image folder {config.data} is gone; give --data DIR" if config.data else
                          "no image folder: give --data (the run's config.json names none)")
     if not os.path.isfile(run.vqvae_weights):
         raise UsageError(f"no trained VQ-VAE in {args.run}; run: python train.py vqvae --run {args.run} ...")

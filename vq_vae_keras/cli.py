@@ -35,12 +35,12 @@ def _number(kind, what, low, high=None, open_low=False, open_high=False):
     return parse
 
 
-MAX_SEED = 2 ** 31 - 1
+INT32_MAX = 2 ** 31 - 1
 positive_int = _number(int, ">= 1", 1)
-count = _number(int, f"in [1, {MAX_SEED}]", 1, MAX_SEED)  # steps, epochs: past int32 is a typo
+count = _number(int, f"in [1, {INT32_MAX}]", 1, INT32_MAX)  # steps, epochs: anything larger is a typo
 grid_size = _number(int, "in [1, 64]", 1, 64)  # n of an n x n picture grid
 nonnegative_int = _number(int, ">= 0", 0)
-seed_int = _number(int, f"in [0, {MAX_SEED}]", 0, MAX_SEED)
+seed_int = _number(int, f"in [0, {INT32_MAX}]", 0, INT32_MAX)
 positive_float = _number(float, "> 0", 0.0, open_low=True)
 nonnegative_float = _number(float, ">= 0", 0.0)
 unit_interval = _number(float, "in (0, 1)", 0.0, 1.0, open_low=True, open_high=True)
