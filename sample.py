@@ -38,7 +38,8 @@ def build_parser():
         if name == "random":
             p.add_argument("--temperature", type=positive_float, default=1.0)
             p.add_argument("--top-k", type=positive_int, help="draw only from the k likeliest codes")
-            p.add_argument("--codes-out", type=output_file(".npy"), help="also save the sampled code maps (n*n, h, w) as .npy")
+            p.add_argument("--codes-out", type=output_file(".npy"),
+                           help="also save the sampled code maps (n*n, h, w) as .npy")
     return parser
 
 

@@ -94,7 +94,8 @@ def add_steps_flags(parser, restart=False):
     group.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint")
     if restart:
         group.add_argument("--restart", action="store_true",
-                           help="delete the run's prior (weights, checkpoint, codes.npy, log, sample grids) and train it anew")
+                           help="delete the run's prior (weights, checkpoint, codes.npy, log, sample grids) "
+                                "and train it anew")
 
 
 def config_for_run(run, flags, resume):

@@ -194,7 +194,8 @@ def load_checkpoint(path, model, optimizer):
         state = json.loads(files.pop("state").tobytes().decode())
         saved_format = int(files.pop("format", 1))
     except Exception as e:  # zip, pickle, JSON and key errors: all mean "not our checkpoint"
-        raise UsageError(f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"cannot read checkpoint {path}: {reason}") from None
     if saved_format != CHECKPOINT_FORMAT:
         raise UsageError(f"checkpoint {path} is in an older format (variables by position) that cannot be "
                          "restored safely; train again without --resume")
