@@ -2,7 +2,7 @@
 
     python sample.py recon  --run RUN --data DIR [--no-quantize]   # real | reconstruction columns
     python sample.py interp --run RUN --data DIR                   # rows from one image to another
-    python sample.py random --run RUN [--temperature T] [--top-k K] # samples from the prior
+    python sample.py random --run RUN [--temperature T] [--top-k K] [--top-p P] # samples from the prior
     python sample.py usage  --run RUN --data DIR                   # code-usage histogram over a folder
 """
 
@@ -37,6 +37,8 @@ def parse(argv):
         if name == "random":
             p.add_argument("--temperature", type=positive_float, default=1.0)
             p.add_argument("--top-k", type=positive_int, help="draw only from the k likeliest codes")
+            p.add_argument("--top-p", type=float, help="draw only from the fewest likeliest codes whose "
+                           "probability reaches P, in (0, 1] (nucleus sampling)")
             p.add_argument("--codes-out", help="also save the sampled code maps (n*n, h, w) as .npy")
     return parser.parse_args(argv)
 
@@ -70,8 +72,10 @@ def main(argv=None):
             raise UsageError(f"{args.run} has no trained prior; run: python train.py prior --run {args.run}")
         if args.top_k is not None and args.top_k > run.config.num_codes:
             raise UsageError(f"--top-k must be at most num_codes = {run.config.num_codes}, got {args.top_k}")
+        if args.top_p is not None and not 0 < args.top_p <= 1:  # NaN fails too
+            raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
         codes = sample_codes(run.prior, args.n * args.n, run.config.grid_shape, temperature=args.temperature,
-                             top_k=args.top_k, seed=args.seed, progress=True)
+                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, progress=True)
         if args.codes_out:
             save_npy(args.codes_out, codes)
         grid = codes_grid(run.vqvae, codes)
