@@ -16,6 +16,7 @@ import math
 import os
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 import tensorflow as tf
@@ -27,7 +28,7 @@ from .prior import START_TOKEN, Prior
 
 # Segments per sequence, and their least length: more segments attend over less padding, but
 # each is one more loop to compile.
-import os as _o; SEGMENTS = int(_o.environ.get("SEG", 8))
+SEGMENTS = 8
 MIN_SEGMENT = 64
 
 _samplers = weakref.WeakKeyDictionary()
@@ -47,13 +48,21 @@ def segments(length):
 
 
 class Sampler:
-    """The compiled sampling loop of one prior. `draw_segment` is traced once per batch size and
-    segment, on the first call; later calls with any seed or sampling option reuse it."""
+    """The compiled sampling loops of one prior, one per segment, each traced once per batch size
+    on first use; later calls with any seed or sampling option reuse them."""
 
     def __init__(self, prior):
         self._prior = weakref.ref(prior)  # the sampler must not keep its prior alive
         self.length = prior.height * prior.width
-        self.draw_segment = tf.function(self._draw_segment, jit_compile=_o.environ.get("JIT", "1") == "1")
+        self.loops = {}  # (start, stop) -> compiled loop
+
+    def tracing_count(self):
+        return sum(loop.experimental_get_tracing_count() for loop in self.loops.values())
+
+    def draw_segment(self, start, stop, *args):
+        if (start, stop) not in self.loops:
+            self.loops[start, stop] = tf.function(partial(self._draw_segment, start, stop), jit_compile=True)
+        return self.loops[start, stop](*args)
 
     def _draw_segment(self, start, stop, token, caches, codes, seed, temperature, top_k, top_p):
         """Draws positions start..stop-1 (Python ints: static) of a batch.
