@@ -28,7 +28,7 @@ from .prior import START_TOKEN, Prior
 
 # Segments per sequence, and their least length: more segments attend over less padding, but
 # each is one more loop to compile.
-SEGMENTS = 8
+SEGMENTS = 4
 MIN_SEGMENT = 64
 
 _samplers = weakref.WeakKeyDictionary()
