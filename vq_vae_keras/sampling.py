@@ -14,6 +14,7 @@ The distributions are those of the full model, to float rounding.
 
 import math
 import os
+import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -55,13 +56,15 @@ class Sampler:
         self._prior = weakref.ref(prior)  # the sampler must not keep its prior alive
         self.length = prior.height * prior.width
         self.loops = {}  # (start, stop) -> compiled loop
+        self.lock = threading.Lock()  # batches run on threads: each loop is made once
 
     def tracing_count(self):
         return sum(loop.experimental_get_tracing_count() for loop in self.loops.values())
 
     def draw_segment(self, start, stop, *args):
-        if (start, stop) not in self.loops:
-            self.loops[start, stop] = tf.function(partial(self._draw_segment, start, stop), jit_compile=True)
+        with self.lock:
+            if (start, stop) not in self.loops:
+                self.loops[start, stop] = tf.function(partial(self._draw_segment, start, stop), jit_compile=True)
         return self.loops[start, stop](*args)
 
     def _draw_segment(self, start, stop, token, caches, codes, seed, temperature, top_k, top_p):
@@ -87,7 +90,7 @@ class Sampler:
         """(batch, length) int32 codes; seed is a pair of ints."""
         prior = self._prior()
         token = tf.fill((batch,), START_TOKEN)
-        caches = [(ops.convert_to_tensor(k), ops.convert_to_tensor(v)) for k, v in prior.empty_caches(batch, 0)]
+        caches = prior.empty_caches(batch, 0)
         codes = tf.zeros((batch, self.length), tf.int32)
         options = (tf.constant(seed, tf.int64), tf.constant(temperature, tf.float32), tf.constant(top_k, tf.int32),
                    tf.constant(top_p, tf.float32))
