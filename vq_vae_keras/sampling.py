@@ -83,7 +83,8 @@ class Sampler:
             codes = ops.slice_update(codes, [0, i], code[:, None])
             return i + 1, code + 1, caches, codes
 
-        _, token, caches, codes = tf.while_loop(lambda i, *_: i < stop, body, (tf.constant(start), token, caches, codes))
+        state = (tf.constant(start), token, caches, codes)
+        _, token, caches, codes = tf.while_loop(lambda i, *_: i < stop, body, state)
         return token, caches, codes
 
     def sample(self, batch, seed, temperature, top_k, top_p, on_progress=None):
