@@ -2,7 +2,7 @@
 
     python sample.py recon  --run RUN --data DIR [--no-quantize]   # real | reconstruction columns
     python sample.py interp --run RUN --data DIR                   # rows from one image to another
-    python sample.py random --run RUN [--temperature T] [--top-k K] # samples from the prior
+    python sample.py random --run RUN [--temperature T] [--top-k K] [--top-p P] # samples from the prior
     python sample.py usage  --run RUN --data DIR                   # code-usage histogram over a folder
 """
 
@@ -12,8 +12,8 @@ import os
 import numpy as np
 
 import vq_vae_keras  # noqa: F401  (quiets TensorFlow's start-up logging)
-from vq_vae_keras.cli import (ArgumentParser, folder, grid_size, output_file, positive_float, positive_int, run_main,
-                              seed_int)
+from vq_vae_keras.cli import (ArgumentParser, folder, grid_size, output_file, positive_float, positive_int, probability,
+                              run_main, seed_int)
 from vq_vae_keras.errors import UsageError
 
 
@@ -38,6 +38,8 @@ def build_parser():
         if name == "random":
             p.add_argument("--temperature", type=positive_float, default=1.0)
             p.add_argument("--top-k", type=positive_int, help="draw only from the k likeliest codes")
+            p.add_argument("--top-p", type=probability, help="draw only from the fewest likeliest codes whose "
+                           "probability reaches P, in (0, 1] (nucleus sampling)")
             p.add_argument("--codes-out", type=output_file(".npy"),
                            help="also save the sampled code maps (n*n, h, w) as .npy")
     return parser
@@ -81,7 +83,7 @@ def main(argv=None):
         if args.top_k is not None and args.top_k > run.config.num_codes:
             raise UsageError(f"--top-k must be at most num_codes = {run.config.num_codes}, got {args.top_k}")
         codes = sample_codes(run.prior, args.n * args.n, run.config.grid_shape, temperature=args.temperature,
-                             top_k=args.top_k, seed=seed, progress=True)
+                             top_k=args.top_k, top_p=args.top_p, seed=seed, progress=True)
         if args.codes_out:
             save_npy(args.codes_out, codes)
         grid = codes_grid(run.vqvae, codes)

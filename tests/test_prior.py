@@ -1,4 +1,5 @@
-"""The attention prior: causal, cached sampling equals the full model, sampling options."""
+"""The attention prior: a distribution, causal, chunked attention, old weight files, training.
+(Sampling: test_sampling.py.)"""
 
 import math
 
@@ -8,7 +9,6 @@ import pytest
 
 import vq_vae_keras as vqk
 from vq_vae_keras.prior import build_prior, codes_to_tokens, prior_nll, tokens_to_codes
-from vq_vae_keras.sampling import CachedPrior, sample_codes
 from vq_vae_keras.training import split_validation
 
 from conftest import tiny_config
@@ -54,18 +54,10 @@ def test_mask_is_causal(prior):
     assert np.abs(a[0, 20:] - b[0, 20:]).max() > 1e-4
 
 
-def test_cached_step_gives_the_full_model_distributions(prior):
-    config, model = prior
-    _, tokens = random_tokens(config, 3, seed=1)
-    full = model.predict(tokens[:, :-1], verbose=0)
-    cached = CachedPrior(model).probabilities(tokens[:, :-1])
-    np.testing.assert_allclose(cached, full, atol=1e-5)
-
-
 def test_chunked_attention_equals_the_plain_one_with_its_gradients(monkeypatch):
     """Long static sequences take the chunked, recomputed path; values and gradients must not change."""
     import tensorflow as tf
-    from vq_vae_keras import layers as vq_layers
+    from vq_vae_keras import prior as prior_module
 
     keras.utils.set_random_seed(1)
     attention = vqk.CausalSelfAttention(heads=2, head_dim=4)
@@ -81,65 +73,84 @@ def test_chunked_attention_equals_the_plain_one_with_its_gradients(monkeypatch):
         return y.numpy(), [g.numpy() for g in grads]
 
     plain, plain_grads = value_and_grads()
-    monkeypatch.setattr(vq_layers, "QUERY_CHUNK", 6)  # 20 positions -> chunks 6, 6, 6, 2
+    monkeypatch.setattr(prior_module, "QUERY_CHUNK", 6)  # 20 positions -> chunks 6, 6, 6, 2
     chunked, chunked_grads = value_and_grads()
     np.testing.assert_allclose(chunked, plain, atol=1e-6)
     for a, b in zip(chunked_grads, plain_grads):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_draw_follows_the_tempered_softmax():
-    """Gumbel-max draws: frequencies match softmax(logits / T), and top-k keeps only the k best."""
-    from vq_vae_keras.sampling import draw
-
-    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]] * 20000, np.float32))
-    for temperature in (1.0, 0.5):
-        codes = draw(logits, temperature, 4, [3, 0]).numpy()
-        p = np.exp(logits[0] / temperature)
-        p /= p.sum()
-        np.testing.assert_allclose(np.bincount(codes, minlength=4) / len(codes), p, atol=0.012)
-    codes = draw(logits, 1.0, 2, [3, 1]).numpy()
-    np.testing.assert_allclose(np.bincount(codes, minlength=4) / len(codes), [0.625, 0.375, 0, 0], atol=0.012)
-
-
-def test_cached_step_is_traced_once(prior):
-    _, model = prior
-    cached = CachedPrior(model)
-    cached.probabilities(np.zeros((2, 10), np.int32))
-    assert cached._step.experimental_get_tracing_count() == 1
-
-
-def test_sampling_is_reproducible_with_a_seed(prior):
+def test_cache_path_gives_the_full_model_distributions(prior):
+    """call_with_cache, one position at a time (eager, through the layers' own call), equals
+    the whole-sequence model; the caches are shorter than the grid, as in a sampling segment."""
     config, model = prior
-    # batch_size 2: three batches on parallel threads, the last padded
-    a = sample_codes(model, 5, config.grid_shape, seed=7, batch_size=2)
-    b = sample_codes(model, 5, config.grid_shape, seed=7, batch_size=2)
-    c = sample_codes(model, 5, config.grid_shape, seed=8, batch_size=2)
-    assert a.shape == (5, 6, 6) and a.dtype == np.int32
-    assert a.min() >= 0 and a.max() < config.num_codes
-    np.testing.assert_array_equal(a, b)
-    assert (a != c).mean() > 0.3
+    _, tokens = random_tokens(config, 3, seed=1)
+    full = model.predict(tokens[:, :-1], verbose=0)
+    caches, steps = model.empty_caches(3, 20), []
+    for i in range(20):
+        logits, caches = model.call_with_cache(tokens[:, i:i + 1], caches, i)
+        steps.append(keras.ops.convert_to_numpy(keras.ops.softmax(logits[:, 0])))
+    np.testing.assert_allclose(np.stack(steps, axis=1), full[:, :20], atol=1e-5)
 
 
-def test_top_k_never_draws_outside_the_k_best(prior):
+# The variables of a tiny prior.weights.h5 written by the code before the Prior model class
+# (plain functional build_prior): files of earlier runs must keep loading.
+OLD_WEIGHT_FILE_LAYOUT = [
+    ("layers/causal_self_attention/vars/0", (16, 8)), ("layers/causal_self_attention/vars/1", (16, 8)),
+    ("layers/causal_self_attention/vars/2", (16, 8)), ("layers/causal_self_attention_1/vars/0", (16, 8)),
+    ("layers/causal_self_attention_1/vars/1", (16, 8)), ("layers/causal_self_attention_1/vars/2", (16, 8)),
+    ("layers/dense/vars/0", (8, 16)), ("layers/dense/vars/1", (16,)), ("layers/dense_1/vars/0", (8, 16)),
+    ("layers/dense_1/vars/1", (16,)), ("layers/dense_2/vars/0", (16, 8)), ("layers/dense_2/vars/1", (8,)),
+    ("layers/embedding/vars/0", (9, 16)), ("layers/grid_position_embedding/vars/0", (6, 16)),
+    ("layers/grid_position_embedding/vars/1", (6, 16)), ("layers/layer_normalization/vars/0", (16,)),
+    ("layers/layer_normalization/vars/1", (16,)), ("layers/layer_normalization_1/vars/0", (16,)),
+    ("layers/layer_normalization_1/vars/1", (16,)), ("layers/layer_normalization_2/vars/0", (16,)),
+    ("layers/layer_normalization_2/vars/1", (16,))]
+
+
+def test_weight_file_layout_is_unchanged_and_round_trips(prior, tmp_path):
+    import h5py
+
     config, model = prior
-    codes = sample_codes(model, 6, config.grid_shape, top_k=2, seed=3)
-    probs = model.predict(codes_to_tokens(codes)[:, :-1], verbose=0)
-    top2 = np.argsort(-probs, axis=-1)[..., :2]
-    assert (top2 == codes.reshape(6, -1, 1)).any(-1).all()
-    greedy = sample_codes(model, 2, config.grid_shape, top_k=1, seed=3)
-    probs = model.predict(codes_to_tokens(greedy)[:, :-1], verbose=0)
-    np.testing.assert_array_equal(probs.argmax(-1), greedy.reshape(2, -1))
+    path = str(tmp_path / "prior.weights.h5")
+    model.save_weights(path)
+    with h5py.File(path) as f:
+        layout = []
+        f.visititems(lambda name, obj: layout.append((name, obj.shape)) if isinstance(obj, h5py.Dataset) else None)
+    assert sorted(layout) == OLD_WEIGHT_FILE_LAYOUT
+    other = build_prior(config)
+    other.load_weights(path)
+    _, tokens = random_tokens(config, 2)
+    np.testing.assert_array_equal(other.predict(tokens[:, :-1], verbose=0), model.predict(tokens[:, :-1], verbose=0))
 
 
-def test_bad_sampling_options(prior):
-    config, model = prior
-    with pytest.raises(ValueError):
-        sample_codes(model, 1, config.grid_shape, temperature=0)
-    with pytest.raises(ValueError):
-        sample_codes(model, 1, config.grid_shape, top_k=config.num_codes + 1)
-    with pytest.raises(ValueError):
-        sample_codes(model, 1, (5, 5))
+def test_chunked_prior_training_through_fit_equals_the_unchunked(monkeypatch):
+    """A 20x20 grid (400 positions > QUERY_CHUNK) trains through fit on the chunked, recomputed
+    attention; with one chunk the losses and the weights after a few steps must be the same."""
+    from vq_vae_keras import prior as prior_module
+
+    config = tiny_config(img_dim=80)  # 20x20 codes
+    tokens = random_tokens(config, 8, seed=2)[1]
+
+    def train():
+        keras.utils.set_random_seed(3)
+        model = build_prior(config)
+        model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
+        history = model.fit(tokens[:, :-1], tokens[:, 1:] - 1, batch_size=4, epochs=2, shuffle=False, verbose=0)
+        return history.history["loss"], [w.numpy() for w in model.weights]
+
+    remat, chunks = keras.remat, []
+    monkeypatch.setattr(keras, "remat", lambda f: chunks.append(f) or remat(f))
+    assert 400 > prior_module.QUERY_CHUNK
+    chunked_loss, chunked_weights = train()
+    assert chunks  # fit really took the chunked path
+    chunks.clear()
+    monkeypatch.setattr(prior_module, "QUERY_CHUNK", 400)
+    plain_loss, plain_weights = train()
+    assert not chunks
+    np.testing.assert_allclose(chunked_loss, plain_loss, rtol=1e-5)
+    for a, b in zip(chunked_weights, plain_weights):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_training_lowers_validation_nll_below_uniform():

@@ -37,9 +37,9 @@ _import_tensorflow_quietly()
 from .config import Config  # noqa: E402
 from .data import load_images  # noqa: E402
 from .errors import UsageError  # noqa: E402
-from .layers import CausalSelfAttention, GridPositionEmbedding, StraightThrough, VectorQuantizer  # noqa: E402
+from .layers import StraightThrough, VectorQuantizer  # noqa: E402
 from .models import VQVAE, build_vqvae  # noqa: E402
-from .prior import build_prior  # noqa: E402
+from .prior import CausalSelfAttention, GridPositionEmbedding, build_prior  # noqa: E402
 from .run import load_run  # noqa: E402
 from .sampling import sample_codes  # noqa: E402
 

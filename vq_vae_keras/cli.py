@@ -44,6 +44,7 @@ seed_int = _number(int, f"in [0, {INT32_MAX}]", 0, INT32_MAX)
 positive_float = _number(float, "> 0", 0.0, open_low=True)
 nonnegative_float = _number(float, ">= 0", 0.0)
 unit_interval = _number(float, "in (0, 1)", 0.0, 1.0, open_low=True, open_high=True)
+probability = _number(float, "in (0, 1]", 0.0, 1.0, open_low=True)
 
 
 def folder(text):

@@ -1,21 +1,27 @@
-"""The attention prior over code maps (the reference's c_model, "PixelAtt").
+"""The attention prior over code maps (the reference's c_model, "PixelAtt"), and its layers.
 
 A code map (h, w) is flattened row-major, shifted by +1 and given a start token 0:
 tokens (h*w + 1,). The model reads tokens[:, :-1] and predicts the codes tokens[:, 1:] - 1.
+
+One forward pass, two ways to run it (as KerasHub's causal models do): on a whole sequence
+(training, `Prior.__call__`), and on new positions against a key/value cache per block
+(sampling, `Prior.call_with_cache`). Both go through the same layers' `call`.
 """
 
 import keras
 import numpy as np
-from keras import layers
+from keras import layers, ops
 from tqdm.auto import tqdm
 
 from .config import Config
 from .errors import UsageError
-from .layers import CausalSelfAttention, GridPositionEmbedding
 
+PACKAGE = "vq_vae_keras"
 START_TOKEN = 0
 # The reference's third-party LayerNormalization used epsilon = K.epsilon() ** 2.
 LAYER_NORM_EPSILON = 1e-14
+# Query positions per attention chunk on long sequences: bounds the scores held per block.
+QUERY_CHUNK = 256
 
 
 def codes_to_tokens(codes):
@@ -39,22 +45,174 @@ def check_codes(codes, config: Config, source="codes"):
     return codes.astype(np.int32)
 
 
-def build_prior(config: Config) -> keras.Model:
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class GridPositionEmbedding(keras.layers.Layer):
+    """Adds a learned row and column embedding to a flattened (row-major) grid sequence.
+
+    Input (batch, length, dim) holding positions start..start+length-1 of the grid (start 0 for
+    a whole sequence, the cache index when sampling); position p has row p // width and column
+    p % width (the reference's two Embedding layers on Lambda-made position ids).
+    """
+
+    def __init__(self, height, width, **kwargs):
+        super().__init__(**kwargs)
+        self.height, self.width = height, width
+
+    def build(self, input_shape):
+        init = keras.initializers.RandomUniform(-0.05, 0.05)  # Embedding's default
+        dim = input_shape[-1]
+        self.rows = self.add_weight(name="rows", shape=(self.height, dim), initializer=init)
+        self.cols = self.add_weight(name="cols", shape=(self.width, dim), initializer=init)
+
+    def call(self, x, start=0):
+        p = ops.arange(ops.shape(x)[1]) + start
+        position = ops.take(self.rows, p // self.width, axis=0) + ops.take(self.cols, p % self.width, axis=0)
+        return x + ops.expand_dims(position, 0)
+
+    def get_config(self):
+        return {**super().get_config(), "height": self.height, "width": self.width}
+
+
+def _mask_value(dtype):
+    # Large enough that exp() underflows to 0, small enough to stay finite in float16.
+    return -3e4 if keras.backend.standardize_dtype(dtype) == "float16" else -1e9
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class CausalSelfAttention(keras.layers.Layer):
+    """Masked multi-head self-attention as in the reference's `Attention(8, 32, mask_right=True)`:
+    q, k, v projections without bias, no output projection, position i attends to 0..i.
+
+    call(x) -> (batch, length, heads * head_dim), for x (batch, length, dim) a whole sequence.
+    call(x, cache, cache_update_index) -> (output, cache): x holds the positions
+      cache_update_index.. (usually one); cache is (keys, values), each (batch, heads, max_length,
+      head_dim), holding the earlier positions. Their keys and values are written into the cache,
+      and they attend to every cached position up to their own.
+    """
+
+    def __init__(self, heads=8, head_dim=32, **kwargs):
+        super().__init__(**kwargs)
+        self.heads, self.head_dim = heads, head_dim
+
+    def build(self, input_shape):
+        shape = (input_shape[-1], self.heads * self.head_dim)
+        self.query = self.add_weight(name="query", shape=shape, initializer="glorot_uniform")
+        self.key = self.add_weight(name="key", shape=shape, initializer="glorot_uniform")
+        self.value = self.add_weight(name="value", shape=shape, initializer="glorot_uniform")
+
+    def call(self, x, cache=None, cache_update_index=None):
+        q, k, v = self._project(x)
+        if cache is not None:
+            keys, values = cache
+            start = [0, 0, cache_update_index, 0]
+            keys = ops.slice_update(keys, start, ops.cast(k, keys.dtype))
+            values = ops.slice_update(values, start, ops.cast(v, values.dtype))
+            return self._causal(q, keys, values, cache_update_index), (keys, values)
+        n = x.shape[1]
+        if n is None or n <= QUERY_CHUNK:
+            return self._causal(q, k, v, 0)
+        # Long, static sequences (training): queries in chunks, each against only the keys it may
+        # see, recomputed in the backward pass. The (n, n) scores are never all held at once.
+        chunks = []
+        for i in range(0, n, QUERY_CHUNK):
+            causal = keras.remat(lambda q, k, v, offset=i: self._causal(q, k, v, offset))
+            chunks.append(causal(q[:, :, i:i + QUERY_CHUNK], k[:, :, :i + QUERY_CHUNK], v[:, :, :i + QUERY_CHUNK]))
+        return ops.concatenate(chunks, axis=1)
+
+    def _project(self, x):
+        """(batch, n, dim) -> q, k, v, each (batch, heads, n, head_dim), from one fused matmul."""
+        qkv = ops.matmul(x, ops.concatenate([self.query, self.key, self.value], axis=1))
+        qkv = ops.reshape(qkv, (ops.shape(x)[0], -1, 3 * self.heads, self.head_dim))
+        qkv = ops.transpose(qkv, (0, 2, 1, 3))
+        return ops.split(qkv, 3, axis=1)
+
+    def _causal(self, q, k, v, offset):
+        """Queries (b, h, n, d) at positions offset.. attend to keys/values (b, h, m, d) at 0..their own.
+        Returns (b, n, h * d)."""
+        q = q / ops.cast(self.head_dim ** 0.5, q.dtype)  # on q, not on the (n, m) scores: less memory
+        scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2)))
+        rows = ops.arange(ops.shape(q)[2]) + offset
+        allowed = ops.expand_dims(rows, 1) >= ops.expand_dims(ops.arange(ops.shape(k)[2]), 0)
+        scores = ops.where(allowed, scores, ops.cast(_mask_value(scores.dtype), scores.dtype))
+        out = ops.matmul(ops.softmax(scores, axis=-1), v)  # (b, h, n, d)
+        out = ops.transpose(out, (0, 2, 1, 3))
+        return ops.reshape(out, (ops.shape(q)[0], -1, self.heads * self.head_dim))
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.heads * self.head_dim)
+
+    def get_config(self):
+        return {**super().get_config(), "heads": self.heads, "head_dim": self.head_dim}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class Prior(keras.Model):
+    """The reference's c_model, a functional model: int tokens (batch, length <= height * width),
+    0 = start token, code k = token k + 1 -> (batch, length, num_codes) next-code probabilities.
+
+    Each block: causal attention -> Dense(relu) -> add the block's input -> LayerNorm.
+    `call_with_cache` runs the same layers on new positions against per-block key/value caches.
+    The layers (and so the weight file's layout) are those of the earlier `build_prior`.
+    """
+
+    def __init__(self, height, width, num_codes, dim=256, heads=8, head_dim=32, depth=4, name="prior", **kwargs):
+        self.height, self.width, self.num_codes = height, width, num_codes
+        self.dim, self.heads, self.head_dim, self.depth = dim, heads, head_dim, depth
+        self.token_embedding = layers.Embedding(num_codes + 1, dim, name="token_embedding")
+        self.position_embedding = GridPositionEmbedding(height, width, name="position_embedding")
+        self.embedding_norm = layers.LayerNormalization(epsilon=LAYER_NORM_EPSILON, name="embedding_norm")
+        self.blocks = [(CausalSelfAttention(heads, head_dim, name=f"block{i}_attention"),
+                        layers.Dense(dim, activation="relu", name=f"block{i}_dense"),
+                        layers.Add(name=f"block{i}_add"),
+                        layers.LayerNormalization(epsilon=LAYER_NORM_EPSILON, name=f"block{i}_norm"))
+                       for i in range(depth)]
+        self.next_code = layers.Dense(num_codes, name="next_code")
+        self.softmax = layers.Softmax(name="next_code_probabilities")
+        tokens = keras.Input((None,), dtype="int32", name="tokens")
+        logits, _ = self.call_with_cache(tokens)
+        super().__init__(tokens, self.softmax(logits), name=name, **kwargs)
+
+    def call_with_cache(self, tokens, caches=None, index=0):
+        """tokens (batch, n) at positions index..index+n-1 -> (logits (batch, n, num_codes), caches).
+
+        caches: None for a whole sequence from position 0, or one (keys, values) pair per block
+        (see `empty_caches`) holding the positions before index; the new positions are written in.
+        """
+        x = self.token_embedding(tokens)
+        x = self.position_embedding(x, start=index)
+        x = self.embedding_norm(x)
+        new_caches = []
+        for i, (attention, dense, add, norm) in enumerate(self.blocks):
+            if caches is None:
+                a = attention(x)
+            else:
+                a, cache = attention(x, cache=caches[i], cache_update_index=index)
+                new_caches.append(cache)
+            x = norm(add([dense(a), x]))
+        return self.next_code(x), new_caches
+
+    def empty_caches(self, batch, length):
+        """Zero caches for `call_with_cache`: one (keys, values) pair per block, each
+        (batch, heads, length, head_dim)."""
+        shape = (batch, self.heads, length, self.head_dim)
+        return [(ops.zeros(shape, self.compute_dtype), ops.zeros(shape, self.compute_dtype))
+                for _ in range(self.depth)]
+
+    def get_config(self):
+        return {"height": self.height, "width": self.width, "num_codes": self.num_codes, "dim": self.dim,
+                "heads": self.heads, "head_dim": self.head_dim, "depth": self.depth, "name": self.name}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+def build_prior(config: Config) -> Prior:
     """int tokens (batch, length <= h*w) -> (batch, length, num_codes) next-code probabilities."""
     config.validate()
     h, w = config.grid_shape
-    dim = config.prior_dim
-    tokens = keras.Input((None,), dtype="int32", name="tokens")
-    x = layers.Embedding(config.num_codes + 1, dim, name="token_embedding")(tokens)
-    x = GridPositionEmbedding(h, w, name="position_embedding")(x)
-    x = layers.LayerNormalization(epsilon=LAYER_NORM_EPSILON, name="embedding_norm")(x)
-    for i in range(config.prior_depth):
-        a = CausalSelfAttention(config.prior_heads, config.prior_head_dim, name=f"block{i}_attention")(x)
-        a = layers.Dense(dim, activation="relu", name=f"block{i}_dense")(a)
-        x = layers.Add(name=f"block{i}_add")([a, x])
-        x = layers.LayerNormalization(epsilon=LAYER_NORM_EPSILON, name=f"block{i}_norm")(x)
-    probs = layers.Dense(config.num_codes, activation="softmax", name="next_code")(x)
-    return keras.Model(tokens, probs, name="prior")
+    return Prior(h, w, config.num_codes, config.prior_dim, config.prior_heads, config.prior_head_dim,
+                 config.prior_depth)
 
 
 def prior_nll(prior, tokens, batch_size=32):

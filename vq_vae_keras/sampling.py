@@ -1,137 +1,172 @@
 """Fast autoregressive sampling from the prior with a key/value cache.
 
 The reference reruns the whole prefix for every new position (O(L^2) work and one predict call
-per position). Here each position costs one token's work: every attention block keeps the keys
-and values of earlier positions in a fixed-size cache. Positions run inside one XLA-compiled
-loop (the caches are updated in place, no Python between positions), and independent batches of
-samples run side by side on the CPU cores. The distributions are those of the full model.
+per position). Here each position costs one token's work: the prior's own layers run through
+`Prior.call_with_cache`, every attention block keeping the keys and values of earlier positions
+in a cache. Positions run inside XLA-compiled loops (caches updated in place, no Python between
+positions), compiled once per prior and batch size and reused by every later call.
+
+The sequence is cut into a few segments; in each, the caches are only as long as the segment's
+end, so a position attends over (about) its prefix rather than over all h*w slots. Seeds,
+temperature, top-k and top-p are tensors: changing them does not compile again.
+The distributions are those of the full model, to float rounding.
 """
 
+import math
 import os
+import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 import tensorflow as tf
 from keras import ops
 from tqdm.auto import tqdm
 
-from .prior import START_TOKEN
+from .errors import UsageError
+from .prior import START_TOKEN, Prior
 
-# Positions per compiled call: the loop returns to Python this often, to move the progress bar.
-POSITIONS_PER_CALL = 64
+# Segments per sequence, and their least length: more segments attend over less padding, but
+# each is one more loop to compile.
+SEGMENTS = 4
+MIN_SEGMENT = 64
+
+_samplers = weakref.WeakKeyDictionary()
 
 
-class CachedPrior:
-    """Runs a prior built by `build_prior` one position at a time."""
+def compiled_sampler(prior):
+    """The `Sampler` of a prior, built on first use and kept for the prior's lifetime."""
+    if prior not in _samplers:
+        _samplers[prior] = Sampler(prior)
+    return _samplers[prior]
+
+
+def segments(length):
+    """[(start, stop), ...] covering 0..length: SEGMENTS pieces of at least MIN_SEGMENT positions."""
+    size = max(MIN_SEGMENT, math.ceil(length / SEGMENTS))
+    return [(start, min(start + size, length)) for start in range(0, length, size)]
+
+
+class Sampler:
+    """The compiled sampling loops of one prior, one per segment, each traced once per batch size
+    on first use; later calls with any seed or sampling option reuse them."""
 
     def __init__(self, prior):
-        self.prior = prior
-        self.position = prior.get_layer("position_embedding")
-        self.length = self.position.height * self.position.width
-        self.num_codes = prior.output.shape[-1]
-        self.blocks = []
-        i = 0
-        while any(layer.name == f"block{i}_attention" for layer in prior.layers):
-            self.blocks.append(tuple(prior.get_layer(f"block{i}_{part}") for part in ("attention", "dense", "norm")))
-            i += 1
-        self.output = prior.get_layer("next_code")
-        self._step = tf.function(self._step_eager)
-        self._sample = tf.function(self._sample_positions, jit_compile=True)
+        self._prior = weakref.ref(prior)  # the sampler must not keep its prior alive
+        self.length = prior.height * prior.width
+        self.loops = {}  # (start, stop) -> compiled loop
+        self.lock = threading.Lock()  # batches run on threads: each loop is made once
 
-    def empty_cache(self, batch):
-        attention = self.blocks[0][0]
-        shape = (batch, attention.heads, self.length, attention.head_dim)
-        return [(tf.zeros(shape, self.prior.compute_dtype), tf.zeros(shape, self.prior.compute_dtype))
-                for _ in self.blocks]
+    def tracing_count(self):
+        return sum(loop.experimental_get_tracing_count() for loop in self.loops.values())
 
-    def _step_eager(self, token, index, cache):
-        """token (batch,) at position index -> (next-code logits (batch, num_codes), new cache)."""
-        x = self.prior.get_layer("token_embedding")(token[:, None])
-        x = x + self.position.position(index)
-        x = self.prior.get_layer("embedding_norm")(x)
-        new_cache = []
-        for (attention, dense, norm), (k, v) in zip(self.blocks, cache):
-            a, k, v = attention.step(x, k, v, index)
-            x = norm(dense(a) + x)
-            new_cache.append((k, v))
-        logits = ops.matmul(x[:, 0], self.output.kernel) + self.output.bias
-        return logits, new_cache
+    def draw_segment(self, start, stop, *args):
+        with self.lock:
+            if (start, stop) not in self.loops:
+                self.loops[start, stop] = tf.function(partial(self._draw_segment, start, stop), jit_compile=True)
+        return self.loops[start, stop](*args)
 
-    def step(self, token, index, cache):
-        return self._step(tf.convert_to_tensor(token, tf.int32), tf.constant(index, tf.int32), cache)
+    def _draw_segment(self, start, stop, token, caches, codes, seed, temperature, top_k, top_p):
+        """Draws positions start..stop-1 (Python ints: static) of a batch.
 
-    def probabilities(self, tokens):
-        """Teacher-forced next-code probabilities of (batch, length) tokens through the cache path."""
-        tokens = np.asarray(tokens, np.int32)
-        cache, out = self.empty_cache(len(tokens)), []
-        for i in range(tokens.shape[1]):
-            logits, cache = self.step(tokens[:, i], i, cache)
-            out.append(ops.convert_to_numpy(ops.softmax(logits, axis=-1)))
-        return np.stack(out, axis=1)
+        token (batch,) is the last drawn token; caches hold positions < start and grow to length
+        stop; codes (batch, length) is filled in. Returns (token, caches, codes).
+        """
+        prior = self._prior()
+        grow = [[0, 0], [0, 0], [0, stop - start], [0, 0]]
+        caches = [(tf.pad(keys, grow), tf.pad(values, grow)) for keys, values in caches]
 
-    def _sample_positions(self, start, stop, token, cache, codes, seed, temperature, top_k):
-        """Draws positions start..stop-1 in one compiled loop; codes (batch, length) is filled in."""
-        def body(i, token, cache, codes):
-            logits, cache = self._step_eager(token, i, cache)
-            code = draw(logits, temperature, top_k, tf.stack([seed[0], seed[1] + tf.cast(i, tf.int64)]))
+        def body(i, token, caches, codes):
+            logits, caches = prior.call_with_cache(token[:, None], caches, i)
+            code = draw(logits[:, 0], temperature, top_k, top_p, tf.stack([seed[0], seed[1] + tf.cast(i, tf.int64)]))
             codes = ops.slice_update(codes, [0, i], code[:, None])
-            return i + 1, code + 1, cache, codes
+            return i + 1, code + 1, caches, codes
 
-        _, token, cache, codes = tf.while_loop(lambda i, *_: i < stop, body, (start, token, cache, codes))
-        return token, cache, codes
+        state = (tf.constant(start), token, caches, codes)
+        _, token, caches, codes = tf.while_loop(lambda i, *_: i < stop, body, state)
+        return token, caches, codes
 
-    def sample(self, batch, seed, temperature, top_k, on_progress=None):
+    def sample(self, batch, seed, temperature, top_k, top_p, on_progress=None):
         """(batch, length) int32 codes; seed is a pair of ints."""
+        prior = self._prior()
         token = tf.fill((batch,), START_TOKEN)
-        cache = self.empty_cache(batch)
+        caches = prior.empty_caches(batch, 0)
         codes = tf.zeros((batch, self.length), tf.int32)
-        seed = tf.constant(seed, tf.int64)
-        temperature, top_k = tf.constant(temperature, tf.float32), tf.constant(top_k, tf.int32)
-        for start in range(0, self.length, POSITIONS_PER_CALL):
-            stop = min(start + POSITIONS_PER_CALL, self.length)
-            token, cache, codes = self._sample(tf.constant(start), tf.constant(stop), token, cache, codes,
-                                               seed, temperature, top_k)
+        options = (tf.constant(seed, tf.int64), tf.constant(temperature, tf.float32), tf.constant(top_k, tf.int32),
+                   tf.constant(top_p, tf.float32))
+        for start, stop in segments(self.length):
+            token, caches, codes = self.draw_segment(start, stop, token, caches, codes, *options)
             if on_progress:
                 on_progress(batch * (stop - start))
         return codes.numpy()
 
 
-def draw(logits, temperature, top_k, seed):
-    """One code per row from softmax(logits / temperature), restricted to the top_k likeliest.
+def draw(logits, temperature, top_k, top_p, seed):
+    """One code per row of logits (batch, K) from softmax(logits / temperature), restricted to the
+    top_k likeliest codes, then to the nucleus: the fewest likeliest codes whose probability (after
+    top-k) reaches top_p. Codes tied with the last one kept are kept too.
 
     Gumbel-max: argmax(logits + Gumbel noise) is a draw from softmax(logits), and unlike
-    tf.random.categorical it compiles with XLA. top_k is a tensor, so changing it does not recompile.
+    tf.random.categorical it compiles with XLA. The options are tensors: changing them does not
+    recompile; the sort runs only when an option restricts the draw.
     """
     logits = tf.cast(logits, tf.float32) / temperature
-    kth_best = tf.gather(tf.sort(logits, direction="DESCENDING"), top_k - 1, axis=-1)[:, None]
-    logits = tf.where(logits < kth_best, tf.constant(-np.inf, tf.float32), logits)
+    num_codes = tf.shape(logits)[-1]
+
+    def restrict():
+        ranked = tf.sort(logits, direction="DESCENDING")
+        in_top_k = tf.range(num_codes) < top_k
+        probs = tf.nn.softmax(tf.where(in_top_k, ranked, -np.inf), axis=-1)
+        before = tf.math.cumsum(probs, axis=-1, exclusive=True)  # probability of the likelier codes
+        kept = tf.reduce_sum(tf.cast(in_top_k & (before < top_p), tf.int32), axis=-1)  # >= 1
+        threshold = tf.gather(ranked, kept - 1, axis=-1, batch_dims=1)[:, None]
+        return tf.where(logits < threshold, tf.constant(-np.inf, tf.float32), logits)
+
+    logits = tf.cond((top_k < num_codes) | (top_p < 1.0), restrict, lambda: logits)
     uniform = tf.random.stateless_uniform(tf.shape(logits), seed, minval=np.finfo(np.float32).tiny, maxval=1.0)
     return tf.cast(tf.argmax(logits - tf.math.log(-tf.math.log(uniform)), axis=-1), tf.int32)
 
 
-def sample_codes(prior, n, grid_shape, temperature=1.0, top_k=None, seed=None, batch_size=16, progress=False):
+def check_sampling_options(prior, n, grid_shape, temperature, top_k, top_p):
+    """UsageError (a ValueError) naming the first bad argument of `sample_codes`."""
+    if not isinstance(prior, Prior):
+        raise UsageError(f"sample_codes needs a prior made by build_prior, got {type(prior).__name__}")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise UsageError(f"n must be an integer >= 1, got {n!r}")
+    if not (isinstance(temperature, (int, float, np.number)) and math.isfinite(temperature) and temperature > 0):
+        raise UsageError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
+                              or not 1 <= top_k <= prior.num_codes):
+        raise UsageError(f"top_k must be an integer in [1, {prior.num_codes}], got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float, np.number)) and 0 < top_p <= 1):
+        raise UsageError(f"top_p must be in (0, 1], got {top_p!r}")
+    if tuple(grid_shape) != (prior.height, prior.width):
+        raise UsageError(f"grid {tuple(grid_shape)} does not match the prior's {prior.height}x{prior.width}")
+
+
+def sample_codes(prior, n, grid_shape, temperature=1.0, top_k=None, top_p=None, seed=None, batch_size=None,
+                 progress=False):
     """n code maps (n, h, w) int32 drawn from the prior, position by position.
 
-    temperature=1 and top_k=None is the reference's plain sampling; other values are departures.
-    The same seed (and batch_size) gives the same codes; seed=None draws a fresh one. Batches of
-    batch_size run in parallel, one per CPU core; the last is padded so that all share one compile.
+    temperature=1, top_k=None and top_p=None is the reference's plain sampling; other values are
+    departures. The same seed (and batch_size) gives the same codes; seed=None draws a fresh one.
+    Samples run in batches of batch_size (default: all n at once on a GPU, 16 on a CPU), in
+    parallel on the CPU cores; the last is padded so that all share one compiled loop.
     """
+    check_sampling_options(prior, n, grid_shape, temperature, top_k, top_p)
     h, w = grid_shape
-    cached = CachedPrior(prior)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if top_k is not None and not 1 <= top_k <= cached.num_codes:
-        raise ValueError(f"top_k must be in [1, {cached.num_codes}], got {top_k}")
-    if cached.length != h * w:
-        raise ValueError(f"grid {grid_shape} does not match the prior's {cached.position.height}x{cached.position.width}")
+    sampler = compiled_sampler(prior)
     seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else int(seed)
+    if batch_size is None:
+        batch_size = n if tf.config.list_logical_devices("GPU") else 16
     batch = min(batch_size, n)
     bar = tqdm(total=n * h * w, desc="sampling", unit="code", disable=not progress)
 
     def one_batch(index):
         # Each batch's noise comes from its own stream: seed, then batch index * length + position.
-        return cached.sample(batch, (seed, index * cached.length), temperature, top_k or cached.num_codes,
-                             on_progress=bar.update)
+        return sampler.sample(batch, (seed, index * sampler.length), float(temperature), top_k or prior.num_codes,
+                              1.0 if top_p is None else float(top_p), on_progress=bar.update)
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         codes = np.concatenate(list(pool.map(one_batch, range(-(-n // batch)))))[:n]

@@ -1,0 +1,209 @@
+"""Sampling from the prior: the compiled loop that sample_codes runs draws from the full model's
+distributions, is compiled once, and honours temperature, top-k and top-p; bad options fail clearly."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import vq_vae_keras as vqk
+from vq_vae_keras import sampling
+from vq_vae_keras.errors import UsageError
+from vq_vae_keras.prior import build_prior, codes_to_tokens
+from vq_vae_keras.sampling import compiled_sampler, draw, sample_codes
+
+from conftest import run_cli, tiny_config
+
+
+@pytest.fixture(scope="module")
+def prior():
+    keras.utils.set_random_seed(0)
+    config = tiny_config(img_dim=24)  # a 6x6 grid: 36 positions
+    return config, build_prior(config)
+
+
+@pytest.fixture
+def short_segments(monkeypatch):
+    """Segments of 12 positions (36 -> 3 segments): caches grow between compiled loops."""
+    monkeypatch.setattr(sampling, "MIN_SEGMENT", 12)
+
+
+def nucleus(p, top_p):
+    """NumPy: boolean mask of the fewest likeliest codes of p (K,) whose total reaches top_p (ties kept)."""
+    ranked = np.sort(p)[::-1]
+    kept = int(np.sum(np.cumsum(ranked) - ranked < top_p))
+    return p >= ranked[kept - 1]
+
+
+def restricted_logits(logits, temperature, top_k, top_p):
+    """NumPy: logits / T with the codes outside the top-k and then the nucleus set to -inf."""
+    logits = logits / temperature
+    keep = logits >= np.sort(logits)[::-1][top_k - 1]
+    p = np.where(keep, np.exp(logits - logits.max()), 0)
+    keep &= nucleus(p / p.sum(), top_p)
+    return np.where(keep, logits, -np.inf)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(temperature=0.6, top_k=5), dict(top_p=0.7, temperature=1.3)])
+def test_the_compiled_loop_draws_from_the_full_model(prior, short_segments, options):
+    """Each code sample_codes draws is the Gumbel-max draw that the FULL model's logits (teacher
+    forced on the drawn prefix, restricted in NumPy) give with the same noise: so the cached,
+    compiled loop has the full model's distributions at every position, not only their argmax."""
+    config, model = prior
+    n, length, seed = 4, 36, 11
+    codes = sample_codes(model, n, config.grid_shape, seed=seed, batch_size=2, **options)
+    probs = model.predict(codes_to_tokens(codes)[:, :-1], verbose=0).astype(np.float64)
+    temperature, top_k, top_p = options.get("temperature", 1.0), options.get("top_k", 8), options.get("top_p", 1.0)
+    # the sampler's noise: XLA's random numbers differ from the eager kernel's, so compile it too
+    compiled_noise = tf.function(lambda s: tf.random.stateless_uniform((2, 8), s, minval=np.finfo(np.float32).tiny,
+                                                                       maxval=1.0), jit_compile=True)
+    margins = []
+    for j in range(n):
+        batch, row = divmod(j, 2)
+        for i in range(length):
+            # the sampler's noise stream: (seed, batch index * length + position), one row per sample
+            uniform = compiled_noise(tf.constant([seed, batch * length + i], tf.int64)).numpy()[row]
+            scores = restricted_logits(np.log(probs[j, i]), temperature, top_k, top_p) - np.log(-np.log(uniform))
+            best = np.sort(scores)[::-1]
+            if best[0] - best[1] > 1e-4:  # not a near-tie that float rounding may flip
+                margins.append(int(np.argmax(scores) == codes[j].flat[i]))
+    assert len(margins) > 0.95 * n * length and all(margins)
+
+
+def test_greedy_equals_the_full_model_argmax_on_several_grids(short_segments):
+    for img_dim, seed in [(16, 0), (28, 2)]:  # 4x4 and 7x7 grids: 2 and 4 segments
+        keras.utils.set_random_seed(seed)
+        config = tiny_config(img_dim=img_dim)
+        model = build_prior(config)
+        greedy = sample_codes(model, 3, config.grid_shape, top_k=1, seed=seed)
+        probs = model.predict(codes_to_tokens(greedy)[:, :-1], verbose=0)
+        np.testing.assert_array_equal(probs.argmax(-1), greedy.reshape(3, -1))
+
+
+def test_the_cached_sampler_sees_new_weights(short_segments):
+    """As in training, where each epoch samples from the same prior with updated weights: the
+    compiled loop must read the current weights, not those of its first call."""
+    keras.utils.set_random_seed(4)
+    config = tiny_config(img_dim=20)
+    model = build_prior(config)
+    sample_codes(model, 2, config.grid_shape, top_k=1, seed=0)
+    traces = compiled_sampler(model).tracing_count()
+    rng = np.random.default_rng(0)
+    model.set_weights([w + rng.normal(0, 0.5, w.shape).astype(w.dtype) for w in model.get_weights()])
+    greedy = sample_codes(model, 2, config.grid_shape, top_k=1, seed=0)
+    probs = model.predict(codes_to_tokens(greedy)[:, :-1], verbose=0)
+    np.testing.assert_array_equal(probs.argmax(-1), greedy.reshape(2, -1))
+    assert compiled_sampler(model).tracing_count() == traces
+
+
+def test_the_sampler_is_compiled_once_per_prior_and_batch(prior, short_segments):
+    """Count the traces of the function sample_codes really runs: one per segment on the first
+    call, none on later calls with other seeds, temperature, top-k or top-p."""
+    config, _ = prior
+    model = build_prior(config)  # a fresh prior: nothing compiled yet
+    traced = compiled_sampler(model).tracing_count
+    assert traced() == 0
+    sample_codes(model, 3, config.grid_shape, seed=1, batch_size=2)
+    first = traced()
+    assert first == len(sampling.segments(36)) == 3
+    for options in [dict(seed=2), dict(temperature=0.5), dict(top_k=3), dict(top_p=0.8), dict(top_k=2, top_p=0.3)]:
+        sample_codes(model, 3, config.grid_shape, batch_size=2, **options)
+    sample_codes(model, 2, config.grid_shape, batch_size=2, seed=5)  # another n, same batch
+    assert traced() == first
+    assert compiled_sampler(model) is compiled_sampler(model)
+
+
+def test_sampling_is_reproducible_with_a_seed(prior):
+    config, model = prior
+    # batch_size 2: three batches on parallel threads, the last padded
+    a = sample_codes(model, 5, config.grid_shape, seed=7, batch_size=2)
+    b = sample_codes(model, 5, config.grid_shape, seed=7, batch_size=2)
+    c = sample_codes(model, 5, config.grid_shape, seed=8, batch_size=2)
+    assert a.shape == (5, 6, 6) and a.dtype == np.int32
+    assert a.min() >= 0 and a.max() < config.num_codes
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).mean() > 0.3
+
+
+def test_draw_follows_the_tempered_softmax_top_k_and_top_p():
+    """Gumbel-max draws: frequencies match softmax(logits / T); top-k keeps the k best; top-p the
+    nucleus; P = 1 is plain sampling."""
+    p = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = np.log(np.array([p] * 20000, np.float32))
+
+    def frequencies(temperature=1.0, top_k=4, top_p=1.0, seed=(3, 0)):
+        codes = draw(logits, temperature, top_k, top_p, list(seed)).numpy()
+        return np.bincount(codes, minlength=4) / len(codes)
+
+    for temperature in (1.0, 0.5):
+        tempered = p ** (1 / temperature)
+        np.testing.assert_allclose(frequencies(temperature), tempered / tempered.sum(), atol=0.012)
+    two = [0.625, 0.375, 0, 0]
+    np.testing.assert_allclose(frequencies(top_k=2), two, atol=0.012)
+    np.testing.assert_allclose(frequencies(top_p=0.7), two, atol=0.012)
+    np.testing.assert_allclose(frequencies(top_p=0.79), two, atol=0.012)
+    np.testing.assert_allclose(frequencies(top_p=0.81), [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0], atol=0.012)
+    np.testing.assert_allclose(frequencies(top_p=0.9, top_k=1), [1, 0, 0, 0])
+    np.testing.assert_allclose(frequencies(top_p=0.3, temperature=0.01), [1, 0, 0, 0])
+    np.testing.assert_array_equal(draw(logits, 1.0, 4, 1.0, [5, 5]), draw(logits, 1.0, 4, 0.999999, [5, 5]))
+
+
+def test_top_p_never_draws_outside_the_nucleus_and_p_1_is_plain_sampling(prior):
+    config, model = prior
+    codes = sample_codes(model, 6, config.grid_shape, top_p=0.5, seed=3)
+    probs = model.predict(codes_to_tokens(codes)[:, :-1], verbose=0).astype(np.float64)
+    flat = codes.reshape(6, -1)
+    for j in range(6):
+        for i in range(36):
+            assert nucleus(probs[j, i] / probs[j, i].sum(), 0.5 - 1e-5)[flat[j, i]], (j, i)
+    np.testing.assert_array_equal(sample_codes(model, 4, config.grid_shape, top_p=1.0, seed=4),
+                                  sample_codes(model, 4, config.grid_shape, seed=4))
+
+
+def test_top_k_never_draws_outside_the_k_best(prior):
+    config, model = prior
+    codes = sample_codes(model, 6, config.grid_shape, top_k=2, seed=3)
+    probs = model.predict(codes_to_tokens(codes)[:, :-1], verbose=0)
+    top2 = np.argsort(-probs, axis=-1)[..., :2]
+    assert (top2 == codes.reshape(6, -1, 1)).any(-1).all()
+
+
+BAD_OPTIONS = {
+    "n 0": dict(n=0), "n float": dict(n=2.5), "n bool": dict(n=True),
+    "temperature 0": dict(temperature=0), "temperature negative": dict(temperature=-1.0),
+    "temperature nan": dict(temperature=float("nan")), "temperature inf": dict(temperature=float("inf")),
+    "temperature text": dict(temperature="1"),
+    "top_k 0": dict(top_k=0), "top_k too big": dict(top_k=9), "top_k float": dict(top_k=2.0),
+    "top_p 0": dict(top_p=0.0), "top_p above 1": dict(top_p=1.5), "top_p negative": dict(top_p=-0.1),
+    "top_p nan": dict(top_p=float("nan")), "top_p inf": dict(top_p=float("inf")),
+    "grid mismatch": dict(grid_shape=(5, 5)),
+}
+
+
+@pytest.mark.parametrize("case", BAD_OPTIONS)
+def test_bad_sampling_options(prior, case):
+    config, model = prior
+    args = {"n": 1, "grid_shape": config.grid_shape, **BAD_OPTIONS[case]}
+    with pytest.raises(UsageError) as error:
+        sample_codes(model, args.pop("n"), args.pop("grid_shape"), **args)
+    name = case.split()[0]
+    assert name in str(error.value) and "\n" not in str(error.value)
+
+
+def test_sampling_needs_a_prior_from_build_prior(prior):
+    config, model = prior
+    plain = keras.Model(model.input, model.output)
+    with pytest.raises(UsageError, match="build_prior"):
+        sample_codes(plain, 1, config.grid_shape)
+
+
+def test_cli_top_p(trained_run, tmp_path):
+    run = trained_run["run"]
+    codes = str(tmp_path / "codes.npy")
+    run_cli("sample.py", "random", "--run", run, "--n", "2", "--top-p", "0.5", "--seed", "1", "--codes-out", codes,
+            "--out", str(tmp_path / "random.png"))
+    assert np.load(codes).shape[0] == 4
+    for bad in ["0", "1.5", "nan", "inf", "-0.2"]:
+        result = run_cli("sample.py", "random", "--run", run, "--top-p", bad, check=False)
+        assert result.returncode == 2 and "--top-p" in result.stderr and "Traceback" not in result.stderr, bad
+    assert vqk.sample_codes is sample_codes
