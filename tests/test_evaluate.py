@@ -179,6 +179,19 @@ def test_evaluate_rejects_bad_arguments(tiny_run):
         vqk.evaluate(run, images, batch_size=0, progress=False)
 
 
+def test_evaluate_folder_of_undecodable_images_is_a_usage_error(tiny_run, tmp_path):
+    run, _ = tiny_run
+    folder = write_images(tmp_path / "broken", count=2)
+    for name in os.listdir(folder):  # the header survives (so the file is listed), the pixels do not
+        path = os.path.join(folder, name)
+        with open(path, "rb") as f:
+            head = f.read(60)
+        with open(path, "wb") as f:
+            f.write(head)
+    with pytest.raises(vqk.UsageError, match="no readable images"):
+        vqk.evaluate(run, folder, progress=False)
+
+
 # ----------------------------------------------------------------------------- the command line
 
 def test_cli_evaluate_writes_every_key_with_fid(trained_run):

@@ -191,9 +191,11 @@ def evaluate(run, images_or_folder, batch_size=64, fid=None, inception_weights="
             real_features.append(inception(original))
             recon_features.append(inception(recon))
 
-    means = {key: float(np.concatenate(values).mean()) for key, values in per_image.items()}
+    if not per_image["mse"]:
+        raise UsageError(f"no readable images in {images_or_folder}")
+    per_image = {key: np.concatenate(values) for key, values in per_image.items()}
     results = dict.fromkeys(KEYS)
-    results.update(images=len(np.concatenate(per_image["mse"])), **means)
+    results.update(images=len(per_image["mse"]), **{key: float(v.mean()) for key, v in per_image.items()})
     results.update(codes_used=int((counts > 0).sum()), codes_used_fraction=float((counts > 0).mean()),
                    perplexity=counts_perplexity(counts))
     if run.prior is not None:
