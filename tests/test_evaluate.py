@@ -194,19 +194,19 @@ def test_evaluate_folder_of_undecodable_images_is_a_usage_error(tiny_run, tmp_pa
 
 # ----------------------------------------------------------------------------- the command line
 
-def test_cli_evaluate_writes_every_key_with_fid(trained_run):
-    run, data = trained_run["run"], trained_run["data"]
-    result = run_cli("sample.py", "evaluate", "--run", run, "--data", data, "--batch-size", "5",
-                     "--fid", "3", "--inception-weights", "none")
+def test_cli_evaluate_writes_every_key_with_fid(trained_run, tmp_path):
+    run, data = trained_run["run"], write_images(tmp_path / "held_out", count=5, seed=7)  # few: Inception is slow
+    result = run_cli("sample.py", "evaluate", "--run", run, "--data", data, "--batch-size", "3",
+                     "--fid", "2", "--inception-weights", "none")
     with open(os.path.join(run, "eval.json")) as f:
         results = json.load(f)
     assert list(results) == list(KEYS)
     assert all(results[key] is not None for key in KEYS), results
-    assert results["images"] == 16 and results["codes_used"] <= 8
+    assert results["images"] == 5 and results["codes_used"] <= 8
     assert 0 <= results["ssim"] <= 1 and results["psnr"] > 0 and results["rfid"] >= 0 and results["fid"] >= 0
     assert "prior_bits_per_dim" in result.stdout and result.stdout.strip().endswith("eval.json")
     # the Python API gives the same numbers from the run directory
-    again = vqk.evaluate(run, data, batch_size=16, progress=False)
+    again = vqk.evaluate(run, data, batch_size=5, progress=False)
     for key in ("psnr", "ssim", "mse", "psnr_unquantized", "codes_used", "perplexity", "prior_nll"):
         assert again[key] == pytest.approx(results[key], rel=1e-5), key
 

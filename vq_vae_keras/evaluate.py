@@ -116,7 +116,8 @@ class InceptionFeatures:
                 raise UsageError(f"cannot get InceptionV3's ImageNet weights ({reason}); run once on a connected "
                                  "machine, or pass --inception-weights FILE.h5") from None
             raise UsageError(f"cannot load Inception weights from {weights}: {reason}") from None
-        self._features = tf.function(self._features_eager, reduce_retracing=True)
+        # One trace for every batch size and image size (tracing InceptionV3 takes seconds).
+        self._features = tf.function(self._features_eager, input_signature=[tf.TensorSpec((None, None, None, 3), tf.uint8)])
 
     def _features_eager(self, pixels):
         x = tf.image.resize(tf.cast(pixels, tf.float32), (INCEPTION_SIZE, INCEPTION_SIZE), method="bilinear")
