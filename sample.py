@@ -4,6 +4,7 @@
     python sample.py interp --run RUN --data DIR                   # rows from one image to another
     python sample.py random --run RUN [--temperature T] [--top-k K] [--top-p P] # samples from the prior
     python sample.py usage  --run RUN --data DIR                   # code-usage histogram over a folder
+    python sample.py evaluate --run RUN --data DIR [--fid N]       # PSNR, SSIM, usage, bits/dim, FID
 """
 
 import argparse
@@ -42,6 +43,7 @@ def build_parser():
                            "probability reaches P, in (0, 1] (nucleus sampling)")
             p.add_argument("--codes-out", type=output_file(".npy"),
                            help="also save the sampled code maps (n*n, h, w) as .npy")
+    add_evaluate_parser(commands)
     return parser
 
 
@@ -59,6 +61,8 @@ def main(argv=None):
     from vq_vae_keras.io import save_npy, save_png
     from vq_vae_keras.run import load_run
 
+    if args.command == "evaluate":
+        return evaluate_command(args)
     run = load_run(args.run, prior=args.command == "random")  # a broken prior must not block the rest
     out = args.out or os.path.join(args.run, "samples", f"{args.command}.png")
     if args.command == "usage":
@@ -104,6 +108,40 @@ def usage(run, data, out):
     print(histogram_text(counts))
     print(f"{len(folder)} images, {counts.sum()} code positions: {summary(counts)}")
     save_png(out, histogram_image(counts))
+    print(out)
+
+
+def add_evaluate_parser(commands):
+    p = commands.add_parser("evaluate", help="PSNR, SSIM, codebook usage, prior bits/dim and FID on a folder")
+    p.add_argument("--run", required=True)
+    p.add_argument("--data", required=True, help="folder of held-out images")
+    p.add_argument("--json", help="where to write the results (default RUN/eval.json)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--fid", type=positive_int, metavar="N", help="also rFID, and FID of N samples from the prior (N >= 2)")
+    p.add_argument("--inception-weights", default="imagenet", metavar="imagenet|none|FILE.h5",
+                   help="InceptionV3 weights for FID: Keras's ImageNet download (default), its .h5 file, "
+                        "or none (random weights: for testing the pipeline only)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prior samples for FID")
+
+
+def evaluate_command(args):
+    """Scores of a run on a folder: printed as a table and written as JSON."""
+    import json
+
+    from vq_vae_keras.evaluate import evaluate, format_table
+    from vq_vae_keras.io import atomic_write_text
+
+    out = args.json or os.path.join(args.run, "eval.json")
+    if os.path.isdir(out):
+        raise UsageError(f"--json {out} is a folder; give a file name")
+    if not os.path.isdir(args.data):
+        raise UsageError(f"no such folder: {args.data}")
+    if args.fid is not None and args.fid < 2:
+        raise UsageError(f"--fid needs at least 2 samples, got {args.fid}")
+    results = evaluate(args.run, args.data, batch_size=args.batch_size, fid=args.fid,
+                       inception_weights=args.inception_weights, seed=args.seed)
+    print(format_table(results))
+    atomic_write_text(out, json.dumps(results, indent=2) + "\n")
     print(out)
 
 

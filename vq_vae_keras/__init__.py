@@ -37,6 +37,7 @@ _import_tensorflow_quietly()
 from .config import Config  # noqa: E402
 from .data import load_images  # noqa: E402
 from .errors import UsageError  # noqa: E402
+from .evaluate import EvaluateEvery, evaluate  # noqa: E402  (the function shadows the module name)
 from .layers import StraightThrough, VectorQuantizer  # noqa: E402
 from .models import VQVAE, build_vqvae  # noqa: E402
 from .prior import CausalSelfAttention, GridPositionEmbedding, build_prior  # noqa: E402
@@ -45,4 +46,4 @@ from .sampling import sample_codes  # noqa: E402
 
 __all__ = ["Config", "UsageError", "VectorQuantizer", "StraightThrough", "GridPositionEmbedding",
            "CausalSelfAttention", "VQVAE", "build_vqvae", "build_prior", "load_run", "sample_codes",
-           "load_images"]
+           "load_images", "evaluate", "EvaluateEvery"]

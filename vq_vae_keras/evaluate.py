@@ -1,0 +1,319 @@
+"""The numbers to compare runs by: reconstruction PSNR and SSIM, codebook usage, the prior's
+bits per dimension, and FID.
+
+Reconstructions are scored as pictures: originals and reconstructions are mapped back to uint8 with
+the reference's round((x + 1) / 2 * 255) (as the grids are), then MSE, PSNR and SSIM are computed per
+image on the 0..255 scale and averaged over the images.
+"""
+
+import csv
+import io
+import math
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tqdm.auto import tqdm
+
+from .codebook import counts_perplexity, usage_counts
+from .data import ImageFolder, load_images, warn
+from .errors import UsageError
+from .io import atomic_write_text, to_uint8
+from .prior import codes_to_tokens, prior_nll
+from .run import LoadedRun, load_run
+from .sampling import sample_codes
+
+# An exact reconstruction (MSE 0) has infinite PSNR; it counts as this many dB, so that a mean stays
+# finite. On uint8 images the highest finite PSNR is 10 log10(255^2 * 3 d^2): 95 dB at d = 128.
+PSNR_CAP = 100.0
+SSIM_FILTER_SIZE, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
+INCEPTION_SIZE = 299
+
+# The keys of evaluate()'s dict and of `sample.py evaluate`'s JSON; None where not computed.
+KEYS = ("images", "psnr", "ssim", "mse", "psnr_unquantized", "ssim_unquantized", "codes_used",
+        "codes_used_fraction", "perplexity", "prior_nll", "prior_bits_per_dim", "rfid", "fid")
+
+
+# ----------------------------------------------------------------------------- per-image scores
+
+def mse(original, recon):
+    """uint8 images (N, d, d, 3) -> (N,) float64 mean squared error per image, on the 0..255 scale."""
+    diff = np.asarray(original, np.float64) - np.asarray(recon, np.float64)
+    return (diff ** 2).reshape(len(diff), -1).mean(axis=1)
+
+
+def psnr_from_mse(mse_values):
+    """Per-image PSNR in dB: 10 log10(255^2 / MSE), PSNR_CAP where MSE is 0."""
+    mse_values = np.asarray(mse_values, np.float64)
+    with np.errstate(divide="ignore"):
+        return np.minimum(10 * np.log10(255.0 ** 2 / mse_values), PSNR_CAP)
+
+
+def ssim(original, recon):
+    """uint8 images (N, d, d, 3), d >= 11 -> (N,) float64 SSIM: an 11x11 Gaussian window of sigma 1.5,
+    K1 0.01, K2 0.03, dynamic range 255, averaged over the valid window positions of each channel,
+    then over the channels (tf.image.ssim)."""
+    return tf.image.ssim(tf.constant(original, tf.float32), tf.constant(recon, tf.float32), max_val=255.0,
+                         filter_size=SSIM_FILTER_SIZE, filter_sigma=SSIM_SIGMA, k1=SSIM_K1, k2=SSIM_K2
+                         ).numpy().astype(np.float64)
+
+
+def reconstruction_scores(original, recon):
+    """uint8 originals and reconstructions (N, d, d, 3) -> {"mse", "psnr", "ssim"}: (N,) arrays."""
+    errors = mse(original, recon)
+    return {"mse": errors, "psnr": psnr_from_mse(errors), "ssim": ssim(original, recon)}
+
+
+# ----------------------------------------------------------------------------- Fréchet distance
+
+def _sqrt_psd(matrix):
+    """Square root of a symmetric positive semi-definite matrix, by eigendecomposition."""
+    values, vectors = np.linalg.eigh(matrix)
+    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """Fréchet distance of two Gaussians, in float64: |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)).
+
+    S1 S2 is not symmetric, but it has the eigenvalues of S1^(1/2) S2 S1^(1/2), which is symmetric
+    positive semi-definite: the trace of the square root is the sum of the square roots of those.
+    """
+    mu1, mu2, sigma1, sigma2 = (np.asarray(a, np.float64) for a in (mu1, mu2, sigma1, sigma2))
+    root1 = _sqrt_psd(sigma1)
+    middle = root1 @ sigma2 @ root1
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+
+
+def feature_statistics(features):
+    """(N, dim) features -> their mean (dim,) and covariance (dim, dim), in float64."""
+    features = np.asarray(features, np.float64)
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+class InceptionFeatures:
+    """The 2048-d average-pool features of keras.applications.InceptionV3 for uint8 images.
+
+    weights: "imagenet" (Keras downloads them on first use into ~/.keras/models), the path of that
+    download (inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5), or "none"/None: random
+    weights, for testing the pipeline only (FIDs from them mean nothing).
+    """
+
+    def __init__(self, weights="imagenet", batch_size=32):
+        self.batch_size = batch_size
+        if weights in (None, "none"):
+            weights = None
+        elif weights != "imagenet" and not os.path.isfile(weights):
+            raise UsageError(f"no Inception weights file at {weights}")
+        try:
+            self.model = keras.applications.InceptionV3(include_top=False, pooling="avg", weights=weights,
+                                                         input_shape=(INCEPTION_SIZE, INCEPTION_SIZE, 3))
+        except Exception as e:  # a failed download, or a file that does not fit
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if weights == "imagenet":
+                raise UsageError(f"cannot get InceptionV3's ImageNet weights ({reason}); run once on a connected "
+                                 "machine, or pass --inception-weights FILE.h5") from None
+            raise UsageError(f"cannot load Inception weights from {weights}: {reason}") from None
+        # One trace for every batch size and image size (tracing InceptionV3 takes seconds).
+        self._features = tf.function(self._features_eager, input_signature=[tf.TensorSpec((None, None, None, 3), tf.uint8)])
+
+    def _features_eager(self, pixels):
+        x = tf.image.resize(tf.cast(pixels, tf.float32), (INCEPTION_SIZE, INCEPTION_SIZE), method="bilinear")
+        return self.model(keras.applications.inception_v3.preprocess_input(x), training=False)
+
+    def __call__(self, pixels):
+        """uint8 images (N, d, d, 3) -> (N, 2048) float64."""
+        return np.concatenate([self._features(pixels[i:i + self.batch_size]).numpy()
+                               for i in range(0, len(pixels), self.batch_size)]).astype(np.float64)
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+def _image_batches(images_or_folder, img_dim, batch_size):
+    """(batches of float32 images (B, d, d, 3) in [-1, 1], how many batches) from a folder (read in
+    order; unreadable files skipped with a warning) or from an array."""
+    if isinstance(images_or_folder, (str, os.PathLike)):
+        folder = ImageFolder(os.fspath(images_or_folder), img_dim)
+        starts = range(0, len(folder), batch_size)
+        batches = (folder.read_batch(range(i, min(i + batch_size, len(folder)))) for i in starts)
+        return (b for b in batches if b is not None), len(starts)
+    images = np.asarray(images_or_folder, np.float32)
+    if images.ndim != 4 or images.shape[1:] != (img_dim, img_dim, 3) or not len(images):
+        raise UsageError(f"images have shape {images.shape}; this run needs (N, {img_dim}, {img_dim}, 3) in [-1, 1]")
+    starts = range(0, len(images), batch_size)
+    return (images[i:i + batch_size] for i in starts), len(starts)
+
+
+def evaluate(run, images_or_folder, batch_size=64, fid=None, inception_weights="imagenet", seed=0, progress=True):
+    """Scores of a run on held-out images: a dict with the keys in KEYS (None where not computed).
+
+    run: a run directory or a loaded run (`load_run`). images_or_folder: a folder of images or a
+    float array (N, img_dim, img_dim, 3) in [-1, 1].
+    - images: how many were scored.
+    - mse, psnr, ssim: each image through encoder -> quantizer -> decoder, per image on the 0..255
+      scale (see `reconstruction_scores`), averaged over images. psnr_unquantized, ssim_unquantized:
+      encoder -> decoder, skipping the quantizer (the reference's test_ae_1).
+    - codes_used, codes_used_fraction (of num_codes), perplexity (exp of the entropy of the code
+      histogram): over all code positions of all images.
+    - prior_nll: the prior's mean negative log-likelihood per code of the images' code maps, in nats;
+      prior_bits_per_dim: each image's total code NLL / (img_dim^2 * 3) / ln 2, averaged over images
+      (= prior_nll * h * w / (img_dim^2 * 3) / ln 2). Only when the run has a prior.
+    - with fid=N: rfid, the Fréchet Inception distance of the reconstructions to the originals (all
+      images), and fid, of N samples from the prior (drawn with seed) to the originals.
+    """
+    if batch_size < 1:
+        raise UsageError(f"batch size must be >= 1, got {batch_size}")
+    if fid is not None and not (isinstance(fid, (int, np.integer)) and fid >= 2):
+        raise UsageError(f"the number of FID samples must be an integer >= 2, got {fid}")
+    if not isinstance(run, LoadedRun):
+        run = load_run(run)
+    config, vqvae = run.config, run.vqvae
+    batches, num_batches = _image_batches(images_or_folder, config.img_dim, batch_size)
+    inception = InceptionFeatures(inception_weights) if fid else None  # fails here, before the long part
+
+    per_image = {key: [] for key in ("mse", "psnr", "ssim", "psnr_unquantized", "ssim_unquantized")}
+    counts = np.zeros(config.num_codes, np.int64)
+    nll_sum, real_features, recon_features = 0.0, [], []
+    for images in tqdm(batches, total=num_batches, desc="evaluating", unit="batch", disable=not progress):
+        z = vqvae.encode(images, batch_size)
+        codes, vectors = vqvae.quantize(z, batch_size)
+        original, recon = to_uint8(images), to_uint8(vqvae.decode(vectors, batch_size))
+        for key, values in reconstruction_scores(original, recon).items():
+            per_image[key].append(values)
+        unquantized = reconstruction_scores(original, to_uint8(vqvae.decode(z, batch_size)))
+        per_image["psnr_unquantized"].append(unquantized["psnr"])
+        per_image["ssim_unquantized"].append(unquantized["ssim"])
+        counts += usage_counts(codes, config.num_codes)
+        if run.prior is not None:
+            nll_sum += prior_nll(run.prior, codes_to_tokens(codes)) * codes.size
+        if inception:
+            real_features.append(inception(original))
+            recon_features.append(inception(recon))
+
+    if not per_image["mse"]:
+        raise UsageError(f"no readable images in {images_or_folder}")
+    per_image = {key: np.concatenate(values) for key, values in per_image.items()}
+    results = dict.fromkeys(KEYS)
+    results.update(images=len(per_image["mse"]), **{key: float(v.mean()) for key, v in per_image.items()})
+    results.update(codes_used=int((counts > 0).sum()), codes_used_fraction=float((counts > 0).mean()),
+                   perplexity=counts_perplexity(counts))
+    if run.prior is not None:
+        h, w = config.grid_shape
+        results["prior_nll"] = nll_sum / counts.sum()
+        results["prior_bits_per_dim"] = results["prior_nll"] * h * w / (config.img_dim ** 2 * 3) / math.log(2)
+    if fid:
+        if results["images"] < 2:
+            raise UsageError(f"FID needs at least 2 images, got {results['images']}")
+        real = feature_statistics(np.concatenate(real_features))
+        results["rfid"] = frechet_distance(*real, *feature_statistics(np.concatenate(recon_features)))
+        if run.prior is None:
+            warn("the run has no prior: fid (samples vs images) is not computed, only rfid")
+        else:
+            codes = sample_codes(run.prior, fid, config.grid_shape, seed=seed, progress=progress)
+            samples = to_uint8(vqvae.decode(vqvae.codes_to_vectors(codes), batch_size))
+            results["fid"] = frechet_distance(*real, *feature_statistics(inception(samples)))
+    return results
+
+
+# What each number is, for the printed table.
+DESCRIPTIONS = {
+    "images": "images scored",
+    "psnr": "dB, through the quantizer (higher is better)",
+    "ssim": "through the quantizer (1 is perfect)",
+    "mse": "per pixel-channel, 0..255 scale",
+    "psnr_unquantized": "dB, encoder -> decoder without the quantizer",
+    "ssim_unquantized": "encoder -> decoder without the quantizer",
+    "codes_used": "codes chosen at least once",
+    "codes_used_fraction": "of num_codes",
+    "perplexity": "exp(entropy) of code usage (num_codes at best)",
+    "prior_nll": "nats per code (lower is better)",
+    "prior_bits_per_dim": "bits per pixel-channel",
+    "rfid": "Frechet Inception distance, reconstructions vs images",
+    "fid": "Frechet Inception distance, prior samples vs images",
+}
+
+
+def format_table(results):
+    """The results as aligned lines: name, value, what it means. Keys not computed are left out."""
+    lines = []
+    for key in KEYS:
+        value = results.get(key)
+        if value is not None:
+            text = f"{value:d}" if isinstance(value, int) else f"{value:.4f}"
+            lines.append(f"{key:<20} {text:>12}  {DESCRIPTIONS[key]}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- during training
+
+class EvaluateEvery(keras.callbacks.Callback):
+    """Every `every` training steps, and at the end of training, scores the VQ-VAE on held-out images
+    and appends a row step, psnr, ssim, codes_used to csv_path (and, given tensorboard_dir, writes
+    them as TensorBoard scalars eval/psnr, eval/ssim, eval/codes_used).
+
+    images: a float array (N, img_dim, img_dim, 3) in [-1, 1] or a folder (read once). Steps count
+    the batches this callback sees, from initial_step (a resumed run passes its step: rows of the
+    CSV past it are dropped, the rest kept).
+    """
+
+    FIELDS = ("step", "psnr", "ssim", "codes_used")
+
+    def __init__(self, vqvae, images, every, csv_path, tensorboard_dir=None, initial_step=0, batch_size=64):
+        super().__init__()
+        if every < 1:
+            raise UsageError(f"evaluation interval must be >= 1 step, got {every}")
+        if isinstance(images, (str, os.PathLike)):
+            images = load_images(images, vqvae.config.img_dim)
+        self.run, self.images = LoadedRun(vqvae.config, vqvae, None), images
+        self.every, self.csv_path, self.tensorboard_dir = every, csv_path, tensorboard_dir
+        self.step, self.last, self.batch_size = initial_step, None, batch_size
+        self.rows = self._earlier_rows(initial_step)
+        self.writer = None
+
+    def _earlier_rows(self, initial_step):
+        if initial_step == 0 or not os.path.isfile(self.csv_path):
+            return []
+        with open(self.csv_path, newline="") as f:
+            return [row for row in csv.DictReader(f) if int(row["step"]) <= initial_step]
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        if self.step % self.every == 0:
+            self.evaluate_now()
+
+    def on_train_end(self, logs=None):
+        if self.last != self.step:
+            self.evaluate_now()
+
+    def evaluate_now(self):
+        scores = evaluate(self.run, self.images, batch_size=self.batch_size, progress=False)
+        row = {"step": self.step, **{key: scores[key] for key in self.FIELDS[1:]}}
+        self.rows.append(row)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, self.FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.csv_path, text.getvalue())
+        if self.tensorboard_dir:
+            self._write_scalars(row)
+        self.last = self.step
+
+    def _write_scalars(self, row):
+        if self.writer is None:
+            self.writer = tf.summary.create_file_writer(self.tensorboard_dir)
+        with self.writer.as_default():
+            for key in self.FIELDS[1:]:
+                write_scalar(f"eval/{key}", row[key], self.step)
+        self.writer.flush()
+
+
+def write_scalar(tag, value, step):
+    """tf.summary.scalar's record, written without the tensorboard package (which it needs and this
+    project does not install): a float32 tensor tagged for TensorBoard's scalars plugin."""
+    from tensorflow.core.framework import summary_pb2
+
+    metadata = summary_pb2.SummaryMetadata(data_class=summary_pb2.DATA_CLASS_SCALAR)
+    metadata.plugin_data.plugin_name = "scalars"
+    tf.summary.write(tag, tf.constant(float(value), tf.float32), step=step, metadata=metadata.SerializeToString())
