@@ -34,9 +34,9 @@ def test_a_few_steps_reduce_reconstruction_error(image_dir, tmp_path):
 def test_resume_continues_the_same_loss_sequence(image_dir, tmp_path, quantizer):
     config = tiny_config(data=image_dir, seed=5, sample_every=100, quantizer=quantizer)
     straight = str(tmp_path / "straight")
-    train_vqvae(config, straight, steps=8)
+    train_vqvae(config, straight, steps=8, deterministic=True)
     resumed = str(tmp_path / "resumed")
-    train_vqvae(config, resumed, steps=5)  # crosses an epoch boundary (3 steps per epoch)
+    train_vqvae(config, resumed, steps=5, deterministic=True)  # crosses an epoch boundary (3 steps per epoch)
     train_vqvae(config, resumed, steps=8, resume=True)
     a, b = read_log(straight), read_log(resumed)
     assert [r["step"] for r in b] == [str(i) for i in range(1, 9)]
@@ -97,12 +97,12 @@ def test_prior_resume_ends_with_the_same_weights(image_dir, tmp_path):
 
     from vq_vae_keras.training import train_prior
 
-    config = tiny_config(data=image_dir, seed=2, prior_batch_size=4)  # 11 training sequences: 3 steps an epoch
+    config = tiny_config(data=image_dir, seed=2, prior_batch_size=4)  # 12 training sequences: 3 steps an epoch
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    train_vqvae(config, straight, steps=3)
+    train_vqvae(config, straight, steps=3, deterministic=True)
     shutil.copytree(straight, resumed)
-    a = train_prior(config, straight, steps=8)
-    train_prior(config, resumed, steps=5)  # stops inside the second epoch
+    a = train_prior(config, straight, steps=8, deterministic=True)
+    train_prior(config, resumed, steps=5, deterministic=True)  # stops inside the second epoch
     b = train_prior(config, resumed, steps=8, resume=True)
     assert int(b.optimizer.iterations.numpy()) == 8
     for x, y in zip(a.get_weights(), b.get_weights()):
@@ -113,8 +113,8 @@ def test_prior_resume_ends_with_the_same_weights(image_dir, tmp_path):
 
 def test_cached_images_train_exactly_like_files(image_dir, tmp_path):
     config = tiny_config(data=image_dir, seed=3)
-    train_vqvae(config, str(tmp_path / "files"), steps=4)
-    train_vqvae(config, str(tmp_path / "cached"), steps=4, cache=str(tmp_path / "images.npz"))
+    train_vqvae(config, str(tmp_path / "files"), steps=4, deterministic=True)
+    train_vqvae(config, str(tmp_path / "cached"), steps=4, cache=str(tmp_path / "images.npz"), deterministic=True)
     a, b = read_log(str(tmp_path / "files")), read_log(str(tmp_path / "cached"))
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
     assert os.path.isfile(tmp_path / "images.npz")

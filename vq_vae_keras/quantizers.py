@@ -1,0 +1,238 @@
+"""The quantizer layers: the reference's vector quantizer and its options (EMA codebook, dead-code
+restarts), the Gumbel-softmax quantizer, the straight-through estimator, and the code-usage metrics.
+All written with keras.ops and registered serializable.
+
+Distances, argmin, the codebook and its EMA statistics are computed in float32 whatever the model's
+dtype policy: |z|^2 + |e|^2 - 2 z.e in float16 picks wrong codes.
+"""
+
+import keras
+from keras import ops
+
+PACKAGE = "vq_vae_keras"
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class CodeUsage(keras.metrics.Metric):
+    """How many times each code was chosen since the last reset; result() is the fraction used."""
+
+    def __init__(self, num_codes, name="usage", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.num_codes = num_codes
+        self.counts = self.add_variable(shape=(num_codes,), initializer="zeros", name="counts")
+
+    def update_state(self, codes):
+        flat = ops.reshape(ops.cast(codes, "int32"), (-1,))
+        self.counts.assign_add(ops.sum(ops.one_hot(flat, self.num_codes, dtype=self.dtype), axis=0))
+
+    def result(self):
+        return ops.mean(ops.cast(self.counts > 0, self.dtype))
+
+    def get_config(self):
+        return {**super().get_config(), "num_codes": self.num_codes}
+
+
+def perplexity(codes, num_codes):
+    """exp(entropy) of the code histogram: num_codes when all are used equally, 1 when one is."""
+    flat = ops.reshape(ops.cast(codes, "int32"), (-1,))
+    p = ops.mean(ops.one_hot(flat, num_codes), axis=0)
+    return ops.exp(-ops.sum(p * ops.log(ops.maximum(p, 1e-10))))
+
+
+class CodebookLayer(keras.layers.Layer):
+    """What the quantizers share: a (num_codes, dim) codebook, code lookup, the output
+    [codes (...) int32, code vectors (..., dim)], and the perplexity and usage metrics."""
+
+    def __init__(self, num_codes, seed=None, **kwargs):
+        kwargs.setdefault("dtype", "float32")  # under any mixed precision policy: see the module doc
+        super().__init__(**kwargs)
+        self.num_codes, self.seed = num_codes, seed
+        self.perplexity = keras.metrics.Mean(name="perplexity")
+        self.usage = CodeUsage(num_codes, name="usage")
+
+    def add_codebook(self, dim, trainable=True):
+        # Keras 2's 'uniform' initialiser, as in the reference.
+        self.codebook = self.add_weight(name="codebook", shape=(self.num_codes, dim), trainable=trainable,
+                                        initializer=keras.initializers.RandomUniform(-0.05, 0.05))
+
+    def track_usage(self, codes):
+        self.perplexity.update_state(perplexity(codes, self.num_codes))
+        self.usage.update_state(codes)
+
+    def lookup(self, codes):
+        """Code vectors of integer codes: (...) -> (..., dim)."""
+        return ops.take(self.codebook, ops.cast(codes, "int32"), axis=0)
+
+    def compute_output_spec(self, z, training=None):
+        return [keras.KerasTensor(z.shape[:-1], dtype="int32"), keras.KerasTensor(z.shape, dtype=self.compute_dtype)]
+
+    def get_config(self):
+        return {**super().get_config(), "num_codes": self.num_codes, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class VectorQuantizer(CodebookLayer):
+    """Nearest-neighbour lookup in a learned codebook (the reference's `VectorQuantizer`).
+
+    Input:  z, (..., dim).
+    Output: [codes (...) int32, code vectors (..., dim)], the codebook rows nearest to z in
+            squared Euclidean distance |z|^2 + |e|^2 - 2 z.e.
+    While training it also tracks the batch perplexity and which codes were used.
+
+    Options (off by default, departures from the reference), applied only while training:
+      ema_decay: the codebook is not trained by gradient but moved by exponential moving averages
+        of the encoder outputs assigned to each code (the VQ-VAE paper's appendix):
+        N_k <- d N_k + (1 - d) n_k,  m_k <- d m_k + (1 - d) sum(z assigned to k),
+        e_k = m_k / N~_k with Laplace-smoothed counts N~_k = (N_k + eps) / (N + K eps) N.
+        The state starts as if each code had been assigned once to its initial vector.
+      restart_dead: a code unused for this many training steps is moved to a random encoder
+        output of the current batch.
+    """
+
+    def __init__(self, num_codes, ema_decay=None, ema_epsilon=1e-5, restart_dead=0, seed=None, **kwargs):
+        super().__init__(num_codes, seed, **kwargs)
+        self.ema_decay, self.ema_epsilon, self.restart_dead = ema_decay, ema_epsilon, restart_dead
+        if restart_dead:
+            self.seed_generator = keras.random.SeedGenerator(seed, name="restart_seed")
+
+    def build(self, input_shape):
+        dim = input_shape[-1]
+        self.add_codebook(dim, trainable=self.ema_decay is None)
+        if self.ema_decay is not None:
+            self.ema_counts = self.add_weight(name="ema_counts", shape=(self.num_codes,), initializer="ones",
+                                              trainable=False)
+            self.ema_sums = self.add_weight(name="ema_sums", shape=(self.num_codes, dim), initializer="zeros",
+                                            trainable=False)
+            self.ema_sums.assign(self.codebook)
+        if self.restart_dead:
+            self.idle_steps = self.add_weight(name="idle_steps", shape=(self.num_codes,), initializer="zeros",
+                                              trainable=False)
+
+    def distances(self, z):
+        """Squared distance of every z to every code: (..., num_codes)."""
+        z_sq = ops.sum(ops.square(z), axis=-1, keepdims=True)
+        e_sq = ops.sum(ops.square(self.codebook), axis=-1)
+        return z_sq + e_sq - 2 * ops.matmul(z, ops.transpose(self.codebook))
+
+    def call(self, z, training=None):
+        codes = ops.cast(ops.argmin(self.distances(z), axis=-1), "int32")
+        vectors = self.lookup(codes)  # before any update below: this step's code vectors
+        if training:
+            self.track_usage(codes)
+            flat_z = ops.stop_gradient(ops.reshape(z, (-1, ops.shape(z)[-1])))
+            assigned = ops.one_hot(ops.reshape(codes, (-1,)), self.num_codes, dtype=flat_z.dtype)  # (n, K)
+            if self.ema_decay is not None:
+                self.ema_update(assigned, flat_z)
+            if self.restart_dead:
+                self.restart_idle_codes(assigned, flat_z)
+        return [codes, vectors]
+
+    def ema_update(self, assigned, flat_z):
+        """assigned (n, K) one-hot, flat_z (n, dim): one EMA step of counts, sums and codebook."""
+        d = self.ema_decay
+        counts = d * self.ema_counts + (1 - d) * ops.sum(assigned, axis=0)
+        sums = d * self.ema_sums + (1 - d) * ops.matmul(ops.transpose(assigned), flat_z)
+        total = ops.sum(counts)
+        smoothed = (counts + self.ema_epsilon) / (total + self.num_codes * self.ema_epsilon) * total
+        self.ema_counts.assign(counts)
+        self.ema_sums.assign(sums)
+        self.codebook.assign(sums / ops.expand_dims(smoothed, 1))
+
+    def restart_idle_codes(self, assigned, flat_z):
+        """Codes idle for restart_dead steps move to random encoder outputs of this batch."""
+        used = ops.sum(assigned, axis=0) > 0
+        idle = ops.where(used, 0.0, self.idle_steps + 1.0)
+        dead = idle >= self.restart_dead
+        picks = keras.random.randint((self.num_codes,), 0, ops.shape(flat_z)[0], seed=self.seed_generator)
+        dead_column = ops.expand_dims(dead, 1)
+        self.codebook.assign(ops.where(dead_column, ops.take(flat_z, picks, axis=0), self.codebook))
+        if self.ema_decay is not None:  # the moved code starts its averages afresh at its new place
+            self.ema_counts.assign(ops.where(dead, 1.0, self.ema_counts))
+            self.ema_sums.assign(ops.where(dead_column, self.codebook, self.ema_sums))
+        self.idle_steps.assign(ops.where(dead, 0.0, idle))
+
+    def initialise(self, codebook):
+        """Set the codebook (e.g. from k-means), and the EMA state to match it."""
+        self.codebook.assign(codebook)
+        if self.ema_decay is not None:
+            self.ema_counts.assign(ops.ones((self.num_codes,)))
+            self.ema_sums.assign(codebook)
+
+    def get_config(self):
+        return {**super().get_config(), "ema_decay": self.ema_decay, "ema_epsilon": self.ema_epsilon,
+                "restart_dead": self.restart_dead}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class GumbelQuantizer(CodebookLayer):
+    """Gumbel-softmax relaxation over a codebook (the dVAE of DALL-E), a departure from the reference.
+
+    Input:  z, (..., dim).
+    Output: [codes (...) int32, code vectors (..., dim)].
+    A 1x1 projection turns z into logits over the codes. While training, the code vectors are the
+    soft mixture softmax((logits + Gumbel noise) / temperature) @ codebook, so gradients reach the
+    encoder, the projection and the codebook, and kl_weight * KL(softmax(logits) || uniform) is
+    added to the losses. At inference the code is the argmax of the logits and its vector the
+    codebook row: codes work with the prior and sampling as the VQ codes do.
+    `temperature` is a non-trainable weight, annealed during training by the training loop.
+    """
+
+    def __init__(self, num_codes, kl_weight=5e-4, temperature=1.0, seed=None, **kwargs):
+        super().__init__(num_codes, seed, **kwargs)
+        self.kl_weight, self.initial_temperature = kl_weight, temperature
+        self.seed_generator = keras.random.SeedGenerator(seed, name="gumbel_seed")
+        self.kl = keras.metrics.Mean(name="kl")
+
+    def build(self, input_shape):
+        dim = input_shape[-1]
+        self.add_codebook(dim)
+        self.logit_kernel = self.add_weight(name="logit_kernel", shape=(dim, self.num_codes),
+                                            initializer="glorot_uniform")
+        self.logit_bias = self.add_weight(name="logit_bias", shape=(self.num_codes,), initializer="zeros")
+        self.temperature = self.add_weight(name="temperature", shape=(), trainable=False,
+                                           initializer=keras.initializers.Constant(self.initial_temperature))
+
+    def logits(self, z):
+        return ops.matmul(z, self.logit_kernel) + self.logit_bias
+
+    def call(self, z, training=None):
+        logits = self.logits(z)
+        codes = ops.cast(ops.argmax(logits, axis=-1), "int32")
+        if not training:
+            return [codes, self.lookup(codes)]
+        uniform = keras.random.uniform(ops.shape(logits), minval=1e-10, maxval=1.0, seed=self.seed_generator)
+        gumbel = -ops.log(-ops.log(uniform))
+        soft = ops.softmax((logits + gumbel) / self.temperature, axis=-1)
+        log_q = ops.log_softmax(logits, axis=-1)
+        kl = ops.mean(ops.sum(ops.exp(log_q) * log_q, axis=-1)) + ops.log(float(self.num_codes))
+        self.add_loss(self.kl_weight * kl)
+        self.kl.update_state(kl)
+        self.track_usage(codes)
+        return [codes, ops.matmul(soft, self.codebook)]
+
+    def get_config(self):
+        return {**super().get_config(), "kl_weight": self.kl_weight, "temperature": self.initial_temperature}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class StraightThrough(keras.layers.Layer):
+    """Straight-through estimator (the reference's Lambda): the value of e, the gradient of z.
+
+    Inputs: [z, e], both (..., dim): encoder outputs and their code vectors.
+    Output: z + stop_gradient(e - z), (..., dim).
+    The loss terms that go with it (mse_e, beta * mse_z) are in models.VQVAEObjective.
+    """
+
+    def call(self, inputs):
+        z, e = inputs
+        e = ops.cast(e, z.dtype)
+        return z + ops.stop_gradient(e - z)
+
+    def compute_output_shape(self, input_shapes):
+        return input_shapes[0]
+
+    @classmethod
+    def from_config(cls, config):
+        # Files saved before the loss moved into VQVAEObjective carry its weights here.
+        config = {k: v for k, v in config.items() if k not in ("beta", "codebook_weight")}
+        return cls(**config)
