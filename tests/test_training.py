@@ -118,3 +118,74 @@ def test_cached_images_train_exactly_like_files(image_dir, tmp_path):
     a, b = read_log(str(tmp_path / "files")), read_log(str(tmp_path / "cached"))
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
     assert os.path.isfile(tmp_path / "images.npz")
+
+
+def event_tags(folder, values=None):
+    """{tag: number of events} of every TensorBoard event file under folder; the (step, value)
+    pairs of the scalar tags go into `values` if given."""
+    import tensorflow as tf
+
+    tags = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            for event in tf.compat.v1.train.summary_iterator(os.path.join(root, name)):
+                for value in event.summary.value:
+                    tags[value.tag] = tags.get(value.tag, 0) + 1
+                    if values is not None and value.metadata.plugin_data.plugin_name == "scalars":
+                        values.setdefault(value.tag, []).append((event.step, float(tf.make_ndarray(value.tensor))))
+    return tags
+
+
+def test_tensorboard_holds_scalars_grids_and_code_usage(image_dir, tmp_path):
+    run = str(tmp_path / "run")
+    config = tiny_config(data=image_dir, sample_every=3)
+    train_vqvae(config, run, steps=4, tensorboard=True)
+    values = {}
+    tags = event_tags(os.path.join(run, "tensorboard", "vqvae"), values)
+    for key in ("loss", "mse_x", "mse_e", "mse_z", "perplexity", "usage", "learning_rate"):
+        assert tags.get(key) == 4, (key, tags)  # one per step
+    rows = read_log(run)
+    assert sorted(values["mse_x"]) == [(int(r["step"]), pytest.approx(float(r["mse_x"]), rel=1e-5)) for r in rows]
+    np.testing.assert_allclose([v for _, v in values["learning_rate"]], config.lr, rtol=1e-6)
+    for key in ("test_ae_1", "test_ae_2", "code_usage", "code_usage_chart"):
+        assert tags.get(key) == 2, (key, tags)  # sample steps 1 and 4 (the end)
+    from vq_vae_keras.training import train_prior
+
+    config.prior_heads, config.prior_head_dim, config.prior_depth, config.prior_batch_size = 2, 4, 2, 4
+    config.val_split = 0.25
+    train_prior(config, run, epochs=2, tensorboard=True)
+    tags = event_tags(os.path.join(run, "tensorboard", "prior"))
+    assert tags.get("loss") == tags.get("accuracy") == tags.get("val_nll") == tags.get("prior_sample") == 2, tags
+
+
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_resume_is_exact_in_mixed_precision(image_dir, tmp_path, precision):
+    config = tiny_config(data=image_dir, seed=5, sample_every=100, precision=precision)
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    a = train_vqvae(config, straight, steps=5, deterministic=True)
+    train_vqvae(config, resumed, steps=3, deterministic=True)
+    b = train_vqvae(config, resumed, steps=5, resume=True)
+    assert [float(r["loss"]) for r in read_log(resumed)] == [float(r["loss"]) for r in read_log(straight)]
+    for x, y in zip(a.train_model.get_weights(), b.train_model.get_weights()):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_array_data_user_callbacks_and_no_global_seeding(tmp_path):
+    import keras
+    import tensorflow as tf
+
+    from test_fit import Recorder, images
+
+    state = np.random.get_state()[1].copy()
+    recorder = Recorder()
+    run = str(tmp_path / "run")
+    train_vqvae(tiny_config(sample_every=2), run, steps=3, data=images(10), callbacks=[recorder])
+    assert np.array_equal(np.random.get_state()[1], state)  # the library did not reseed NumPy globally
+    assert len(recorder.batch_logs) == 3 and "mse_x" in recorder.batch_logs[0]
+    assert [r["step"] for r in read_log(run)] == ["1", "2", "3"]
+    dataset = tf.data.Dataset.from_tensor_slices(images(8)).batch(4)
+    train_vqvae(tiny_config(), str(tmp_path / "from_dataset"), steps=3, data=dataset)
+    assert len(read_log(str(tmp_path / "from_dataset"))) == 3
+    with pytest.raises(vqk.UsageError, match="in \\[-1, 1\\]"):
+        train_vqvae(tiny_config(), str(tmp_path / "bad"), steps=1, data=images(4) * 3)
+    del keras

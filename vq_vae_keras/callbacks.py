@@ -186,32 +186,50 @@ class StepLog(StepCallback):
         self.flush()
 
 
+def _metadata(plugin, data_class):
+    """What TensorBoard's scalar/image/histogram plugins expect of a summary, written with
+    TensorFlow's own tf.summary.write: the tensorboard package is needed to view, not to write."""
+    from tensorflow.core.framework import summary_pb2
+
+    meta = summary_pb2.SummaryMetadata(data_class=data_class)
+    meta.plugin_data.plugin_name = plugin
+    return meta
+
+
 class TensorBoardWriter:
-    """RUN/tensorboard/: scalars, image grids and the code-usage histogram, by global step.
-    (keras.callbacks.TensorBoard works with these models too; this one writes what train.py
-    knows at its sample steps: grids and code counts.)"""
+    """RUN/tensorboard/...: scalars, image grids and the code-usage histogram, by global step
+    (view with `tensorboard --logdir RUN/tensorboard`)."""
+
+    SCALAR, TENSOR, BLOBS = 1, 2, 3  # SummaryMetadata data classes
 
     def __init__(self, log_dir):
         self.writer = tf.summary.create_file_writer(log_dir)
 
     def scalars(self, step, values):
-        with self.writer.as_default(step=step):
+        meta = _metadata("scalars", self.SCALAR)
+        with self.writer.as_default():
             for name, value in values.items():
-                if value is not None and not (isinstance(value, float) and math.isnan(value)):
-                    tf.summary.scalar(name, value)
+                if value is not None and math.isfinite(float(value)):
+                    tf.summary.write(name, tf.constant(float(value), tf.float32), step=step, metadata=meta)
 
     def images(self, step, grids):
-        with self.writer.as_default(step=step):
+        """{tag: (H, W, 3) uint8 grid}, each as a PNG."""
+        meta = _metadata("images", self.BLOBS)
+        with self.writer.as_default():
             for name, grid in grids.items():
-                tf.summary.image(name, np.asarray(grid, np.uint8)[None])
+                grid = np.asarray(grid, np.uint8)
+                png = tf.io.encode_png(grid)
+                tensor = tf.stack([tf.as_string(grid.shape[1]), tf.as_string(grid.shape[0]), png])
+                tf.summary.write(name, tensor, step=step, metadata=meta)
 
     def code_usage(self, step, counts):
         """Counts (num_codes,) as a histogram over code indices and as a bar-chart image."""
-        counts = np.asarray(counts, np.int64)
-        with self.writer.as_default(step=step):
-            tf.summary.histogram("code_usage", np.repeat(np.arange(len(counts)), counts).astype(np.float32),
-                                 buckets=len(counts))
-            tf.summary.image("code_usage_chart", histogram_image(counts)[None])
+        counts = np.asarray(counts, np.float64)
+        edges = np.arange(len(counts), dtype=np.float64)
+        buckets = np.stack([edges, edges + 1, counts], axis=1)  # (left, right, count) per code
+        with self.writer.as_default():
+            tf.summary.write("code_usage", buckets, step=step, metadata=_metadata("histograms", self.TENSOR))
+        self.images(step, {"code_usage_chart": histogram_image(counts)})
 
     def flush(self):
         self.writer.flush()
