@@ -189,3 +189,30 @@ def test_array_data_user_callbacks_and_no_global_seeding(tmp_path):
     with pytest.raises(vqk.UsageError, match="in \\[-1, 1\\]"):
         train_vqvae(tiny_config(), str(tmp_path / "bad"), steps=1, data=images(4) * 3)
     del keras
+
+
+def test_cli_precision_jit_tensorboard_and_prior_flags(image_dir, tmp_path):
+    import json
+
+    from conftest import TINY_FLAGS, run_cli
+
+    run = str(tmp_path / "run")
+    run_cli("train.py", "vqvae", "--data", image_dir, "--run", run, *TINY_FLAGS, "--steps", "3", "--sample-every", "2",
+            "--precision", "mixed_bfloat16", "--jit", "--tensorboard")
+    with open(os.path.join(run, "config.json")) as f:
+        saved = json.load(f)
+    assert saved["precision"] == "mixed_bfloat16" and saved["jit_compile"] is True
+    assert event_tags(os.path.join(run, "tensorboard", "vqvae")).get("test_ae_2") == 2
+    config = vqk.Config.load(os.path.join(run, "config.json"))
+    config.prior_heads, config.prior_head_dim, config.prior_depth = 2, 4, 2
+    config.save(os.path.join(run, "config.json"))
+    run_cli("train.py", "prior", "--run", run, "--epochs", "1", "--batch-size", "4", "--val-split", "0.25",
+            "--sample-every-epochs", "0", "--tensorboard")
+    with open(os.path.join(run, "prior_log.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and float(rows[0]["val_nll"]) > 0
+    assert not [p for p in os.listdir(os.path.join(run, "samples")) if p.startswith("prior_sample")]
+    assert "val_nll" in event_tags(os.path.join(run, "tensorboard", "prior"))
+    bad = run_cli("train.py", "vqvae", "--data", image_dir, "--run", str(tmp_path / "bad"), "--precision", "float8",
+                  check=False)
+    assert bad.returncode == 2 and "--precision" in bad.stderr and "Traceback" not in bad.stderr
