@@ -168,3 +168,21 @@ def test_mixed_precision_steps_are_finite_and_codes_match_float32(precision):
     np.testing.assert_array_equal(vqvae.quantize(z)[0], reference.quantize(z)[0])
     # Weights are float32 in every policy: a float32 model loads them.
     reference.train_model.set_weights(model.get_weights())
+
+
+def test_reset_metrics_makes_the_logs_per_batch_values_compile_metrics_included():
+    """The loop's per-step rows: with ResetMetrics(1) each batch's logs are that batch's values,
+    for compile()'s metrics (the prior's accuracy) as well as the loss: a batch's accuracy over
+    2 x 16 targets is a multiple of 1/32, a running mean over several batches in general is not."""
+    from vq_vae_keras.callbacks import ResetMetrics
+
+    config = tiny_config(prior_depth=1)
+    prior = vqk.build_prior(config)
+    prior.compile(optimizer="adam", loss="sparse_categorical_crossentropy",
+                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 9, (12, 16)), rng.integers(0, 8, (12, 16))
+    recorder = Recorder()
+    prior.fit(x, y, batch_size=2, epochs=1, shuffle=False, verbose=0, callbacks=[ResetMetrics(1, 0), recorder])
+    accuracy = np.array([logs["accuracy"] for logs in recorder.batch_logs])
+    np.testing.assert_allclose(accuracy * 32, np.round(accuracy * 32), atol=1e-4)

@@ -107,12 +107,16 @@ class ResetMetrics(StepCallback):
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
-        metrics = [m for m in self.model.metrics if not isinstance(m, CodeUsage)]
-        variables = [v for m in metrics for v in m.variables]
-        self.reset = tf.function(lambda: [v.assign(tf.zeros_like(v)) for v in variables])
+        self.first = True
 
     def on_train_batch_begin(self, batch, logs=None):
+        if self.first:  # fit has just reset them; compile()'s metrics are built by the first step
+            self.first = False
+            return
         if self.step % self.every == 0:
+            if self.reset is None:
+                metrics = [m for m in self.model.metrics if not isinstance(m, CodeUsage)]
+                self.reset = tf.function(lambda: [m.reset_state() for m in metrics])
             self.reset()
 
 
