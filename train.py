@@ -66,8 +66,8 @@ def parse(argv):
                        help="hold out this fraction of the code maps for val_nll (default 0: train on all, as the reference)")
     prior.add_argument("--sample-every-epochs", type=nonnegative_int, metavar="N",
                        help="grid of prior samples every N epochs (default 1; 0: never)")
-    prior.add_argument("--jit", dest="jit_compile", action=argparse.BooleanOptionalAction, default=None,
-                       help="compile the training step with XLA (default: the run's setting)")
+    prior.add_argument("--jit", dest="prior_jit_compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="compile the prior's training step with XLA (default: off)")
     prior.add_argument("--tensorboard", action="store_true", help="write RUN/tensorboard/prior/")
     return parser.parse_args(argv)
 
@@ -93,7 +93,7 @@ def train_prior_command(args):
 
     config = RunDir(args.run).require_config()
     flags = {"data": args.data, "prior_batch_size": args.batch_size, "prior_seed": args.seed}
-    flags.update(val_split=args.val_split, sample_every_epochs=args.sample_every_epochs, jit_compile=args.jit_compile)
+    flags.update(val_split=args.val_split, sample_every_epochs=args.sample_every_epochs, prior_jit_compile=args.prior_jit_compile)
     config = apply_flags(config, flags, changeable=("data", "sample_every_epochs") if args.resume else tuple(flags),
                          flag_names={"prior_batch_size": "--batch-size", "prior_seed": "--seed"})
     train_prior(config, args.run, steps=args.steps, epochs=args.epochs, resume=args.resume, deterministic=True,

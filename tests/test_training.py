@@ -208,7 +208,8 @@ def test_cli_precision_jit_tensorboard_and_prior_flags(image_dir, tmp_path):
     config.prior_heads, config.prior_head_dim, config.prior_depth = 2, 4, 2
     config.save(os.path.join(run, "config.json"))
     run_cli("train.py", "prior", "--run", run, "--epochs", "1", "--batch-size", "4", "--val-split", "0.25",
-            "--sample-every-epochs", "0", "--tensorboard")
+            "--sample-every-epochs", "0", "--tensorboard", "--jit")
+    assert vqk.Config.load(os.path.join(run, "config.json")).prior_jit_compile is True
     with open(os.path.join(run, "prior_log.csv")) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 1 and float(rows[0]["val_nll"]) > 0

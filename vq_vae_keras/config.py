@@ -49,7 +49,8 @@ class Config:
     sample_every: int = 100
     # speed (issue 11): results within float noise of the reference, except as README says
     precision: str = "float32"  # "float32", "mixed_bfloat16" or "mixed_float16"
-    jit_compile: bool = True  # XLA for the training steps (measured faster on CPU; results within float noise)
+    jit_compile: bool = True  # XLA for the VQ-VAE's training step (measured faster on CPU; float noise)
+    prior_jit_compile: bool = False  # XLA for the prior's (not measured faster on CPU at the demo's size)
     sample_every_epochs: int = 1  # prior: sample grid every N epochs; 0: never
 
     @property
@@ -93,7 +94,8 @@ class Config:
              f"gumbel_schedule must be one of {', '.join(SCHEDULES)}, got {self.gumbel_schedule!r}")
         need(self.gumbel_kl_weight >= 0, f"gumbel_kl_weight must be >= 0, got {self.gumbel_kl_weight}")
         need(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        need(isinstance(self.jit_compile, bool), f"jit_compile must be true or false, got {self.jit_compile!r}")
+        for name in ("jit_compile", "prior_jit_compile"):
+            need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
         need(self.sample_every_epochs >= 0, f"sample_every_epochs must be >= 0, got {self.sample_every_epochs}")
         return self
 

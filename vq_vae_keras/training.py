@@ -265,7 +265,8 @@ def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False, 
 
     prior = build_prior(config)
     prior.compile(optimizer=keras.optimizers.Adam(config.prior_lr), loss="sparse_categorical_crossentropy",
-                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")], jit_compile=config.jit_compile)
+                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+                  jit_compile=config.prior_jit_compile)
     prior.optimizer.build(prior.trainable_variables)
     start = 0
     if resume:
