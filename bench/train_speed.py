@@ -11,6 +11,7 @@ Rows:
   bare <precision>  the same under a mixed precision policy
   loop files        vqk.train_vqvae (what train.py vqvae runs) on a folder of PNGs, steady state
   loop memory       vqk.train_vqvae on an in-memory array
+  loop ... xla      the same with XLA (train.py's default), also as a ratio to the bare XLA step
 The bare rows are measured in rounds interleaved with each other, and again after the loop rows,
 so a machine that gets busier shows up as a drift between the two bare figures.
 PyTorch (optional, not a dependency): the same architecture, float32 and CPU bfloat16 autocast,
@@ -90,9 +91,10 @@ def torch_rows(config, x, steps):
 def bench_config(name, config, steps, rounds, precisions, folder):
     print(f"\n{name}: img_dim {config.img_dim}, z_dim {config.z_dim}, batch {config.batch_size}, {steps} steps a round")
     x = np.random.default_rng(0).uniform(-1, 1, (config.batch_size, config.img_dim, config.img_dim, 3)).astype("float32")
-    variants = {"bare": config, "bare xla": vqk.Config(**{**config.to_dict(), "jit_compile": True})}
+    plain = vqk.Config(**{**config.to_dict(), "jit_compile": False})
+    variants = {"bare": plain, "bare xla": vqk.Config(**{**config.to_dict(), "jit_compile": True})}
     for precision in precisions:
-        variants[f"bare {precision}"] = vqk.Config(**{**config.to_dict(), "precision": precision})
+        variants[f"bare {precision}"] = vqk.Config(**{**plain.to_dict(), "precision": precision})
     models = {label: bare_model(c) for label, c in variants.items()}
     times = {label: [] for label in models}
     for _ in range(rounds):
@@ -100,13 +102,18 @@ def bench_config(name, config, steps, rounds, precisions, folder):
             times[label].append(time_steps(model, x, steps))
     images = vqk.load_images(folder, config.img_dim)
     loop_steps = steps + 8
-    times["loop files"] = [loop_step(vqk.Config(**{**config.to_dict(), "data": folder}), folder, loop_steps)]
-    times["loop memory"] = [loop_step(config, images, loop_steps)]
+    for jit in (False, True):  # the loop with and without XLA (train.py's default: with)
+        loop = vqk.Config(**{**config.to_dict(), "jit_compile": jit})
+        suffix = " xla" if jit else ""
+        times["loop files" + suffix] = [loop_step(vqk.Config(**{**loop.to_dict(), "data": folder}), folder, loop_steps)]
+        times["loop memory" + suffix] = [loop_step(loop, images, loop_steps)]
     times["bare (after)"] = [time_steps(models["bare"], x, steps)]
-    base = min(times["bare"])
+    times["bare xla (after)"] = [time_steps(models["bare xla"], x, steps)]
+    base, base_xla = min(times["bare"]), min(times["bare xla"])
     for label, values in times.items():
         best = min(values)
-        print(f"  {label:22s} {1000 * best:8.1f} ms/step   {best / base:5.2f}x bare")
+        same = f"   {best / base_xla:5.2f}x bare xla" if "xla" in label else ""
+        print(f"  {label:22s} {1000 * best:8.1f} ms/step   {best / base:5.2f}x bare{same}")
     torch_rows(config, x, steps)
 
 
