@@ -172,7 +172,6 @@ def test_resume_is_exact_in_mixed_precision(image_dir, tmp_path, precision):
 
 
 def test_array_data_user_callbacks_and_no_global_seeding(tmp_path):
-    import keras
     import tensorflow as tf
 
     from test_fit import Recorder, images
@@ -189,7 +188,6 @@ def test_array_data_user_callbacks_and_no_global_seeding(tmp_path):
     assert len(read_log(str(tmp_path / "from_dataset"))) == 3
     with pytest.raises(vqk.UsageError, match="in \\[-1, 1\\]"):
         train_vqvae(tiny_config(), str(tmp_path / "bad"), steps=1, data=images(4) * 3)
-    del keras
 
 
 def test_cli_precision_jit_tensorboard_and_prior_flags(image_dir, tmp_path):

@@ -14,15 +14,14 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from .callbacks import (Every, GumbelAnneal, NanGuard, NonFiniteLoss, ReconstructionGrids, ResetMetrics, StepLog,
-                        StopOnSignal, TensorBoardWriter, TqdmProgress)
+from .callbacks import (Every, GumbelAnneal, NanGuard, NonFiniteLoss, ReconstructionGrids, ResetMetrics,  # noqa: F401
+                        StepLog, StopOnSignal, TensorBoardWriter, TqdmProgress)
 from .codebook import kmeans, summary
 from .config import Config
 from .data import ImageArray, ImageFolder, epoch_batches, index_dataset, warn
 from .errors import UsageError
 from .io import load_checkpoint, save_checkpoint, save_model, save_npy, save_png, save_weights
 from .models import build_vqvae, compile_vqvae
-from .quantizers import CodeUsage
 from .run import RunDir, load_vqvae
 
 REFERENCE_EPOCHS = 1000
