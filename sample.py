@@ -128,7 +128,7 @@ def evaluate_command(args):
     """Scores of a run on a folder: printed as a table and written as JSON."""
     import json
 
-    from vq_vae_keras.evaluate import evaluate, format_table
+    from vq_vae_keras.evaluation import evaluate, format_table
     from vq_vae_keras.io import atomic_write_text
 
     out = args.json or os.path.join(args.run, "eval.json")

@@ -51,6 +51,12 @@ def build_parser():
                     help="decode and resize the images once, keep them in memory (and in FILE.npz if given, "
                          "reused by later runs); same results, for folders that fit in memory")
     add_steps_flags(vq)
+    speed = vq.add_argument_group("speed (results within float noise of float32 without XLA)")
+    speed.add_argument("--precision", choices=["float32", "mixed_bfloat16", "mixed_float16"],
+                       help="float32 (default, the reference) or mixed precision; the quantizer stays float32")
+    speed.add_argument("--jit", dest="jit_compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="compile the training step with XLA (default: off)")
+    vq.add_argument("--tensorboard", action="store_true", help="write RUN/tensorboard/ (tensorboard --logdir RUN/tensorboard)")
 
     prior = commands.add_parser("prior", help="train the attention prior on a trained VQ-VAE's codes")
     prior.add_argument("--run", required=True, type=folder, help="run directory of a trained VQ-VAE")
@@ -58,6 +64,13 @@ def build_parser():
     prior.add_argument("--batch-size", type=positive_int, help="default 32")
     prior.add_argument("--seed", type=seed_int)
     add_steps_flags(prior, restart=True)
+    prior.add_argument("--val-split", type=nonnegative_float, metavar="F",
+                       help="hold out this fraction of the code maps for val_nll (default 0: train on all, as the reference)")
+    prior.add_argument("--sample-every-epochs", type=nonnegative_int, metavar="N",
+                       help="grid of prior samples every N epochs (default 1; 0: never)")
+    prior.add_argument("--jit", dest="prior_jit_compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="compile the prior's training step with XLA (default: off)")
+    prior.add_argument("--tensorboard", action="store_true", help="write RUN/tensorboard/prior/")
     return parser
 
 
@@ -71,10 +84,12 @@ def train_vqvae_command(args):
     names = ["data", "img_dim", "z_dim", "num_codes", "batch_size", "lr", "beta", "sample_every", "seed",
              "quantizer", "ema_decay", "restart_dead", "kmeans_init", "gumbel_temperature",
              "gumbel_temperature_end", "gumbel_anneal_steps", "gumbel_schedule", "gumbel_kl_weight"]
+    names += ["precision", "jit_compile"]
     flags = {name: getattr(args, name) for name in names}
     config = config_for_run(args.run, flags, args.resume)
     check_options_apply(flags, config.quantizer)
-    train_vqvae(config, args.run, steps=args.steps, epochs=args.epochs, resume=args.resume, cache=args.cache)
+    train_vqvae(config, args.run, steps=args.steps, epochs=args.epochs, resume=args.resume, cache=args.cache,
+                deterministic=True, tensorboard=args.tensorboard)
     print(f"VQ-VAE weights: {os.path.join(args.run, 'vqvae.weights.h5')}; grids in {os.path.join(args.run, 'samples')}")
 
 
@@ -91,7 +106,8 @@ def train_prior_command(args):
     if args.resume and not os.path.isfile(run.prior_checkpoint):
         raise UsageError(f"no prior checkpoint at {run.prior_checkpoint} to resume; train without --resume")
     flags = {"data": args.data, "prior_batch_size": args.batch_size, "prior_seed": args.seed}
-    config = apply_flags(config, flags, changeable=("data",) if args.resume else tuple(flags),
+    flags.update(val_split=args.val_split, sample_every_epochs=args.sample_every_epochs, prior_jit_compile=args.prior_jit_compile)
+    config = apply_flags(config, flags, changeable=("data", "sample_every_epochs") if args.resume else tuple(flags),
                          flag_names={"prior_batch_size": "--batch-size", "prior_seed": "--seed"})
     if not args.resume and not (config.data and os.path.isdir(config.data)):  # --data itself was checked
         raise UsageError(f"the run's image folder {config.data} is gone; give --data DIR" if config.data else
@@ -102,7 +118,8 @@ def train_prior_command(args):
         load_vqvae(config, run)  # the VQ-VAE must load before the old prior goes
         for path in existing:  # a half-done restart must not leave the old prior to --resume from
             os.remove(path)
-    train_prior(config, args.run, steps=args.steps, epochs=args.epochs, resume=args.resume)
+    train_prior(config, args.run, steps=args.steps, epochs=args.epochs, resume=args.resume, deterministic=True,
+                tensorboard=args.tensorboard)
     print(f"prior weights: {os.path.join(args.run, 'prior.weights.h5')}")
 
 

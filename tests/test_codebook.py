@@ -8,7 +8,7 @@ import tensorflow as tf
 
 import vq_vae_keras as vqk
 from vq_vae_keras.codebook import kmeans, summary, usage_counts
-from vq_vae_keras.layers import CodeUsage, GumbelQuantizer
+from vq_vae_keras.quantizers import CodeUsage, GumbelQuantizer
 
 from conftest import TINY_FLAGS, run_cli, tiny_config
 

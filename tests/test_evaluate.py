@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 import vq_vae_keras as vqk
-from vq_vae_keras.evaluate import (KEYS, PSNR_CAP, InceptionFeatures, feature_statistics, frechet_distance,
+from vq_vae_keras.evaluation import (KEYS, PSNR_CAP, InceptionFeatures, feature_statistics, frechet_distance,
                                    reconstruction_scores)
 from vq_vae_keras.io import to_uint8
 from vq_vae_keras.run import LoadedRun

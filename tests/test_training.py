@@ -34,9 +34,9 @@ def test_a_few_steps_reduce_reconstruction_error(image_dir, tmp_path):
 def test_resume_continues_the_same_loss_sequence(image_dir, tmp_path, quantizer):
     config = tiny_config(data=image_dir, seed=5, sample_every=100, quantizer=quantizer)
     straight = str(tmp_path / "straight")
-    train_vqvae(config, straight, steps=8)
+    train_vqvae(config, straight, steps=8, deterministic=True)
     resumed = str(tmp_path / "resumed")
-    train_vqvae(config, resumed, steps=5)  # crosses an epoch boundary (3 steps per epoch)
+    train_vqvae(config, resumed, steps=5, deterministic=True)  # crosses an epoch boundary (3 steps per epoch)
     train_vqvae(config, resumed, steps=8, resume=True)
     a, b = read_log(straight), read_log(resumed)
     assert [r["step"] for r in b] == [str(i) for i in range(1, 9)]
@@ -74,12 +74,13 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(image_dir, tmp_path,
     from vq_vae_keras import data
 
     real = data.ImageFolder.read_batch
-    calls = {"n": 0}
+    import itertools
 
-    def poisoned(self, indices):
-        calls["n"] += len(indices) == config.batch_size  # training batches, not the grids' random_images
+    fifth = next(itertools.islice(data.epoch_batches(12, config.batch_size, config.seed), 4, None))
+
+    def poisoned(self, indices):  # batches are read in parallel: pick the 5th by its indices
         batch = real(self, indices)
-        if calls["n"] == 5 and len(indices) == config.batch_size:  # the 5th training batch carries a NaN
+        if np.array_equal(indices, fifth):  # the 5th training batch carries a NaN
             batch[0, 0, 0, 0] = np.nan
         return batch
 
@@ -97,12 +98,12 @@ def test_prior_resume_ends_with_the_same_weights(image_dir, tmp_path):
 
     from vq_vae_keras.training import train_prior
 
-    config = tiny_config(data=image_dir, seed=2, prior_batch_size=4)  # 11 training sequences: 3 steps an epoch
+    config = tiny_config(data=image_dir, seed=2, prior_batch_size=4)  # 12 training sequences: 3 steps an epoch
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    train_vqvae(config, straight, steps=3)
+    train_vqvae(config, straight, steps=3, deterministic=True)
     shutil.copytree(straight, resumed)
-    a = train_prior(config, straight, steps=8)
-    train_prior(config, resumed, steps=5)  # stops inside the second epoch
+    a = train_prior(config, straight, steps=8, deterministic=True)
+    train_prior(config, resumed, steps=5, deterministic=True)  # stops inside the second epoch
     b = train_prior(config, resumed, steps=8, resume=True)
     assert int(b.optimizer.iterations.numpy()) == 8
     for x, y in zip(a.get_weights(), b.get_weights()):
@@ -113,8 +114,105 @@ def test_prior_resume_ends_with_the_same_weights(image_dir, tmp_path):
 
 def test_cached_images_train_exactly_like_files(image_dir, tmp_path):
     config = tiny_config(data=image_dir, seed=3)
-    train_vqvae(config, str(tmp_path / "files"), steps=4)
-    train_vqvae(config, str(tmp_path / "cached"), steps=4, cache=str(tmp_path / "images.npz"))
+    train_vqvae(config, str(tmp_path / "files"), steps=4, deterministic=True)
+    train_vqvae(config, str(tmp_path / "cached"), steps=4, cache=str(tmp_path / "images.npz"), deterministic=True)
     a, b = read_log(str(tmp_path / "files")), read_log(str(tmp_path / "cached"))
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
     assert os.path.isfile(tmp_path / "images.npz")
+
+
+def event_tags(folder, values=None):
+    """{tag: number of events} of every TensorBoard event file under folder; the (step, value)
+    pairs of the scalar tags go into `values` if given."""
+    import tensorflow as tf
+
+    tags = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            for event in tf.compat.v1.train.summary_iterator(os.path.join(root, name)):
+                for value in event.summary.value:
+                    tags[value.tag] = tags.get(value.tag, 0) + 1
+                    if values is not None and value.metadata.plugin_data.plugin_name == "scalars":
+                        values.setdefault(value.tag, []).append((event.step, float(tf.make_ndarray(value.tensor))))
+    return tags
+
+
+def test_tensorboard_holds_scalars_grids_and_code_usage(image_dir, tmp_path):
+    run = str(tmp_path / "run")
+    config = tiny_config(data=image_dir, sample_every=3)
+    train_vqvae(config, run, steps=4, tensorboard=True)
+    values = {}
+    tags = event_tags(os.path.join(run, "tensorboard", "vqvae"), values)
+    for key in ("loss", "mse_x", "mse_e", "mse_z", "perplexity", "usage", "learning_rate"):
+        assert tags.get(key) == 4, (key, tags)  # one per step
+    rows = read_log(run)
+    assert sorted(values["mse_x"]) == [(int(r["step"]), pytest.approx(float(r["mse_x"]), rel=1e-5)) for r in rows]
+    np.testing.assert_allclose([v for _, v in values["learning_rate"]], config.lr, rtol=1e-6)
+    for key in ("test_ae_1", "test_ae_2", "code_usage", "code_usage_chart"):
+        assert tags.get(key) == 2, (key, tags)  # sample steps 1 and 4 (the end)
+    from vq_vae_keras.training import train_prior
+
+    config.prior_heads, config.prior_head_dim, config.prior_depth, config.prior_batch_size = 2, 4, 2, 4
+    config.val_split = 0.25
+    train_prior(config, run, epochs=2, tensorboard=True)
+    tags = event_tags(os.path.join(run, "tensorboard", "prior"))
+    assert tags.get("loss") == tags.get("accuracy") == tags.get("val_nll") == tags.get("prior_sample") == 2, tags
+
+
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_resume_is_exact_in_mixed_precision(image_dir, tmp_path, precision):
+    config = tiny_config(data=image_dir, seed=5, sample_every=100, precision=precision)
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    a = train_vqvae(config, straight, steps=5, deterministic=True)
+    train_vqvae(config, resumed, steps=3, deterministic=True)
+    b = train_vqvae(config, resumed, steps=5, resume=True)
+    assert [float(r["loss"]) for r in read_log(resumed)] == [float(r["loss"]) for r in read_log(straight)]
+    for x, y in zip(a.train_model.get_weights(), b.train_model.get_weights()):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_array_data_user_callbacks_and_no_global_seeding(tmp_path):
+    import tensorflow as tf
+
+    from test_fit import Recorder, images
+
+    state = np.random.get_state()[1].copy()
+    recorder = Recorder()
+    run = str(tmp_path / "run")
+    train_vqvae(tiny_config(sample_every=2), run, steps=3, data=images(10), callbacks=[recorder])
+    assert np.array_equal(np.random.get_state()[1], state)  # the library did not reseed NumPy globally
+    assert len(recorder.batch_logs) == 3 and "mse_x" in recorder.batch_logs[0]
+    assert [r["step"] for r in read_log(run)] == ["1", "2", "3"]
+    dataset = tf.data.Dataset.from_tensor_slices(images(8)).batch(4)
+    train_vqvae(tiny_config(), str(tmp_path / "from_dataset"), steps=3, data=dataset)
+    assert len(read_log(str(tmp_path / "from_dataset"))) == 3
+    with pytest.raises(vqk.UsageError, match="in \\[-1, 1\\]"):
+        train_vqvae(tiny_config(), str(tmp_path / "bad"), steps=1, data=images(4) * 3)
+
+
+def test_cli_precision_jit_tensorboard_and_prior_flags(image_dir, tmp_path):
+    import json
+
+    from conftest import TINY_FLAGS, run_cli
+
+    run = str(tmp_path / "run")
+    run_cli("train.py", "vqvae", "--data", image_dir, "--run", run, *TINY_FLAGS, "--steps", "3", "--sample-every", "2",
+            "--precision", "mixed_bfloat16", "--jit", "--tensorboard")
+    with open(os.path.join(run, "config.json")) as f:
+        saved = json.load(f)
+    assert saved["precision"] == "mixed_bfloat16" and saved["jit_compile"] is True
+    assert event_tags(os.path.join(run, "tensorboard", "vqvae")).get("test_ae_2") == 2
+    config = vqk.Config.load(os.path.join(run, "config.json"))
+    config.prior_heads, config.prior_head_dim, config.prior_depth = 2, 4, 2
+    config.save(os.path.join(run, "config.json"))
+    run_cli("train.py", "prior", "--run", run, "--epochs", "1", "--batch-size", "4", "--val-split", "0.25",
+            "--sample-every-epochs", "0", "--tensorboard", "--jit")
+    assert vqk.Config.load(os.path.join(run, "config.json")).prior_jit_compile is True
+    with open(os.path.join(run, "prior_log.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and float(rows[0]["val_nll"]) > 0
+    assert not [p for p in os.listdir(os.path.join(run, "samples")) if p.startswith("prior_sample")]
+    assert "val_nll" in event_tags(os.path.join(run, "tensorboard", "prior"))
+    bad = run_cli("train.py", "vqvae", "--data", image_dir, "--run", str(tmp_path / "bad"), "--precision", "float8",
+                  check=False)
+    assert bad.returncode == 2 and "--precision" in bad.stderr and "Traceback" not in bad.stderr

@@ -37,13 +37,16 @@ _import_tensorflow_quietly()
 from .config import Config  # noqa: E402
 from .data import load_images  # noqa: E402
 from .errors import UsageError  # noqa: E402
-from .evaluate import EvaluateEvery, evaluate  # noqa: E402  (the function shadows the module name)
-from .layers import StraightThrough, VectorQuantizer  # noqa: E402
-from .models import VQVAE, build_vqvae  # noqa: E402
+from .evaluation import EvaluateEvery, evaluate  # noqa: E402
+from .models import VQVAE, VQVAEObjective, build_vqvae  # noqa: E402
 from .prior import CausalSelfAttention, GridPositionEmbedding, build_prior  # noqa: E402
+from .quantizers import GumbelQuantizer, StraightThrough, VectorQuantizer  # noqa: E402
 from .run import load_run  # noqa: E402
 from .sampling import sample_codes  # noqa: E402
+from .training import train_prior, train_vqvae  # noqa: E402
+from . import callbacks  # noqa: E402
 
 __all__ = ["Config", "UsageError", "VectorQuantizer", "StraightThrough", "GridPositionEmbedding",
            "CausalSelfAttention", "VQVAE", "build_vqvae", "build_prior", "load_run", "sample_codes",
-           "load_images", "evaluate", "EvaluateEvery"]
+           "load_images", "train_vqvae", "train_prior", "callbacks", "VQVAEObjective", "GumbelQuantizer",
+           "evaluate", "EvaluateEvery"]

@@ -203,13 +203,8 @@ class ImageFolder:
                 yield batch
 
     def dataset(self, batch_size, seed, start_step=0):
-        """tf.data pipeline over `batches`, prefetched so decoding overlaps the training step."""
-        import tensorflow as tf
-
-        spec = tf.TensorSpec((None, self.img_dim, self.img_dim, 3), tf.float32)
-        ds = tf.data.Dataset.from_generator(lambda: self.batches(batch_size, seed, start_step),
-                                            output_signature=spec)
-        return ds.map(lambda x: (x, x)).prefetch(tf.data.AUTOTUNE)
+        """The batches of `batches` as a tf.data graph, decoded in parallel and prefetched."""
+        return training_dataset(self.read_batch, len(self.paths), self.img_dim, batch_size, seed, start_step)
 
     def random_images(self, n, rng):
         """n images drawn at random (with replacement, as the reference's np.random.choice), decoded
@@ -223,6 +218,70 @@ class ImageFolder:
             if batch is not None:
                 images.extend(batch)
         return np.stack(images)
+
+
+class ImageArray:
+    """Images already in memory, (N, d, d, 3) floats in [-1, 1], served like an ImageFolder."""
+
+    def __init__(self, images):
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2] or not len(images):
+            raise UsageError(f"images must be an array (N, d, d, 3) with N >= 1, got shape {images.shape}")
+        if not np.issubdtype(images.dtype, np.floating) or not np.isfinite(images).all() or np.abs(images).max() > 1:
+            raise UsageError("images must be finite floats in [-1, 1] (x / 255 * 2 - 1)")
+        self.images, self.img_dim = images.astype(np.float32, copy=False), images.shape[1]
+
+    def __len__(self):
+        return len(self.images)
+
+    def steps_per_epoch(self, batch_size):
+        return math.ceil(len(self.images) / batch_size)
+
+    def read_batch(self, indices):
+        return self.images[np.asarray(indices)]
+
+    def random_images(self, n, rng):
+        return self.images[rng.integers(0, len(self.images), size=n)]
+
+    def dataset(self, batch_size, seed, start_step=0):
+        return training_dataset(self.read_batch, len(self.images), self.img_dim, batch_size, seed, start_step)
+
+
+def index_dataset(n, batch_size, seed, start_step=0):
+    """epoch_batches as a tf.data graph: endless int64 index batches, each epoch a permutation
+    seeded by (seed, epoch) (NumPy's, so the order is the same as epoch_batches), from global
+    step start_step on."""
+    import tensorflow as tf
+
+    epoch, skip = divmod(start_step, math.ceil(n / batch_size))
+
+    def permutation(e):
+        return np.random.default_rng([seed, int(e)]).permutation(n).astype(np.int64)
+
+    def one_epoch(e):
+        order = tf.numpy_function(permutation, [e], tf.int64, stateful=False)
+        return tf.data.Dataset.from_tensor_slices(tf.ensure_shape(order, [n])).batch(batch_size)
+
+    return tf.data.Dataset.range(epoch, 2 ** 62).flat_map(one_epoch).skip(skip)
+
+
+def training_dataset(read_batch, n, img_dim, batch_size, seed, start_step=0):
+    """index_dataset -> read_batch(indices) (float32 (k, d, d, 3), or None when none could be
+    read; k may be smaller: unreadable files are dropped) in parallel, in order -> prefetch.
+    One step per element: the same batches, in the same order, as epoch_batches gives."""
+    import tensorflow as tf
+
+    def read(indices):
+        batch = read_batch(indices)
+        return np.zeros((0, img_dim, img_dim, 3), np.float32) if batch is None else batch
+
+    def load(indices):
+        images = tf.numpy_function(read, [indices], tf.float32, stateful=False)
+        return tf.ensure_shape(images, (None, img_dim, img_dim, 3))
+
+    ds = index_dataset(n, batch_size, seed, start_step)
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.filter(lambda images: tf.shape(images)[0] > 0).prefetch(tf.data.AUTOTUNE)
 
 
 def make_demo_images(folder, count=2000, size=64, seed=0):

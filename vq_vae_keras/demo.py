@@ -16,9 +16,11 @@ from .io import save_png
 from .sampling import sample_codes
 from .training import train_prior, train_vqvae
 
-DEMO_CONFIG = dict(img_dim=32, z_dim=64, num_codes=64, batch_size=64, sample_every=200)
+# The prior needs many more steps than the VQ-VAE before its samples look like shapes; sampling a
+# grid every epoch would cost as much as training it, so every 10 epochs.
+DEMO_CONFIG = dict(img_dim=32, z_dim=64, num_codes=64, batch_size=64, sample_every=500, sample_every_epochs=10)
 VQVAE_STEPS = 1500
-PRIOR_EPOCHS = 8
+PRIOR_EPOCHS = 30
 
 
 def run_demo(run_dir):
@@ -28,8 +30,8 @@ def run_demo(run_dir):
         shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
     config = Config(data=data, **DEMO_CONFIG)
     print(f"demo: {VQVAE_STEPS} VQ-VAE steps on {data}, then {PRIOR_EPOCHS} prior epochs")
-    vqvae = train_vqvae(config, run_dir, steps=VQVAE_STEPS)
-    prior = train_prior(config, run_dir, epochs=PRIOR_EPOCHS)
+    vqvae = train_vqvae(config, run_dir, steps=VQVAE_STEPS, deterministic=True)
+    prior = train_prior(config, run_dir, epochs=PRIOR_EPOCHS, deterministic=True)
 
     samples = os.path.join(run_dir, "samples")
     rng = np.random.default_rng(0)

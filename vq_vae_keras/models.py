@@ -3,14 +3,15 @@
 Reference names: e_model -> encoder, q_model -> quantizer, g_model -> decoder, train_model -> train_model.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import keras
 import numpy as np
-from keras import layers
+from keras import layers, ops
 
 from .config import Config
-from .layers import CodebookLayer, GumbelQuantizer, StraightThrough, VectorQuantizer
+from .quantizers import PACKAGE, CodebookLayer, GumbelQuantizer, StraightThrough, VectorQuantizer
 
 
 def residual_block(x, name):
@@ -51,7 +52,7 @@ def build_decoder(config: Config) -> keras.Model:
     x = layers.BatchNormalization(name="bn1")(x)
     x = layers.Activation("relu", name="relu1")(x)
     x = layers.Conv2DTranspose(3, 4, strides=2, padding="same", name="deconv2")(x)
-    x = layers.Activation("tanh", name="tanh")(x)
+    x = layers.Activation("tanh", dtype="float32", name="tanh")(x)  # images in float32 under mixed precision
     return keras.Model(z_in, x, name="decoder")
 
 
@@ -91,6 +92,64 @@ class VQVAE:
         return self.decode(z, batch_size)
 
 
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class VQVAEObjective(keras.layers.Layer):
+    """The whole VQ-VAE objective, added with add_loss as the reference did, so that
+    `train_model.compile(optimizer=...); train_model.fit(images)` trains every term.
+
+    Inputs: [x, x_rec, z, e]: images and their reconstructions (B, d, d, 3), encoder outputs and
+    their code vectors (B, h, w, dim). Output: x_rec unchanged.
+    Loss: mse_x + codebook_weight * mse_e + beta * mse_z, where
+      mse_x = mean((x - x_rec)^2)                  (the decoder and, straight through, the encoder),
+      mse_e = mean((stop_gradient(z) - e)^2)       (moves the codebook; weight 0 with the EMA codebook),
+      mse_z = mean((stop_gradient(e) - z)^2)       (the commitment term, moves the encoder).
+    With the Gumbel quantizer (gumbel=True) only mse_x is added here: that layer adds its own
+    kl_weight * KL term, the one part of its objective that needs its logits.
+    Computed in float32 under any dtype policy; mse_x, mse_e and mse_z are reported as metrics.
+    """
+
+    def __init__(self, beta=0.25, codebook_weight=1.0, gumbel=False, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.beta, self.codebook_weight, self.gumbel = beta, codebook_weight, gumbel
+        self.mse_x = keras.metrics.Mean(name="mse_x")
+        if not gumbel:
+            self.mse_e = keras.metrics.Mean(name="mse_e")
+            self.mse_z = keras.metrics.Mean(name="mse_z")
+
+    def call(self, inputs):
+        x, x_rec, z, e = (ops.cast(t, "float32") for t in inputs)
+        mse_x = ops.mean(ops.square(x - x_rec))
+        self.mse_x.update_state(mse_x)
+        if self.gumbel:
+            self.add_loss(mse_x)
+            return x_rec
+        mse_e = ops.mean(ops.square(ops.stop_gradient(z) - e))
+        mse_z = ops.mean(ops.square(ops.stop_gradient(e) - z))
+        self.mse_e.update_state(mse_e)
+        self.mse_z.update_state(mse_z)
+        self.add_loss(mse_x + self.codebook_weight * mse_e + self.beta * mse_z)
+        return x_rec
+
+    def compute_output_shape(self, input_shapes):
+        return input_shapes[1]
+
+    def get_config(self):
+        return {**super().get_config(), "beta": self.beta, "codebook_weight": self.codebook_weight,
+                "gumbel": self.gumbel}
+
+
+@contextlib.contextmanager
+def dtype_policy(name):
+    """Build layers under a dtype policy, then put the process-wide policy back as it was."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
 def build_quantizer(config: Config) -> CodebookLayer:
     """The reference's VectorQuantizer, or the quantizer the config's codebook options ask for."""
     if config.quantizer == "gumbel":
@@ -102,31 +161,33 @@ def build_quantizer(config: Config) -> CodebookLayer:
 
 
 def build_vqvae(config: Config) -> VQVAE:
+    """The four models of the reference under config.precision (float32, mixed_bfloat16 or
+    mixed_float16); the quantizer and the objective stay float32, weights are float32 in every
+    policy, so weights saved in one precision load in any."""
     config.validate()
-    encoder = build_encoder(config)
-    decoder = build_decoder(config)
+    with dtype_policy(config.precision):
+        encoder = build_encoder(config)
+        decoder = build_decoder(config)
 
-    vq_layer = build_quantizer(config)
-    z_in = keras.Input(encoder.output.shape[1:], name="latent")
-    quantizer = keras.Model(z_in, vq_layer(z_in), name="quantizer")
+        vq_layer = build_quantizer(config)
+        z_in = keras.Input(encoder.output.shape[1:], name="latent")
+        quantizer = keras.Model(z_in, vq_layer(z_in), name="quantizer")
 
-    x_in = keras.Input((config.img_dim, config.img_dim, 3), name="image")
-    z = encoder(x_in)
-    _, e = vq_layer(z)
-    if config.quantizer == "gumbel":
-        decoder_input = e  # while training, a soft mixture of codes: differentiable as it is
-    else:
+        x_in = keras.Input((config.img_dim, config.img_dim, 3), name="image")
+        z = encoder(x_in)
+        _, e = vq_layer(z)
+        gumbel = config.quantizer == "gumbel"
+        # Gumbel: while training e is a soft mixture of codes, differentiable as it is.
+        x_rec = decoder(e if gumbel else StraightThrough(name="straight_through")([z, e]))
         # With EMA the codebook follows the encoder by averages, so mse_e (its gradient) is dropped.
-        codebook_weight = 0.0 if config.quantizer == "ema" else 1.0
-        decoder_input = StraightThrough(config.beta, codebook_weight, name="straight_through")([z, e])
-    train_model = keras.Model(x_in, decoder(decoder_input), name="vqvae")
+        objective = VQVAEObjective(config.beta, 0.0 if config.quantizer == "ema" else 1.0, gumbel, name="objective")
+        train_model = keras.Model(x_in, objective([x_in, x_rec, z, e]), name="vqvae")
     return VQVAE(config, encoder, quantizer, decoder, train_model, vq_layer)
 
 
 def compile_vqvae(vqvae: VQVAE) -> keras.Model:
-    """Adam(lr); loss = mse_x (here) + mse_e + beta * mse_z (added by StraightThrough); with
-    --quantizer ema the mse_e term is 0, with gumbel it is mse_x + kl_weight * KL instead."""
+    """Adam(config.lr), XLA as config.jit_compile asks. The loss is the model's own (VQVAEObjective):
+    nothing to pass here, and `train_model.compile(optimizer=...)` from user code does the same."""
     model = vqvae.train_model
-    model.compile(optimizer=keras.optimizers.Adam(vqvae.config.lr), loss="mse",
-                  metrics=[keras.metrics.MeanSquaredError(name="mse_x")])
+    model.compile(optimizer=keras.optimizers.Adam(vqvae.config.lr), jit_compile=vqvae.config.jit_compile)
     return model

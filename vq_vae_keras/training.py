@@ -1,142 +1,50 @@
-"""Training loops for the VQ-VAE and the prior: model.fit plus small callbacks.
+"""Training the VQ-VAE and the prior: model.fit on a tf.data pipeline, plus small callbacks
+(callbacks.py). Each function reads top to bottom: data, model, resume, callbacks, fit.
 
-The global step is the optimizer's iteration count: it is saved with the weights and the Adam
-moments, and it fixes the data position, so a resumed run continues exactly where it stopped.
+The global step fixes the data position (the seeded per-epoch shuffle), so a resumed run
+continues exactly where it stopped: weights, Adam moments, random generator states and the step
+are saved together at every sample step.
 """
 
-import csv
 import math
 import os
-import signal
-import threading
 
 import keras
 import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
+from .callbacks import (Every, GumbelAnneal, NanGuard, NonFiniteLoss, ReconstructionGrids, ResetMetrics,  # noqa: F401
+                        StepLog, StopOnSignal, TensorBoardWriter, TqdmProgress)
 from .codebook import kmeans, summary
 from .config import Config
-from .data import ImageFolder, epoch_batches, warn
+from .data import ImageArray, ImageFolder, epoch_batches, index_dataset, warn
 from .errors import UsageError
-from .grids import reconstruction_grid
 from .io import load_checkpoint, save_checkpoint, save_model, save_npy, save_png, save_weights
-from .layers import CodeUsage
 from .models import build_vqvae, compile_vqvae
 from .run import RunDir, load_vqvae
 
 REFERENCE_EPOCHS = 1000
+VQVAE_KEYS = ["loss", "mse_x", "mse_e", "mse_z", "perplexity", "usage"]
+GUMBEL_KEYS = ["loss", "mse_x", "kl", "temperature", "perplexity", "usage"]
+PRIOR_KEYS = ["loss", "accuracy"]
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+def seed_everything(seed):
+    """Process-wide: Python, NumPy and TensorFlow seeded, TensorFlow ops deterministic. Only
+    when asked (train.py asks; train_*(deterministic=True))."""
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
 
 
-def global_step(model):
-    return int(model.optimizer.iterations.numpy())
-
-
-class ResetMetrics(keras.callbacks.Callback):
-    """Reset the running means every `every` steps (1: the logs are per-batch values).
-    Code usage is left alone: it is reset by the window that reports it."""
-
-    def __init__(self, every):
-        super().__init__()
-        self.every = every
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if global_step(self.model) % self.every == 0:
-            for metric in self.model.metrics:
-                if not isinstance(metric, CodeUsage):
-                    metric.reset_state()
-
-
-class NanGuard(keras.callbacks.Callback):
-    """Stop at the first non-finite loss, before anything saves the broken weights."""
-
-    def on_train_batch_end(self, batch, logs=None):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(float(loss)):
-            raise NonFiniteLoss(f"loss became {float(loss)} at step {global_step(self.model)}; "
-                                "the last checkpoint was kept (try a lower --lr)")
-
-
-class TqdmProgress(keras.callbacks.Callback):
-    def __init__(self, total, initial, keys, desc):
-        super().__init__()
-        self.total, self.initial, self.keys, self.desc = total, initial, keys, desc
-
-    def on_train_begin(self, logs=None):
-        self.bar = tqdm(total=self.total, initial=self.initial, desc=self.desc, unit="step", dynamic_ncols=True)
-
-    def on_train_batch_end(self, batch, logs=None):
-        logs = logs or {}
-        self.bar.set_postfix({k: f"{float(logs[k]):.4g}" for k in self.keys if k in logs}, refresh=False)
-        self.bar.update(1)
-
-    def on_train_end(self, logs=None):
-        self.bar.close()
-
-
-class CSVLog:
-    """Append-only CSV; on resume, rows past the checkpoint's step are dropped first."""
-
-    def __init__(self, path, fields, resume_step=None):
-        self.path, self.fields = path, ["step"] + list(fields)
-        if resume_step is not None and os.path.isfile(path):
-            with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-            self._write(rows, "w")
-        elif not os.path.isfile(path) or resume_step is None:
-            self._write([], "w")
-
-    def _write(self, rows, mode):
-        with open(self.path, mode, newline="") as f:
-            writer = csv.DictWriter(f, self.fields, extrasaction="ignore")
-            if mode == "w":
-                writer.writeheader()
-            writer.writerows(rows)
-
-    def append(self, step, values):
-        self._write([{"step": step, **{k: _fmt(v) for k, v in values.items()}}], "a")
-
-
-def _fmt(value):
-    return f"{float(value):.6g}" if isinstance(value, (float, np.floating, np.ndarray)) or hasattr(value, "numpy") else value
-
-
-class Every(keras.callbacks.Callback):
-    """Call fn(step, logs) after every step where (step - 1) % every == 0 (the reference samples
-    after its first batch, then every 100), and fn(step, logs) once more at the end if it was not
-    just called."""
-
-    def __init__(self, every, fn, at_end=True):
-        super().__init__()
-        self.every, self.fn, self.at_end = every, fn, at_end
-        self.last = None
-
-    def on_train_batch_end(self, batch, logs=None):
-        step = global_step(self.model)
-        self.logs = logs or {}
-        if (step - 1) % self.every == 0:
-            self.fn(step, self.logs)
-            self.last = step
-
-    def on_train_end(self, logs=None):
-        step = global_step(self.model)
-        if self.at_end and self.last != step and hasattr(self, "logs"):
-            self.fn(step, self.logs)
-
-
-class LogEachStep(keras.callbacks.Callback):
-    def __init__(self, log, keys, steps_per_epoch):
-        super().__init__()
-        self.log, self.keys, self.steps_per_epoch = log, keys, steps_per_epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        step = global_step(self.model)
-        values = {k: (logs or {})[k] for k in self.keys if k in (logs or {})}
-        self.log.append(step, {"epoch": (step - 1) // self.steps_per_epoch, **values})
+def resolve_total_steps(steps, epochs, steps_per_epoch):
+    if steps is not None and epochs is not None:
+        raise UsageError("give --steps or --epochs, not both")
+    if steps is not None:
+        return steps
+    if steps_per_epoch is None:
+        raise UsageError("give steps=: the dataset's length is unknown, so epochs cannot be counted")
+    return (REFERENCE_EPOCHS if epochs is None else epochs) * steps_per_epoch
 
 
 def save_state(model, weights_path, checkpoint_path, step):
@@ -150,56 +58,16 @@ def save_state(model, weights_path, checkpoint_path, step):
     return True
 
 
-def resolve_total_steps(steps, epochs, steps_per_epoch):
-    if steps is not None and epochs is not None:
-        raise UsageError("give --steps or --epochs, not both")
-    if steps is not None:
-        return steps
-    return (REFERENCE_EPOCHS if epochs is None else epochs) * steps_per_epoch
-
-
-def seed_everything(seed):
-    keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
-
-
-class StopOnSignal(keras.callbacks.Callback):
-    """Ctrl-C (SIGINT) or SIGTERM asks training to stop after the current step, so its log row and
-    the final save still happen; a second Ctrl-C interrupts at once."""
-
-    def __init__(self):
-        super().__init__()
-        self.requested = False
-
-    def on_train_begin(self, logs=None):
-        self.previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._request)
-
-    def _request(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, self.previous.get(signal.SIGINT, signal.default_int_handler))
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self.requested:
-            self.model.stop_training = True
-
-    def on_train_end(self, logs=None):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
 def fit_with_interrupt(model, dataset, start, total, callbacks, save):
     """model.fit from step `start` to `total`. A signal stops it cleanly (the callbacks save on
     train end) and then raises KeyboardInterrupt; a hard interrupt saves what there is."""
     stopper = StopOnSignal()
     try:
         if total > start:
-            model.fit(dataset, epochs=1, steps_per_epoch=total - start, callbacks=[stopper, *callbacks],
-                      verbose=0, shuffle=False)
+            model.fit(dataset, epochs=1, steps_per_epoch=total - start, callbacks=[stopper, *callbacks], verbose=0,
+                      shuffle=False)
     except KeyboardInterrupt:
-        save(global_step(model))
+        save(int(model.optimizer.iterations.numpy()))
         raise
     if stopper.requested:
         raise KeyboardInterrupt
@@ -207,8 +75,31 @@ def fit_with_interrupt(model, dataset, start, total, callbacks, save):
 
 # ---------------------------------------------------------------- VQ-VAE
 
-VQVAE_KEYS = ["loss", "mse_x", "mse_e", "mse_z", "perplexity", "usage"]
-GUMBEL_KEYS = ["loss", "mse_x", "kl", "temperature", "perplexity", "usage"]
+def training_images(data, config: Config, cache=None):
+    """data -> (source, dataset(start_step)): source serves random images for the grids (and
+    k-means), dataset the training batches from a global step on.
+    data: a folder (the reference's epochs), an array (N, d, d, 3) in [-1, 1] (the same epochs),
+    or a tf.data.Dataset of image batches, repeated; resuming skips the batches already trained,
+    so it continues exactly only if the dataset gives the same batches each time."""
+    if isinstance(data, tf.data.Dataset):
+        if isinstance(data.element_spec, tuple):
+            raise UsageError("data: a dataset of image batches only (no labels: the model is its own target)")
+        pool = np.concatenate([np.asarray(b) for b in data.take(max(1, 256 // config.batch_size))])
+        source = ImageArray(pool)
+        steps_per_epoch = int(data.cardinality()) if int(data.cardinality()) > 0 else None
+        return source, (lambda start: data.repeat().skip(start).prefetch(tf.data.AUTOTUNE)), steps_per_epoch
+    if isinstance(data, (str, os.PathLike)):
+        source = ImageFolder(data, config.img_dim)
+        if cache:
+            source.cache(None if cache == "memory" else cache)
+    elif data is None:
+        raise UsageError("no training data: give data= (a folder, an image array or a tf.data.Dataset) or config.data")
+    else:
+        source = ImageArray(data)
+    if source.img_dim != config.img_dim:
+        raise UsageError(f"images are {source.img_dim} px, the config says img_dim {config.img_dim}")
+    dataset = lambda start: source.dataset(config.batch_size, config.seed, start)  # noqa: E731
+    return source, dataset, source.steps_per_epoch(config.batch_size)
 
 
 def kmeans_initialise(vqvae, folder, config):
@@ -233,32 +124,25 @@ def kmeans_initialise(vqvae, folder, config):
     vqvae.vq_layer.initialise(centroids)
 
 
-class GumbelAnneal(keras.callbacks.Callback):
-    """Sets the Gumbel-softmax temperature from the global step before each step, and logs it."""
-
-    def __init__(self, layer, config):
-        super().__init__()
-        self.layer, self.config = layer, config
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self.layer.temperature.assign(self.config.gumbel_temperature_at(global_step(self.model)))
-
-    def on_train_batch_end(self, batch, logs=None):
-        if logs is not None:
-            logs["temperature"] = float(self.layer.temperature.numpy())
-
-
-def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, cache=None):
+def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, cache=None, data=None,
+                callbacks=(), deterministic=False, tensorboard=False):
     """Train (or resume) the VQ-VAE of a run directory. Returns the VQVAE.
-    cache: None (read files every step), "memory", or an .npz file path (see ImageFolder.cache)."""
-    run = RunDir(run_dir)
-    folder = ImageFolder(config.data, config.img_dim)
-    if cache:
-        folder.cache(None if cache == "memory" else cache)
-    steps_per_epoch = folder.steps_per_epoch(config.batch_size)
-    total = resolve_total_steps(steps, epochs, steps_per_epoch)
 
-    seed_everything(config.seed)
+    data: None (config.data), a folder, an array of images in [-1, 1] or a tf.data.Dataset of
+      image batches. cache (folders): None (read files every step), "memory", or an .npz path.
+    callbacks: Keras callbacks appended to the run's own (grids, checkpoints, log, progress).
+    deterministic: seed Python/NumPy/TensorFlow from config.seed and turn on TensorFlow's op
+      determinism, process-wide (train.py does); off, the weights start from Keras's own seeds.
+    tensorboard: write RUN/tensorboard/ (scalars every step, grids and code usage at sample steps).
+    """
+    run = RunDir(run_dir)
+    if data is None or isinstance(data, (str, os.PathLike)):
+        data = config.data = str(data) if data is not None else config.data
+    source, dataset, steps_per_epoch = training_images(data, config, cache)
+    total = resolve_total_steps(steps, epochs, steps_per_epoch)
+    if deterministic:
+        seed_everything(config.seed)
+
     vqvae = build_vqvae(config)
     model = compile_vqvae(vqvae)
     model.optimizer.build(model.trainable_variables)
@@ -267,37 +151,48 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, 
         start = load_checkpoint(run.vqvae_checkpoint, model, model.optimizer)["step"]
         print(f"resuming from step {start} of {total}")
     elif config.kmeans_init:
-        kmeans_initialise(vqvae, folder, config)
+        kmeans_initialise(vqvae, source, config)
     os.makedirs(run.samples, exist_ok=True)
     config.save(run.config)
+
     keys = GUMBEL_KEYS if config.quantizer == "gumbel" else VQVAE_KEYS
-    log = CSVLog(run.log, ["epoch"] + keys, resume_step=start if resume else None)
-    usage = next(m for m in model.metrics if isinstance(m, CodeUsage))
+    board = TensorBoardWriter(run.path("tensorboard", "vqvae")) if tensorboard else None
+    log = StepLog(run.log, keys, steps_per_epoch, start, resume, board)
+    grids = ReconstructionGrids(vqvae, lambda step: source.random_images(32, np.random.default_rng([config.seed, step])),
+                                run.samples)
+    usage = vqvae.vq_layer.usage
     window = {"since": start}  # code counts of the last --sample-every window, for the summary
 
     def save(step, logs=None):
-        """The reference's Trainer: two grids and the weights, plus a resumable checkpoint."""
+        """The reference's Trainer: two grids and the weights, plus a resumable checkpoint; the
+        buffered log rows are written here too."""
+        log.flush()
         if step == 0 or not save_state(model, run.vqvae_weights, run.vqvae_checkpoint, step):
             return
-        rng = np.random.default_rng([config.seed, step])
-        images = folder.random_images(32, rng)
-        name = step - 1  # the reference numbers grids by the index of the batch just trained
-        save_png(os.path.join(run.samples, f"test_ae_1_{name}.png"), reconstruction_grid(vqvae, images, 8, quantize=False))
-        save_png(os.path.join(run.samples, f"test_ae_2_{name}.png"), reconstruction_grid(vqvae, images, 8, quantize=True))
-        window.update(first=window["since"] + 1, last=step, counts=usage.counts.numpy().astype(np.int64), since=step)
+        grids.write(step)
+        counts = usage.counts.numpy().astype(np.int64)
+        window.update(first=window["since"] + 1, last=step, counts=counts, since=step)
         usage.reset_state()
+        if board is not None:
+            board.images(step, grids.written)
+            board.code_usage(step, counts)
+            board.flush()
 
-    callbacks = [
-        ResetMetrics(1),
-        NanGuard(),
-        *([GumbelAnneal(vqvae.vq_layer, config)] if config.quantizer == "gumbel" else []),
-        LogEachStep(log, keys, steps_per_epoch),
-        Every(config.sample_every, save),
+    run_callbacks = [
+        ResetMetrics(1, start),
+        NanGuard(start),
+        *([GumbelAnneal(vqvae.vq_layer, config, start)] if config.quantizer == "gumbel" else []),
+        log,
+        Every(config.sample_every, save, start),
         TqdmProgress(total, start, keys, "vqvae"),
+        *callbacks,
     ]
     try:
-        fit_with_interrupt(model, folder.dataset(config.batch_size, config.seed, start), start, total, callbacks, save)
+        fit_with_interrupt(model, dataset(start), start, total, run_callbacks, save)
     finally:
+        log.flush()
+        if board is not None:
+            board.close()
         if "counts" in window:
             tqdm.write(f"codebook, steps {window['first']}-{window['last']}: {summary(window['counts'])}")
     save_model(model, run.vqvae_keras)
@@ -305,9 +200,6 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, 
 
 
 # ---------------------------------------------------------------- prior
-
-PRIOR_KEYS = ["loss", "accuracy"]
-
 
 def prior_codes(config: Config, run: RunDir, resume):
     """RUN/codes.npy: reused on --resume, else every training image encoded and saved."""
@@ -335,8 +227,27 @@ def split_validation(tokens, fraction, seed):
     return tokens[order[n_val:]], tokens[order[:n_val]]
 
 
-def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False):
-    """Train (or resume) the prior of a run directory on its VQ-VAE's codes. Returns the prior."""
+def token_dataset(tokens, batch_size, seed, start_step=0):
+    """(N, L+1) token sequences -> endless (inputs tokens[:, :-1], targets tokens[:, 1:] - 1)
+    batches in the reference's epochs, from global step start_step on."""
+    length = tokens.shape[1] - 1
+
+    def read(indices):
+        batch = tokens[indices]
+        return batch[:, :-1], batch[:, 1:] - 1
+
+    def load(indices):
+        x, y = tf.numpy_function(read, [indices], (tf.int32, tf.int32), stateful=False)
+        return tf.ensure_shape(x, (None, length)), tf.ensure_shape(y, (None, length))
+
+    return index_dataset(len(tokens), batch_size, seed, start_step).map(load).prefetch(tf.data.AUTOTUNE)
+
+
+def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False, callbacks=(), deterministic=False,
+                tensorboard=False):
+    """Train (or resume) the prior of a run directory on its VQ-VAE's codes. Returns the prior.
+    callbacks, deterministic and tensorboard as for train_vqvae; a grid of samples every
+    config.sample_every_epochs epochs (0: never)."""
     from .grids import codes_grid
     from .prior import build_prior, codes_to_tokens, prior_nll
     from .sampling import sample_codes
@@ -348,18 +259,22 @@ def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False):
     batch_size = config.prior_batch_size
     steps_per_epoch = math.ceil(len(train_tokens) / batch_size)
     total = resolve_total_steps(steps, epochs, steps_per_epoch)
+    if deterministic:
+        seed_everything(seed)
 
-    seed_everything(seed)
     prior = build_prior(config)
     prior.compile(optimizer=keras.optimizers.Adam(config.prior_lr), loss="sparse_categorical_crossentropy",
-                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+                  jit_compile=config.prior_jit_compile)
     prior.optimizer.build(prior.trainable_variables)
     start = 0
     if resume:
         start = load_checkpoint(run.prior_checkpoint, prior, prior.optimizer)["step"]
         print(f"resuming the prior from step {start} of {total}")
     config.save(run.config)
-    log = CSVLog(run.prior_log, ["epoch", "loss", "accuracy", "val_nll"], resume_step=start if resume else None)
+    board = TensorBoardWriter(run.path("tensorboard", "prior")) if tensorboard else None
+    log = StepLog(run.prior_log, PRIOR_KEYS + ["val_nll"], steps_per_epoch, start, resume, board)
+    log.set_model(prior)  # not a callback here: it gets one row per epoch, from end_of_epoch
     vqvae = None
 
     def save(step, logs=None):
@@ -367,38 +282,43 @@ def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False):
             save_state(prior, run.prior_weights, run.prior_checkpoint, step)
 
     def end_of_epoch(step, logs):
-        """Validation NLL, a log row and a grid of random samples at the end of each epoch."""
+        """Validation NLL, a log row and (every sample_every_epochs) a grid of random samples."""
         nonlocal vqvae
         epoch = (step - 1) // steps_per_epoch
-        val_nll = prior_nll(prior, val_tokens, batch_size) if len(val_tokens) else float("nan")
-        log.append(step, {"epoch": epoch, "loss": logs.get("loss"), "accuracy": logs.get("accuracy"), "val_nll": val_nll})
+        val_nll = prior_nll(prior, val_tokens, batch_size) if len(val_tokens) else None
+        log.append(step, {**logs, "val_nll": val_nll})
+        log.flush()
         tqdm.write(f"prior epoch {epoch}: loss {float(logs.get('loss', np.nan)):.4f}, "
-                   f"accuracy {float(logs.get('accuracy', np.nan)):.4f}, val_nll {val_nll:.4f}")
-        if vqvae is None:
-            vqvae = load_vqvae(config, run)
-        sampled = sample_codes(prior, 64, config.grid_shape, seed=seed + epoch)
-        save_png(os.path.join(run.samples, f"prior_sample_{epoch}.png"), codes_grid(vqvae, sampled))
+                   f"accuracy {float(logs.get('accuracy', np.nan)):.4f}"
+                   + (f", val_nll {val_nll:.4f}" if val_nll is not None else ""))
+        every = config.sample_every_epochs
+        if every and ((epoch + 1) % every == 0 or step == total):
+            if vqvae is None:
+                vqvae = load_vqvae(config, run)
+            grid = codes_grid(vqvae, sample_codes(prior, 64, config.grid_shape, seed=seed + epoch))
+            save_png(os.path.join(run.samples, f"prior_sample_{epoch}.png"), grid)
+            if board is not None:
+                board.images(step, {"prior_sample": grid})
+                board.flush()
 
     class EpochEnd(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
-            step = global_step(self.model)
+            step = start + batch + 1
             if step % steps_per_epoch == 0 or step == total:
                 end_of_epoch(step, logs or {})
 
-    def batches():
-        for indices in epoch_batches(len(train_tokens), batch_size, seed, start):
-            batch = train_tokens[indices]
-            yield batch[:, :-1], batch[:, 1:] - 1
-
-    length = train_tokens.shape[1] - 1
-    spec = tf.TensorSpec((None, length), tf.int32)
-    dataset = tf.data.Dataset.from_generator(batches, output_signature=(spec, spec)).prefetch(tf.data.AUTOTUNE)
-    callbacks = [
-        ResetMetrics(steps_per_epoch),
-        NanGuard(),
-        Every(config.sample_every, save),
+    run_callbacks = [
+        ResetMetrics(steps_per_epoch, start),
+        NanGuard(start),
+        Every(config.sample_every, save, start),
         EpochEnd(),
         TqdmProgress(total, start, PRIOR_KEYS, "prior"),
+        *callbacks,
     ]
-    fit_with_interrupt(prior, dataset, start, total, callbacks, save)
+    try:
+        fit_with_interrupt(prior, token_dataset(train_tokens, batch_size, seed, start), start, total,
+                           run_callbacks, save)
+    finally:
+        if board is not None:
+            board.close()
     return prior

@@ -1,5 +1,10 @@
-"""Custom Keras layers: the vector quantizer and the straight-through estimator (the prior's
-layers are in prior.py). All written with keras.ops and serializable."""
+"""The quantizer layers: the reference's vector quantizer and its options (EMA codebook, dead-code
+restarts), the Gumbel-softmax quantizer, the straight-through estimator, and the code-usage metrics.
+All written with keras.ops and registered serializable.
+
+Distances, argmin, the codebook and its EMA statistics are computed in float32 whatever the model's
+dtype policy: |z|^2 + |e|^2 - 2 z.e in float16 picks wrong codes.
+"""
 
 import keras
 from keras import ops
@@ -39,6 +44,7 @@ class CodebookLayer(keras.layers.Layer):
     [codes (...) int32, code vectors (..., dim)], and the perplexity and usage metrics."""
 
     def __init__(self, num_codes, seed=None, **kwargs):
+        kwargs.setdefault("dtype", "float32")  # under any mixed precision policy: see the module doc
         super().__init__(**kwargs)
         self.num_codes, self.seed = num_codes, seed
         self.perplexity = keras.metrics.Mean(name="perplexity")
@@ -210,34 +216,23 @@ class GumbelQuantizer(CodebookLayer):
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class StraightThrough(keras.layers.Layer):
-    """Straight-through estimator and the two VQ loss terms (the reference's Lambda + add_loss).
+    """Straight-through estimator (the reference's Lambda): the value of e, the gradient of z.
 
     Inputs: [z, e], both (..., dim): encoder outputs and their code vectors.
-    Output: z + stop_gradient(e - z): the value of e, the gradient of z.
-    Adds codebook_weight * mse_e + beta * mse_z to the model's losses, where
-    mse_e = mean((stop_gradient(z) - e)^2) moves the codebook and
-    mse_z = mean((stop_gradient(e) - z)^2) (the commitment term) moves the encoder.
+    Output: z + stop_gradient(e - z), (..., dim).
+    The loss terms that go with it (mse_e, beta * mse_z) are in models.VQVAEObjective.
     """
 
-    def __init__(self, beta=0.25, codebook_weight=1.0, **kwargs):
-        super().__init__(**kwargs)
-        self.beta = beta
-        self.codebook_weight = codebook_weight
-        self.mse_e = keras.metrics.Mean(name="mse_e")
-        self.mse_z = keras.metrics.Mean(name="mse_z")
-
-    def call(self, inputs, training=None):
+    def call(self, inputs):
         z, e = inputs
-        mse_e = ops.mean(ops.square(ops.stop_gradient(z) - e))
-        mse_z = ops.mean(ops.square(ops.stop_gradient(e) - z))
-        self.add_loss(self.codebook_weight * mse_e + self.beta * mse_z)
-        if training:
-            self.mse_e.update_state(mse_e)
-            self.mse_z.update_state(mse_z)
+        e = ops.cast(e, z.dtype)
         return z + ops.stop_gradient(e - z)
 
     def compute_output_shape(self, input_shapes):
         return input_shapes[0]
 
-    def get_config(self):
-        return {**super().get_config(), "beta": self.beta, "codebook_weight": self.codebook_weight}
+    @classmethod
+    def from_config(cls, config):
+        # Files saved before the loss moved into VQVAEObjective carry its weights here.
+        config = {k: v for k, v in config.items() if k not in ("beta", "codebook_weight")}
+        return cls(**config)

@@ -1,0 +1,188 @@
+"""The model owns its loss: Keras's own compile/fit from user code trains every term, with NumPy
+checks of the loss, the EMA codebook and dead-code restarts inside fit; XLA and mixed precision."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import vq_vae_keras as vqk
+
+from conftest import tiny_config
+
+
+def images(n=8, size=16, seed=0):
+    """Smooth images in [-1, 1] (learnable: a colour gradient each)."""
+    rng = np.random.default_rng(seed)
+    t = np.linspace(0, 1, size)[None, :, None, None]
+    a, b = rng.uniform(-1, 1, (n, 1, 1, 3)), rng.uniform(-1, 1, (n, 1, 1, 3))
+    return np.broadcast_to(a * (1 - t) + b * t, (n, size, size, 3)).astype(np.float32)
+
+
+class Recorder(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.batch_logs, self.epoch_logs = [], []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batch_logs.append(dict(logs))
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epoch_logs.append(dict(logs))
+
+
+@pytest.mark.parametrize("kind", ["array", "dataset"])
+def test_fit_from_user_code_trains_every_term(kind):
+    keras.utils.set_random_seed(0)
+    vqvae = vqk.build_vqvae(tiny_config())
+    model = vqvae.train_model
+    model.compile(optimizer=keras.optimizers.Adam(3e-3))
+    x = images(16)
+    data = x if kind == "array" else tf.data.Dataset.from_tensor_slices(x).batch(8)
+    kernel = vqvae.decoder.get_layer("deconv2").kernel
+    before = kernel.numpy().copy()
+    recorder = Recorder()
+    history = model.fit(data, batch_size=8, epochs=15, verbose=0, callbacks=[recorder])
+    # The decoder learns from the reconstruction term (Keras warned "Gradients do not exist" before).
+    assert not np.allclose(kernel.numpy(), before)
+    for key in ("loss", "mse_x", "mse_e", "mse_z", "perplexity", "usage"):
+        assert key in history.history and key in recorder.batch_logs[-1] and key in recorder.epoch_logs[-1]
+    mse_x = history.history["mse_x"]
+    assert mse_x[-1] < 0.7 * mse_x[0]
+
+
+def test_logged_loss_is_the_reference_objective_against_numpy():
+    """One SGD step: the logged values against NumPy on the model's own forward pass, and the
+    codebook's update, which only mse_e (weight 1) moves: beta on the wrong term fails here."""
+    beta, lr = 0.4, 0.5
+    keras.utils.set_random_seed(3)
+    vqvae = vqk.build_vqvae(tiny_config(beta=beta))
+    model = vqvae.train_model
+    model.compile(optimizer=keras.optimizers.SGD(lr))
+    x = images(4, seed=1)
+    # Training-mode BatchNorm uses the batch's statistics: the same forward pass as the step's.
+    x_rec = model(x, training=True).numpy()
+    z = vqvae.encoder(x, training=True).numpy().astype(np.float64)
+    codebook = vqvae.vq_layer.codebook.numpy().astype(np.float64)
+    codes = ((z[..., None, :] - codebook) ** 2).sum(-1).argmin(-1)
+    e = codebook[codes]
+    assert np.abs(z - e).mean() > 1e-3  # z and e differ: the terms are not trivially zero
+
+    logs = model.train_on_batch(x, return_dict=True)
+    mse_x = ((x - x_rec) ** 2).mean()
+    mse_ze = ((z - e) ** 2).mean()
+    np.testing.assert_allclose(logs["mse_x"], mse_x, rtol=1e-5)
+    np.testing.assert_allclose(logs["mse_e"], mse_ze, rtol=1e-5)
+    np.testing.assert_allclose(logs["mse_z"], mse_ze, rtol=1e-5)
+    np.testing.assert_allclose(logs["loss"], mse_x + mse_ze + beta * mse_ze, rtol=1e-5)
+    # d(mse_e)/d(e_k) = 2 (e_k - z) / n summed over the positions assigned to k; SGD moves by -lr * grad.
+    grad = np.zeros_like(codebook)
+    np.add.at(grad, codes.ravel(), 2 * (e - z).reshape(-1, z.shape[-1]) / z.size)
+    np.testing.assert_allclose(vqvae.vq_layer.codebook.numpy(), codebook - lr * grad, rtol=1e-4, atol=1e-7)
+
+
+class CodebookRecorder(keras.callbacks.Callback):
+    """Before each step: the encoder outputs of the (fixed) batch and the codebook."""
+
+    def __init__(self, vqvae, x):
+        super().__init__()
+        self.vqvae, self.x, self.steps = vqvae, x, []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        z = self.vqvae.encoder(self.x, training=True).numpy().astype(np.float64)
+        self.steps.append((z, self.vqvae.vq_layer.codebook.numpy().astype(np.float64)))
+
+
+def test_ema_codebook_inside_fit_matches_a_numpy_replay():
+    d, eps, k = 0.9, 1e-5, 8
+    keras.utils.set_random_seed(4)
+    vqvae = vqk.build_vqvae(tiny_config(quantizer="ema", ema_decay=d, ema_epsilon=eps))
+    model = vqvae.train_model
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    x = images(4, seed=2)
+    recorder = CodebookRecorder(vqvae, x)
+    model.fit(x, batch_size=4, epochs=4, shuffle=False, verbose=0, callbacks=[recorder])
+
+    counts, sums = np.ones(k), recorder.steps[0][1].copy()  # as if each code was assigned once to itself
+    codebook = sums.copy()
+    for z, recorded in recorder.steps:
+        np.testing.assert_allclose(recorded, codebook, rtol=1e-4, atol=1e-6)
+        flat = z.reshape(-1, z.shape[-1])
+        codes = ((flat[:, None] - codebook) ** 2).sum(-1).argmin(-1)
+        onehot = np.eye(k)[codes]
+        counts = d * counts + (1 - d) * onehot.sum(0)
+        sums = d * sums + (1 - d) * onehot.T @ flat
+        smoothed = (counts + eps) / (counts.sum() + k * eps) * counts.sum()
+        codebook = sums / smoothed[:, None]
+    np.testing.assert_allclose(vqvae.vq_layer.codebook.numpy(), codebook, rtol=1e-4, atol=1e-6)
+
+
+def test_dead_codes_restart_inside_fit():
+    keras.utils.set_random_seed(5)
+    vqvae = vqk.build_vqvae(tiny_config(restart_dead=1))
+    model = vqvae.train_model
+    model.compile(optimizer=keras.optimizers.SGD(1e-3))
+    x = images(4, seed=3)
+    z = vqvae.encoder(x, training=True).numpy()
+    layer = vqvae.vq_layer
+    far = layer.codebook.numpy()
+    far[6:] = 100.0  # codes 6 and 7 are nobody's nearest: idle this step
+    layer.codebook.assign(far)
+    model.fit(x, batch_size=4, epochs=1, verbose=0)
+    moved = layer.codebook.numpy()[6:]
+    flat = z.reshape(-1, z.shape[-1])
+    for row in moved:  # each idle code now sits on one of the batch's encoder outputs
+        assert np.abs(flat - row).max(axis=1).min() < 1e-5
+
+
+def test_xla_gives_the_same_losses():
+    x = images(8, seed=4)
+    losses = {}
+    for jit in (False, True):
+        keras.utils.set_random_seed(6)
+        vqvae = vqk.build_vqvae(tiny_config(jit_compile=jit))
+        model = vqk.models.compile_vqvae(vqvae)
+        losses[jit] = [model.train_on_batch(x, return_dict=True)["loss"] for _ in range(4)]
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_steps_are_finite_and_codes_match_float32(precision):
+    policy = keras.config.dtype_policy().name
+    keras.utils.set_random_seed(7)
+    vqvae = vqk.build_vqvae(tiny_config(precision=precision))
+    assert keras.config.dtype_policy().name == policy  # the process-wide policy is left as it was
+    assert vqvae.encoder.get_layer("conv1").compute_dtype == precision.split("_")[1]
+    assert vqvae.vq_layer.compute_dtype == "float32" and vqvae.vq_layer.codebook.dtype == "float32"
+    model = vqk.models.compile_vqvae(vqvae)
+    if precision == "mixed_float16":
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    x = images(8, seed=5)
+    for _ in range(3):
+        logs = model.train_on_batch(x, return_dict=True)
+        assert all(np.isfinite(v) for v in logs.values())
+    # The same z gives the same codes as a float32 quantizer with the same codebook.
+    reference = vqk.build_vqvae(tiny_config())
+    reference.vq_layer.codebook.assign(vqvae.vq_layer.codebook)
+    z = np.random.default_rng(0).normal(size=(4, 4, 4, 8)).astype(np.float32)
+    np.testing.assert_array_equal(vqvae.quantize(z)[0], reference.quantize(z)[0])
+    # Weights are float32 in every policy: a float32 model loads them.
+    reference.train_model.set_weights(model.get_weights())
+
+
+def test_reset_metrics_makes_the_logs_per_batch_values_compile_metrics_included():
+    """The loop's per-step rows: with ResetMetrics(1) each batch's logs are that batch's values,
+    for compile()'s metrics (the prior's accuracy) as well as the loss: a batch's accuracy over
+    2 x 16 targets is a multiple of 1/32, a running mean over several batches in general is not."""
+    from vq_vae_keras.callbacks import ResetMetrics
+
+    config = tiny_config(prior_depth=1)
+    prior = vqk.build_prior(config)
+    prior.compile(optimizer="adam", loss="sparse_categorical_crossentropy",
+                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 9, (12, 16)), rng.integers(0, 8, (12, 16))
+    recorder = Recorder()
+    prior.fit(x, y, batch_size=2, epochs=1, shuffle=False, verbose=0, callbacks=[ResetMetrics(1, 0), recorder])
+    accuracy = np.array([logs["accuracy"] for logs in recorder.batch_logs])
+    np.testing.assert_allclose(accuracy * 32, np.round(accuracy * 32), atol=1e-4)

@@ -1,0 +1,288 @@
+"""Small Keras callbacks for training: each does one job and works in any `model.fit`.
+
+    fit(images, callbacks=[vqk.callbacks.NanGuard(), vqk.callbacks.ReconstructionGrids(vqvae, images[:32], "samples")])
+
+They cost nothing between their periodic work: no per-step file opens, no per-step host reads of
+model state; values Keras already hands to every callback (the logs) are buffered and written at
+each flush. Steps are counted from the optimizer's iteration count at the start of fit (or `start`).
+"""
+
+import csv
+import math
+import os
+import signal
+import threading
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tqdm.auto import tqdm
+
+from .codebook import histogram_image
+from .grids import reconstruction_grid
+from .io import save_png
+from .quantizers import CodeUsage
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class StepCallback(keras.callbacks.Callback):
+    """Keeps `self.step`, the global step just trained, without reading the model every step."""
+
+    def __init__(self, start=None):
+        super().__init__()
+        self.start = start
+
+    def on_train_begin(self, logs=None):
+        self.step = int(self.model.optimizer.iterations.numpy()) if self.start is None else self.start
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        self.on_step(self.step, logs or {})
+
+    def on_step(self, step, logs):
+        pass
+
+
+class Every(StepCallback):
+    """fn(step, logs) after every step where (step - 1) % every == 0 (the reference samples after
+    its first batch, then every 100), and once more at the end of training if not just called."""
+
+    def __init__(self, every, fn, start=None, at_end=True):
+        super().__init__(start)
+        self.every, self.fn, self.at_end = every, fn, at_end
+        self.last, self.logs = None, None
+
+    def on_step(self, step, logs):
+        self.logs = logs
+        if (step - 1) % self.every == 0:
+            self.fn(step, logs)
+            self.last = step
+
+    def on_train_end(self, logs=None):
+        if self.at_end and self.logs is not None and self.last != self.step:
+            self.fn(self.step, self.logs)
+            self.last = self.step
+
+
+class ReconstructionGrids(Every):
+    """The reference's grids every `every` steps: folder/test_ae_1_<step-1>.png (encoder ->
+    decoder) and test_ae_2_<step-1>.png (through the quantizer) of 32 fixed images
+    (or images_fn(step) -> 32 images)."""
+
+    def __init__(self, vqvae, images, folder, every=100, start=None):
+        super().__init__(every, self.write, start)
+        self.vqvae, self.folder = vqvae, folder
+        self.images = images if callable(images) else (lambda step: images)
+        self.written = {}
+
+    def write(self, step, logs=None):
+        images = self.images(step)
+        name = step - 1  # the reference numbers grids by the index of the batch just trained
+        for kind, quantize in (("test_ae_1", False), ("test_ae_2", True)):
+            grid = reconstruction_grid(self.vqvae, images, 8, quantize=quantize)
+            save_png(os.path.join(self.folder, f"{kind}_{name}.png"), grid)
+            self.written[kind] = grid
+
+
+class NanGuard(StepCallback):
+    """Stop at the first non-finite loss, before anything saves the broken weights."""
+
+    def on_step(self, step, logs):
+        loss = logs.get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise NonFiniteLoss(f"loss became {float(loss)} at step {step}; "
+                                "the last checkpoint was kept (try a lower --lr)")
+
+
+class ResetMetrics(StepCallback):
+    """Reset the running means before every `every`-th step (1: the logs are per-batch values),
+    in one compiled call. Code usage is left alone: it is reset by the window that reports it."""
+
+    def __init__(self, every, start=None):
+        super().__init__(start)
+        self.every, self.reset = every, None
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self.first = True
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.first:  # fit has just reset them; compile()'s metrics are built by the first step
+            self.first = False
+            return
+        if self.step % self.every == 0:
+            if self.reset is None:
+                metrics = [m for m in self.model.metrics if not isinstance(m, CodeUsage)]
+                self.reset = tf.function(lambda: [m.reset_state() for m in metrics])
+            self.reset()
+
+
+class TqdmProgress(StepCallback):
+    def __init__(self, total, start, keys, desc):
+        super().__init__(start)
+        self.total, self.keys, self.desc = total, keys, desc
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self.bar = tqdm(total=self.total, initial=self.step, desc=self.desc, unit="step", dynamic_ncols=True)
+
+    def on_step(self, step, logs):
+        self.bar.set_postfix({k: f"{float(logs[k]):.4g}" for k in self.keys if k in logs}, refresh=False)
+        self.bar.update(1)
+
+    def on_train_end(self, logs=None):
+        self.bar.close()
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+class StepLog(StepCallback):
+    """One row per step (step, epoch, keys...) kept in memory and written by flush(): to a CSV
+    file (appended; on resume, rows past the resumed step are dropped first) and, given a
+    TensorBoard writer, as scalars with the learning rate. Flushed at the end of training."""
+
+    def __init__(self, path, keys, steps_per_epoch, start=None, resume=False, tensorboard=None):
+        super().__init__(start)
+        self.path, self.keys, self.steps_per_epoch = path, list(keys), steps_per_epoch
+        self.fields = ["step", "epoch"] + self.keys
+        self.tensorboard, self.rows = tensorboard, []
+        kept = [r for r in read_csv(path) if int(r["step"]) <= (start or 0)] if resume and os.path.isfile(path) else []
+        self._write(kept, "w")
+
+    def _write(self, rows, mode):
+        def text(value):
+            return "" if value is None or (isinstance(value, float) and math.isnan(value)) else (
+                f"{value:.6g}" if isinstance(value, float) else value)
+
+        with open(self.path, mode, newline="") as f:
+            writer = csv.DictWriter(f, self.fields, extrasaction="ignore")
+            if mode == "w":
+                writer.writeheader()
+            writer.writerows({k: text(v) for k, v in row.items()} for row in rows)
+
+    def on_step(self, step, logs):
+        self.append(step, logs)
+
+    def append(self, step, values):
+        row = {"step": step, "epoch": (step - 1) // self.steps_per_epoch}
+        row.update({k: float(values[k]) for k in self.keys if values.get(k) is not None})
+        self.rows.append(row)
+
+    def flush(self):
+        if not self.rows:
+            return
+        self._write(self.rows, "a")
+        if self.tensorboard is not None:
+            lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            for row in self.rows:
+                self.tensorboard.scalars(row["step"], {**{k: v for k, v in row.items() if k in self.keys},
+                                                       "learning_rate": lr})
+            self.tensorboard.flush()
+        self.rows = []
+
+    def on_train_end(self, logs=None):
+        self.flush()
+
+
+def _metadata(plugin, data_class):
+    """What TensorBoard's scalar/image/histogram plugins expect of a summary, written with
+    TensorFlow's own tf.summary.write: the tensorboard package is needed to view, not to write."""
+    from tensorflow.core.framework import summary_pb2
+
+    meta = summary_pb2.SummaryMetadata(data_class=data_class)
+    meta.plugin_data.plugin_name = plugin
+    return meta
+
+
+class TensorBoardWriter:
+    """RUN/tensorboard/...: scalars, image grids and the code-usage histogram, by global step
+    (view with `tensorboard --logdir RUN/tensorboard`)."""
+
+    SCALAR, TENSOR, BLOBS = 1, 2, 3  # SummaryMetadata data classes
+
+    def __init__(self, log_dir):
+        self.writer = tf.summary.create_file_writer(log_dir)
+
+    def scalars(self, step, values):
+        meta = _metadata("scalars", self.SCALAR)
+        with self.writer.as_default():
+            for name, value in values.items():
+                if value is not None and math.isfinite(float(value)):
+                    tf.summary.write(name, tf.constant(float(value), tf.float32), step=step, metadata=meta)
+
+    def images(self, step, grids):
+        """{tag: (H, W, 3) uint8 grid}, each as a PNG."""
+        meta = _metadata("images", self.BLOBS)
+        with self.writer.as_default():
+            for name, grid in grids.items():
+                grid = np.asarray(grid, np.uint8)
+                png = tf.io.encode_png(grid)
+                tensor = tf.stack([tf.as_string(grid.shape[1]), tf.as_string(grid.shape[0]), png])
+                tf.summary.write(name, tensor, step=step, metadata=meta)
+
+    def code_usage(self, step, counts):
+        """Counts (num_codes,) as a histogram over code indices and as a bar-chart image."""
+        counts = np.asarray(counts, np.float64)
+        edges = np.arange(len(counts), dtype=np.float64)
+        buckets = np.stack([edges, edges + 1, counts], axis=1)  # (left, right, count) per code
+        with self.writer.as_default():
+            tf.summary.write("code_usage", buckets, step=step, metadata=_metadata("histograms", self.TENSOR))
+        self.images(step, {"code_usage_chart": histogram_image(counts)})
+
+    def flush(self):
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
+class GumbelAnneal(StepCallback):
+    """Sets the Gumbel-softmax temperature from the global step before each step, and logs it."""
+
+    def __init__(self, layer, config, start=None):
+        super().__init__(start)
+        self.layer, self.config = layer, config
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.temperature = self.config.gumbel_temperature_at(self.step)
+        self.layer.temperature.assign(self.temperature)
+
+    def on_step(self, step, logs):
+        logs["temperature"] = self.temperature
+
+
+class StopOnSignal(keras.callbacks.Callback):
+    """Ctrl-C (SIGINT) or SIGTERM asks training to stop after the current step, so its log row and
+    the final save still happen; a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.requested = False
+
+    def on_train_begin(self, logs=None):
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._request)
+
+    def _request(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous.get(signal.SIGINT, signal.default_int_handler))
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.requested:
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+__all__ = ["Every", "GumbelAnneal", "NanGuard", "NonFiniteLoss", "ReconstructionGrids", "ResetMetrics", "StepLog",
+           "StopOnSignal", "TensorBoardWriter", "TqdmProgress"]
