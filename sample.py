@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 import vq_vae_keras  # noqa: F401  (quiets TensorFlow's start-up logging)
-from vq_vae_keras.cli import (ArgumentParser, folder, grid_size, output_file, positive_float, positive_int, probability,
+from vq_vae_keras.cli import (ArgumentParser, count, folder, grid_size, output_file, positive_float, positive_int, probability,
                               run_main, seed_int)
 from vq_vae_keras.errors import UsageError
 
@@ -113,15 +113,15 @@ def usage(run, data, out):
 
 def add_evaluate_parser(commands):
     p = commands.add_parser("evaluate", help="PSNR, SSIM, codebook usage, prior bits/dim and FID on a folder")
-    p.add_argument("--run", required=True)
-    p.add_argument("--data", required=True, help="folder of held-out images")
-    p.add_argument("--json", help="where to write the results (default RUN/eval.json)")
+    p.add_argument("--run", required=True, type=folder)
+    p.add_argument("--data", required=True, type=folder, help="folder of held-out images")
+    p.add_argument("--json", type=output_file(".json"), help="where to write the results (default RUN/eval.json)")
     p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--fid", type=positive_int, metavar="N", help="also rFID, and FID of N samples from the prior (N >= 2)")
+    p.add_argument("--fid", type=count, metavar="N", help="also rFID, and FID of N samples from the prior (N >= 2)")
     p.add_argument("--inception-weights", default="imagenet", metavar="imagenet|none|FILE.h5",
                    help="InceptionV3 weights for FID: Keras's ImageNet download (default), its .h5 file, "
                         "or none (random weights: for testing the pipeline only)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the prior samples for FID")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the prior samples for FID")
 
 
 def evaluate_command(args):

@@ -57,6 +57,9 @@ def build_parser():
     speed.add_argument("--jit", dest="jit_compile", action=argparse.BooleanOptionalAction, default=None,
                        help="compile the training step with XLA (default: off)")
     vq.add_argument("--tensorboard", action="store_true", help="write RUN/tensorboard/ (tensorboard --logdir RUN/tensorboard)")
+    vq.add_argument("--eval-data", type=folder, metavar="DIR",
+                    help="held-out images scored every --eval-every steps: psnr, ssim, codes_used in RUN/eval_log.csv")
+    vq.add_argument("--eval-every", type=positive_int, metavar="N", help="steps between evaluations (default 1000)")
 
     prior = commands.add_parser("prior", help="train the attention prior on a trained VQ-VAE's codes")
     prior.add_argument("--run", required=True, type=folder, help="run directory of a trained VQ-VAE")
@@ -88,8 +91,11 @@ def train_vqvae_command(args):
     flags = {name: getattr(args, name) for name in names}
     config = config_for_run(args.run, flags, args.resume)
     check_options_apply(flags, config.quantizer)
+    if args.eval_every is not None and args.eval_data is None:
+        raise UsageError("--eval-every needs --eval-data DIR (the held-out images to score)")
+    evaluation = {} if args.eval_every is None else {"eval_every": args.eval_every}
     train_vqvae(config, args.run, steps=args.steps, epochs=args.epochs, resume=args.resume, cache=args.cache,
-                deterministic=True, tensorboard=args.tensorboard)
+                deterministic=True, tensorboard=args.tensorboard, eval_data=args.eval_data, **evaluation)
     print(f"VQ-VAE weights: {os.path.join(args.run, 'vqvae.weights.h5')}; grids in {os.path.join(args.run, 'samples')}")
 
 

@@ -87,6 +87,19 @@ ROWS = [
     ("train.py vqvae --data {data} --run {new} --quantizer gumbel --gumbel-schedule cosh", "invalid choice"),
     ("train.py vqvae --data {data} --run {new} --quantizer gumbel --gumbel-kl-weight -1", "--gumbel-kl-weight"),
     ("train.py vqvae --data {data} --run {new} --no-such-flag", "unrecognized arguments"),
+    # ---- train.py vqvae: speed and logging
+    ("train.py vqvae --data {data} --run {new} --precision float16", "argument --precision: invalid choice"),
+    ("train.py vqvae --data {data} --run {new} --precision", "argument --precision: expected one argument"),
+    ("train.py vqvae --data {data} --run {new} --jit=yes", "ignored explicit argument"),
+    ("train.py vqvae --data {data} --run {new} --no-jit=1", "ignored explicit argument"),
+    ("train.py vqvae --data {data} --run {run} --resume --no-jit", "--jit-compile False contradicts"),
+    ("train.py vqvae --data {data} --run {run} --resume --precision mixed_float16", "--precision mixed_float16 contradicts"),
+    ("train.py vqvae --data {data} --run {new} --tensorboard=on", "ignored explicit argument"),
+    ("train.py vqvae --data {data} --run {new} --eval-data {file}", "argument --eval-data: not a folder"),
+    ("train.py vqvae --data {data} --run {new} --eval-data {missing}", "argument --eval-data: no such folder"),
+    ("train.py vqvae --data {data} --run {new} --eval-data {empty} --steps 1", "no readable images"),
+    ("train.py vqvae --data {data} --run {new} --eval-every 0", "argument --eval-every"),
+    ("train.py vqvae --data {data} --run {new} --eval-every 5", "--eval-every needs --eval-data"),
     ("train.py resample", "invalid choice"),
     # ---- train.py prior
     ("train.py prior --run {missing}", "argument --run: no such folder"),
@@ -112,6 +125,14 @@ ROWS = [
     ("train.py prior --run {run} --resume --steps 0", "argument --steps"),
     ("train.py prior --run {run} --resume --epochs -1", "argument --epochs"),
     ("train.py prior --run {run} --restart=1", "ignored explicit argument"),
+    ("train.py prior --run {noprior} --val-split 1", "--val-split: val_split must be in [0, 1)"),
+    ("train.py prior --run {noprior} --val-split -0.1", "argument --val-split"),
+    ("train.py prior --run {run} --resume --val-split 0.2", "--val-split 0.2 contradicts"),
+    ("train.py prior --run {noprior} --sample-every-epochs -1", "argument --sample-every-epochs"),
+    ("train.py prior --run {noprior} --sample-every-epochs 1.5", "argument --sample-every-epochs"),
+    ("train.py prior --run {noprior} --jit=1", "ignored explicit argument"),
+    ("train.py prior --run {noprior} --no-jit=1", "ignored explicit argument"),
+    ("train.py prior --run {noprior} --tensorboard=1", "ignored explicit argument"),
     # ---- sample.py
     ("sample.py", "the following arguments are required: command"),
     ("sample.py recon --run {missing} --data {data}", "argument --run: no such folder"),
@@ -138,6 +159,9 @@ ROWS = [
     ("sample.py random --run {run} --top-k 0", "argument --top-k"),
     ("sample.py random --run {run} --top-k 9", "--top-k must be at most num_codes = 8"),
     ("sample.py random --run {run} --n 0", "argument --n"),
+    ("sample.py random --run {run} --top-p 0", "argument --top-p: must be in (0, 1]"),
+    ("sample.py random --run {run} --top-p 1.5", "argument --top-p: must be in (0, 1]"),
+    ("sample.py random --run {run} --top-p half", "argument --top-p"),
     ("sample.py random --run {run} --seed x", "argument --seed"),
     ("sample.py random --run {run} --out {empty}", "argument --out: "),
     ("sample.py random --run {run} --codes-out {empty}", "argument --codes-out: "),
@@ -151,6 +175,20 @@ ROWS = [
     ("sample.py usage --run {file} --data {data}", "argument --run"),
     ("sample.py usage --run {run} --data {data} --out {empty}", "argument --out: "),
     ("sample.py usage --run {badweights} --data {data}", "cannot load VQ-VAE weights"),
+    ("sample.py evaluate --run {missing} --data {data}", "argument --run: no such folder"),
+    ("sample.py evaluate --run {empty} --data {data}", "no config at"),
+    ("sample.py evaluate --run {run} --data {missing}", "argument --data: no such folder"),
+    ("sample.py evaluate --run {run} --data {file}", "argument --data: not a folder"),
+    ("sample.py evaluate --run {run} --data {noimages}", "no usable images"),
+    ("sample.py evaluate --run {run} --data {data} --fid 0", "argument --fid"),
+    ("sample.py evaluate --run {run} --data {data} --fid 1", "--fid needs at least 2"),
+    ("sample.py evaluate --run {run} --data {data} --batch-size 0", "argument --batch-size"),
+    ("sample.py evaluate --run {run} --data {data} --json {empty}", "argument --json: "),
+    ("sample.py evaluate --run {run} --data {data} --json scores.txt", "argument --json: scores.txt must end in .json"),
+    ("sample.py evaluate --run {run} --data {data} --fid 2 --inception-weights {missing}",
+     "no Inception weights file"),
+    ("sample.py evaluate --run {run} --data {data} --seed -1", "argument --seed"),
+    ("sample.py evaluate --run {badweights} --data {data}", "cannot load VQ-VAE weights"),
 ]
 
 SCRIPTS = {"train.py": train, "sample.py": sample}
@@ -162,9 +200,10 @@ BASE = {
     ("sample.py", "interp"): "--run {run} --data {data}",
     ("sample.py", "random"): "--run {run}",
     ("sample.py", "usage"): "--run {run} --data {data}",
+    ("sample.py", "evaluate"): "--run {run} --data {data}",
 }
 NUMBER_TYPES = {cli.positive_int, cli.nonnegative_int, cli.seed_int, cli.count, cli.grid_size, cli.positive_float,
-                cli.nonnegative_float, cli.unit_interval}
+                cli.nonnegative_float, cli.unit_interval, cli.probability}
 
 
 def commands():

@@ -211,37 +211,13 @@ def test_cli_evaluate_writes_every_key_with_fid(trained_run, tmp_path):
         assert again[key] == pytest.approx(results[key], rel=1e-5), key
 
 
-BAD_INPUT = [
-    (["--run", "{tmp}/no_run"], "no run directory"),
-    (["--data", "{tmp}/no_folder"], "no such folder"),
-    (["--fid", "0"], "--fid"),
-    (["--fid", "1"], "--fid needs at least 2"),
-    (["--fid", "nan"], "--fid"),
-    (["--batch-size", "0"], "--batch-size"),
-    (["--json", "{tmp}"], "is a folder"),
-    (["--fid", "2", "--inception-weights", "{tmp}/missing.h5"], "no Inception weights file"),
-]
-
-
 def evaluate_argv(trained_run, tmp_path, args):
     flags = {"--run": trained_run["run"], "--data": trained_run["data"]}
     flags.update(dict(zip(args[::2], (a.format(tmp=tmp_path) for a in args[1::2]))))
     return ["evaluate", *[x for pair in flags.items() for x in pair]]
 
 
-@pytest.mark.parametrize("args, fragment", BAD_INPUT)
-def test_evaluate_bad_input(trained_run, tmp_path, capsys, args, fragment):
-    """In-process through the CLI's own run_main (a process per row is slow); one row spawns below."""
-    import sample
-    from vq_vae_keras.cli import run_main
-
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(sample.main, evaluate_argv(trained_run, tmp_path, args))
-    stderr = capsys.readouterr().err
-    assert exit_info.value.code == 2 and fragment in stderr
-    assert len(stderr.strip().splitlines()) == 1, stderr
-
-
+# The other bad inputs of `sample.py evaluate` are rows of tests/test_bad_inputs.py.
 def test_cli_evaluate_bad_input_in_a_fresh_process(trained_run, tmp_path):
     result = run_cli("sample.py", *evaluate_argv(trained_run, tmp_path, ["--json", "{tmp}"]), check=False)
     assert result.returncode == 2 and "is a folder" in result.stderr

@@ -28,6 +28,7 @@ class RunDir:
     samples = property(lambda self: self.path("samples"))
     log = property(lambda self: self.path("log.csv"))
     prior_log = property(lambda self: self.path("prior_log.csv"))
+    eval_log = property(lambda self: self.path("eval_log.csv"))
     vqvae_checkpoint = property(lambda self: self.path("checkpoint", "vqvae.npz"))
     prior_checkpoint = property(lambda self: self.path("checkpoint", "prior.npz"))
 

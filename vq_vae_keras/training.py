@@ -18,7 +18,7 @@ from .callbacks import (Every, GumbelAnneal, NanGuard, NonFiniteLoss, Reconstruc
                         StepLog, StopOnSignal, TensorBoardWriter, TqdmProgress)
 from .codebook import kmeans, summary
 from .config import Config
-from .data import ImageArray, ImageFolder, epoch_batches, index_dataset, warn
+from .data import ImageArray, ImageFolder, epoch_batches, index_dataset, load_images, warn
 from .errors import UsageError
 from .io import load_checkpoint, save_checkpoint, save_model, save_npy, save_png, save_weights
 from .models import build_vqvae, compile_vqvae
@@ -28,6 +28,7 @@ REFERENCE_EPOCHS = 1000
 VQVAE_KEYS = ["loss", "mse_x", "mse_e", "mse_z", "perplexity", "usage"]
 GUMBEL_KEYS = ["loss", "mse_x", "kl", "temperature", "perplexity", "usage"]
 PRIOR_KEYS = ["loss", "accuracy"]
+EVAL_EVERY = 1000  # steps between held-out evaluations (--eval-every)
 
 
 def seed_everything(seed):
@@ -125,7 +126,7 @@ def kmeans_initialise(vqvae, folder, config):
 
 
 def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, cache=None, data=None,
-                callbacks=(), deterministic=False, tensorboard=False):
+                callbacks=(), deterministic=False, tensorboard=False, eval_data=None, eval_every=EVAL_EVERY):
     """Train (or resume) the VQ-VAE of a run directory. Returns the VQVAE.
 
     data: None (config.data), a folder, an array of images in [-1, 1] or a tf.data.Dataset of
@@ -134,12 +135,18 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     deterministic: seed Python/NumPy/TensorFlow from config.seed and turn on TensorFlow's op
       determinism, process-wide (train.py does); off, the weights start from Keras's own seeds.
     tensorboard: write RUN/tensorboard/ (scalars every step, grids and code usage at sample steps).
+    eval_data: held-out images (a folder or an array) scored every eval_every steps and at the end:
+      psnr, ssim and codes_used rows in RUN/eval_log.csv (and TensorBoard scalars).
     """
+    from .evaluation import EvaluateEvery
+
     run = RunDir(run_dir)
     if data is None or isinstance(data, (str, os.PathLike)):
         data = config.data = str(data) if data is not None else config.data
     source, dataset, steps_per_epoch = training_images(data, config, cache)
     total = resolve_total_steps(steps, epochs, steps_per_epoch)
+    if isinstance(eval_data, (str, os.PathLike)):  # read before anything is written: a bad folder changes nothing
+        eval_data = load_images(eval_data, config.img_dim)
     if deterministic:
         seed_everything(config.seed)
 
@@ -187,6 +194,9 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, 
         TqdmProgress(total, start, keys, "vqvae"),
         *callbacks,
     ]
+    if eval_data is not None:
+        run_callbacks.append(EvaluateEvery(vqvae, eval_data, eval_every, run.eval_log, initial_step=start,
+                                           tensorboard_dir=run.path("tensorboard", "vqvae") if tensorboard else None))
     try:
         fit_with_interrupt(model, dataset(start), start, total, run_callbacks, save)
     finally:
