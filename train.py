@@ -9,7 +9,11 @@ import argparse
 import os
 import sys
 
-import vq_vae_keras  # noqa: F401  (quiets TensorFlow's start-up logging)
+# A command's own process: TensorFlow's C++ log lines (an "E0000 ... cuInit" line on every machine
+# without a GPU, XLA notices) stay hidden unless TF_CPP_MIN_LOG_LEVEL or VQK_VERBOSE_TF asks otherwise.
+if not os.environ.get("VQK_VERBOSE_TF"):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import vq_vae_keras  # noqa: F401, E402  (quiets TensorFlow's start-up logging)
 from vq_vae_keras.cli import (ArgumentParser, add_steps_flags, apply_flags, check_options_apply, config_for_run, folder,
                               nonnegative_float, nonnegative_int, not_a_file, output_file, positive_float, positive_int,
                               run_main, seed_int, unit_interval)

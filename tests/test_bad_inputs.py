@@ -12,7 +12,7 @@ Placeholders in the command lines:
   {file}     a text file                   {missing}  a path that does not exist
   {empty}    an empty folder               {noimages} a folder of files that are not images
   {noprior}  a run with a VQ-VAE and no prior
-  {badconfig} {emptyconfig} {typoconfig} {badweights} {badprior} {badckpt} {badcodes} {nocodes} {textcodes}
+  {badconfig} {emptyconfig} {typoconfig} {otherconfig} {badweights} {badprior} {badckpt} {badcodes} {nocodes} {textcodes}
              copies of {run} with one file broken (see `broken_runs`)
   {badcache} a file.npz that is not an image cache
 """
@@ -149,6 +149,8 @@ ROWS = [
     ("sample.py recon --run {run} --data {data} --no-quantize=no", "ignored explicit argument"),
     ("sample.py recon --run {badweights} --data {data}", "cannot load VQ-VAE weights"),
     ("sample.py recon --run {typoconfig} --data {data}", "lr must be a number"),
+    ("sample.py recon --run {otherconfig} --data {data}", "cannot load VQ-VAE weights"),
+    ("sample.py interp --run {otherconfig} --data {data}", "cannot load VQ-VAE weights"),
     ("sample.py interp --run {run} --data {data} --n 1", "--n must be at least 2"),
     ("sample.py interp --run {run} --data {empty}", "no usable images"),
     ("sample.py interp --run {run} --data {data} --seed 1.5", "argument --seed"),
@@ -293,6 +295,11 @@ def places(trained_run, tmp_path_factory):
         assert '"lr": 0.001' in text
         open(path, "w").write(text.replace('"lr": 0.001', '"lr": "fast"'))
 
+    def other_config(copy):
+        config = vqk.Config.load(os.path.join(copy, "config.json"))
+        config.z_dim = 16
+        config.save(os.path.join(copy, "config.json"))
+
     def bad_checkpoints(copy):
         truncate(os.path.join(copy, "checkpoint", "vqvae.npz"))
         truncate(os.path.join(copy, "checkpoint", "prior.npz"))
@@ -312,6 +319,7 @@ def places(trained_run, tmp_path_factory):
         "badconfig": broken("badconfig", write("config.json", b'{"img_dim": 16,')),
         "emptyconfig": broken("emptyconfig", write("config.json", b"")),
         "typoconfig": broken("typoconfig", typo),
+        "otherconfig": broken("otherconfig", other_config),
         "badweights": broken("badweights", lambda copy: truncate(os.path.join(copy, "vqvae.weights.h5"))),
         "badprior": broken("badprior", lambda copy: truncate(os.path.join(copy, "prior.weights.h5"))),
         "badckpt": broken("badckpt", bad_checkpoints),

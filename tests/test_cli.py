@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -10,7 +9,6 @@ import time
 
 import imageio.v3 as iio
 import numpy as np
-import pytest
 
 import vq_vae_keras as vqk
 
@@ -89,68 +87,7 @@ np.save({str(tmp_path / 'y.npy')!r}, model.predict(np.load({str(tmp_path / 'x.np
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, atol=1e-6)
 
 
-def _other_config_run(trained_run, tmp_path):
-    other = str(tmp_path / "other")
-    shutil.copytree(trained_run["run"], other)
-    config = vqk.Config.load(os.path.join(other, "config.json"))
-    config.z_dim = 16
-    config.save(os.path.join(other, "config.json"))
-    return other
-
-
-def _corrupt_weights_run(trained_run, tmp_path):
-    broken = str(tmp_path / "broken")
-    shutil.copytree(trained_run["run"], broken)
-    with open(os.path.join(broken, "vqvae.weights.h5"), "r+b") as f:
-        f.truncate(100)
-    return broken
-
-
-def _bad_codes_run(trained_run, tmp_path):
-    run = str(tmp_path / "badcodes")
-    shutil.copytree(trained_run["run"], run)
-    np.save(os.path.join(run, "codes.npy"), np.zeros((3, 5, 5), np.int32))
-    return run
-
-
-BAD = {
-    "empty folder": lambda t, p: ["train.py", "vqvae", "--data", str(p.mkdir() or p), "--run", str(p / "r")],
-    "non-images": lambda t, p: ["train.py", "vqvae", "--data", _non_images(p), "--run", str(p / "r")],
-    "negative steps": lambda t, p: ["train.py", "vqvae", "--data", t["data"], "--run", str(p / "r"), "--steps", "-3"],
-    "img-dim not /4": lambda t, p: ["train.py", "vqvae", "--data", t["data"], "--run", str(p / "r"), "--img-dim", "30"],
-    "img-dim < 16": lambda t, p: ["train.py", "vqvae", "--data", t["data"], "--run", str(p / "r"), "--img-dim", "8"],
-    "run exists": lambda t, p: ["train.py", "vqvae", "--data", t["data"], "--run", t["run"], "--steps", "1"],
-    "resume contradicts": lambda t, p: ["train.py", "vqvae", "--data", t["data"], "--run", t["run"], "--resume",
-                                        "--z-dim", "32"],
-    "resume nothing": lambda t, p: ["train.py", "vqvae", "--data", t["data"], "--run", str(p / "r"), "--resume"],
-    "missing run": lambda t, p: ["sample.py", "recon", "--run", str(p / "nope"), "--data", t["data"]],
-    "other config": lambda t, p: ["sample.py", "recon", "--run", _other_config_run(t, p), "--data", t["data"]],
-    "corrupt weights": lambda t, p: ["sample.py", "interp", "--run", _corrupt_weights_run(t, p), "--data", t["data"]],
-    "codes do not fit": lambda t, p: ["train.py", "prior", "--run", _bad_codes_run(t, p), "--resume"],
-    "temperature 0": lambda t, p: ["sample.py", "random", "--run", t["run"], "--temperature", "0"],
-    "top-k too big": lambda t, p: ["sample.py", "random", "--run", t["run"], "--top-k", "9"],
-    "n 0": lambda t, p: ["sample.py", "interp", "--run", t["run"], "--data", t["data"], "--n", "0"],
-    "odd n recon": lambda t, p: ["sample.py", "recon", "--run", t["run"], "--data", t["data"], "--n", "3"],
-    "cache is a folder": lambda t, p: ["train.py", "vqvae", "--data", t["data"], "--run", str(p / "r"),
-                                       "--cache", t["data"]],
-    "unknown command": lambda t, p: ["sample.py", "paint", "--run", t["run"]],
-}
-
-
-def _non_images(path):
-    path.mkdir()
-    (path / "a.png").write_text("not a png")
-    (path / "b.jpg").write_bytes(b"")
-    return str(path)
-
-
-@pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_is_one_line_and_exit_2(trained_run, tmp_path, case):
-    result = run_cli(*BAD[case](trained_run, tmp_path / "case"), check=False)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    assert len(lines) == 1 and "error" in lines[0], result.stderr
+# Bad input of both commands: tests/test_bad_inputs.py, one row per case.
 
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):

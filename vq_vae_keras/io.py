@@ -143,6 +143,11 @@ def optimizer_variables(optimizer, model):
     variable's path with "/" -> "_", which two sub-models can share: the k-th slot of that name
     belongs to the k-th such variable of model.trainable_variables, the order the optimizer was
     built in."""
+    inner = getattr(optimizer, "inner_optimizer", None)
+    if inner is not None:  # float16 loss scaling wraps Adam: its own variables ("dynamic_scale", ...), then Adam's
+        inner_ids = {id(v) for v in inner.variables}
+        named = {f"loss_scale/{v.name}": v for v in optimizer.variables if id(v) not in inner_ids}
+        return {**named, **optimizer_variables(inner, model)}
     name_of = {id(v): name for name, v in model_variables(model).items()}
     by_mangled = {}
     for variable in model.trainable_variables:

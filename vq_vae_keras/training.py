@@ -31,11 +31,14 @@ PRIOR_KEYS = ["loss", "accuracy"]
 EVAL_EVERY = 1000  # steps between held-out evaluations (--eval-every)
 
 
-def seed_everything(seed):
-    """Process-wide: Python, NumPy and TensorFlow seeded, TensorFlow ops deterministic. Only
-    when asked (train.py asks; train_*(deterministic=True))."""
+def seed_everything(seed, jit_compile=False):
+    """Process-wide: Python, NumPy and TensorFlow seeded; without XLA, TensorFlow's ops made
+    deterministic too. Only when asked (train.py asks; train_*(deterministic=True)).
+    XLA-compiled steps are reproducible on their own, and Keras turns XLA off for good in a process
+    where op determinism is on, so it is left off for them."""
     keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
+    if not jit_compile:
+        tf.config.experimental.enable_op_determinism()
 
 
 def resolve_total_steps(steps, epochs, steps_per_epoch):
@@ -148,7 +151,7 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     if isinstance(eval_data, (str, os.PathLike)):  # read before anything is written: a bad folder changes nothing
         eval_data = load_images(eval_data, config.img_dim)
     if deterministic:
-        seed_everything(config.seed)
+        seed_everything(config.seed, config.jit_compile)
 
     vqvae = build_vqvae(config)
     model = compile_vqvae(vqvae)
@@ -270,7 +273,7 @@ def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     steps_per_epoch = math.ceil(len(train_tokens) / batch_size)
     total = resolve_total_steps(steps, epochs, steps_per_epoch)
     if deterministic:
-        seed_everything(seed)
+        seed_everything(seed, config.prior_jit_compile)
 
     prior = build_prior(config)
     prior.compile(optimizer=keras.optimizers.Adam(config.prior_lr), loss="sparse_categorical_crossentropy",
