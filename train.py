@@ -59,7 +59,7 @@ def build_parser():
     speed.add_argument("--precision", choices=["float32", "mixed_bfloat16", "mixed_float16"],
                        help="float32 (default, the reference) or mixed precision; the quantizer stays float32")
     speed.add_argument("--jit", dest="jit_compile", action=argparse.BooleanOptionalAction, default=None,
-                       help="compile the training step with XLA (default: off)")
+                       help="compile the training step with XLA (default: on; --no-jit: off)")
     vq.add_argument("--tensorboard", action="store_true", help="write RUN/tensorboard/ (tensorboard --logdir RUN/tensorboard)")
     vq.add_argument("--eval-data", type=folder, metavar="DIR",
                     help="held-out images scored every --eval-every steps: psnr, ssim, codes_used in RUN/eval_log.csv")
@@ -125,7 +125,10 @@ def train_prior_command(args):
     if not os.path.isfile(run.vqvae_weights):
         raise UsageError(f"no trained VQ-VAE in {args.run}; run: python train.py vqvae --run {args.run} ...")
     if args.restart:
-        load_vqvae(config, run)  # the VQ-VAE must load before the old prior goes
+        from vq_vae_keras.data import ImageFolder
+
+        load_vqvae(config, run)  # the VQ-VAE and the images must load before the old prior goes
+        ImageFolder(config.data, config.img_dim)
         for path in existing:  # a half-done restart must not leave the old prior to --resume from
             os.remove(path)
     train_prior(config, args.run, steps=args.steps, epochs=args.epochs, resume=args.resume, deterministic=True,

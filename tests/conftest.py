@@ -61,6 +61,17 @@ def trained_run(tmp_path_factory):
     return {"run": run, "data": data}
 
 
+@pytest.fixture(autouse=True)
+def no_op_determinism_left_over():
+    """Each test starts as a fresh process would: a test that trained with deterministic=True
+    (train_prior turns on op determinism) must not silently turn XLA off for the tests after it
+    (Keras drops jit_compile while op determinism is on)."""
+    yield
+    from tensorflow.python.framework import config as tf_config  # test-only: no public switch-off
+
+    tf_config.disable_op_determinism()
+
+
 def call_main(main, argv):
     """main(argv) through the CLIs' run_main, in this process: (exit status, stdout, stderr).
     Much faster than run_cli (no new process, TensorFlow already imported)."""

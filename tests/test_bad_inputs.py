@@ -111,6 +111,8 @@ ROWS = [
     ("train.py prior --run {noprior} --data {file}", "argument --data: not a folder"),
     ("train.py prior --run {noprior} --data {empty} --steps 1", "no usable images"),
     ("train.py prior --run {run} --restart --data {missing}", "argument --data: no such folder"),
+    ("train.py prior --run {run} --restart --data {empty} --steps 1", "no usable images"),
+    ("train.py prior --run {run} --restart --data {noimages} --steps 1", "no usable images"),
     ("train.py prior --run {badconfig}", "cannot read config"),
     ("train.py prior --run {emptyconfig}", "cannot read config"),
     ("train.py prior --run {typoconfig}", "lr must be a number"),

@@ -202,8 +202,5 @@ def test_cli_top_p(trained_run, tmp_path):
     codes = str(tmp_path / "codes.npy")
     run_cli("sample.py", "random", "--run", run, "--n", "2", "--top-p", "0.5", "--seed", "1", "--codes-out", codes,
             "--out", str(tmp_path / "random.png"))
-    assert np.load(codes).shape[0] == 4
-    for bad in ["0", "1.5", "nan", "inf", "-0.2"]:
-        result = run_cli("sample.py", "random", "--run", run, "--top-p", bad, check=False)
-        assert result.returncode == 2 and "--top-p" in result.stderr and "Traceback" not in result.stderr, bad
+    assert np.load(codes).shape[0] == 4  # bad values of --top-p: rows of tests/test_bad_inputs.py
     assert vqk.sample_codes is sample_codes

@@ -280,8 +280,12 @@ class StopOnSignal(keras.callbacks.Callback):
             self.model.stop_training = True
 
     def on_train_end(self, logs=None):
-        for sig, handler in self.previous.items():
+        self.restore_handlers()
+
+    def restore_handlers(self):
+        for sig, handler in getattr(self, "previous", {}).items():
             signal.signal(sig, handler)
+        self.previous = {}
 
 
 __all__ = ["Every", "GumbelAnneal", "NanGuard", "NonFiniteLoss", "ReconstructionGrids", "ResetMetrics", "StepLog",

@@ -145,7 +145,7 @@ def check_sampling_options(prior, n, grid_shape, temperature, top_k, top_p):
         raise UsageError(f"grid {tuple(grid_shape)} does not match the prior's {prior.height}x{prior.width}")
 
 
-def sample_codes(prior, n, grid_shape, temperature=1.0, top_k=None, top_p=None, seed=None, batch_size=None,
+def sample_codes(prior, n, grid_shape, temperature=1.0, top_k=None, seed=None, top_p=None, batch_size=None,
                  progress=False):
     """n code maps (n, h, w) int32 drawn from the prior, position by position.
 

@@ -73,6 +73,8 @@ def fit_with_interrupt(model, dataset, start, total, callbacks, save):
     except KeyboardInterrupt:
         save(int(model.optimizer.iterations.numpy()))
         raise
+    finally:  # Keras skips on_train_end when fit raises: give the signals back in any case
+        stopper.restore_handlers()
     if stopper.requested:
         raise KeyboardInterrupt
 
