@@ -187,3 +187,27 @@ def test_reset_metrics_makes_the_logs_per_batch_values_compile_metrics_included(
     prior.fit(x, y, batch_size=2, epochs=1, shuffle=False, verbose=0, callbacks=[ResetMetrics(1, 0), recorder])
     accuracy = np.array([logs["accuracy"] for logs in recorder.batch_logs])
     np.testing.assert_allclose(accuracy * 32, np.round(accuracy * 32), atol=1e-4)
+
+
+def test_the_run_callbacks_work_in_a_user_fit(tmp_path):
+    """Grids, checkpoints and the NaN guard of train.py, added to a plain fit: the checkpoint
+    restores the weights and Adam's state of the step it was written at."""
+    keras.utils.set_random_seed(2)
+    config = tiny_config()
+    vqvae = vqk.build_vqvae(config)
+    model = vqvae.train_model
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    weights, checkpoint = str(tmp_path / "vqvae.weights.h5"), str(tmp_path / "ckpt.npz")
+    x = images(32)
+    model.fit(x, batch_size=4, epochs=1, verbose=0, callbacks=[
+        vqk.callbacks.NanGuard(), vqk.callbacks.ReconstructionGrids(vqvae, x, str(tmp_path), every=3),
+        vqk.callbacks.Checkpoint(weights, checkpoint, every=3)])
+    # steps 1, 4, 7 and the end (8): the reference's numbering of grids is the batch index
+    assert sorted(p.name for p in tmp_path.glob("test_ae_2_*.png")) == [f"test_ae_2_{i}.png" for i in (0, 3, 6, 7)]
+    fresh = vqk.build_vqvae(config).train_model
+    fresh.compile(optimizer=keras.optimizers.Adam(1e-3))
+    assert vqk.io.load_checkpoint(checkpoint, fresh, fresh.optimizer)["step"] == 8
+    for a, b in zip(fresh.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(fresh.optimizer.variables, model.optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

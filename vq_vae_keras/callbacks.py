@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from .codebook import histogram_image
 from .grids import reconstruction_grid
-from .io import save_png
+from .data import warn
+from .io import save_checkpoint, save_png, save_weights
 from .quantizers import CodeUsage
 
 
@@ -87,7 +88,29 @@ class ReconstructionGrids(Every):
             self.written[kind] = grid
 
 
+def save_state(model, weights_path, checkpoint_path, step):
+    """Weights file and resumable checkpoint, both atomic; refuses non-finite weights so the last
+    good ones stay. Returns whether it saved."""
+    if not all(np.isfinite(w).all() for w in model.get_weights()):
+        warn(f"weights are not finite at step {step}; not saving them")
+        return False
+    save_weights(model, weights_path)
+    save_checkpoint(checkpoint_path, model, model.optimizer, {"step": step})
+    return True
+
+
+class Checkpoint(Every):
+    """The reference's periodic save, resumable: every `every` steps (after the first, then every
+    `every`, and at the end) the model's weights file and a checkpoint of weights, optimizer state
+    and step (`io.load_checkpoint` restores it), both atomic; non-finite weights are not saved."""
+
+    def __init__(self, weights_path, checkpoint_path, every=100, start=None):
+        super().__init__(every, lambda step, logs: save_state(self.model, weights_path, checkpoint_path, step),
+                         start)
+
+
 class NanGuard(StepCallback):
+
     """Stop at the first non-finite loss, before anything saves the broken weights."""
 
     def on_step(self, step, logs):
@@ -288,5 +311,5 @@ class StopOnSignal(keras.callbacks.Callback):
         self.previous = {}
 
 
-__all__ = ["Every", "GumbelAnneal", "NanGuard", "NonFiniteLoss", "ReconstructionGrids", "ResetMetrics", "StepLog",
+__all__ = ["Checkpoint", "Every", "GumbelAnneal", "NanGuard", "NonFiniteLoss", "ReconstructionGrids", "ResetMetrics", "StepLog",
            "StopOnSignal", "TensorBoardWriter", "TqdmProgress"]

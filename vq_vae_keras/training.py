@@ -15,12 +15,12 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 from .callbacks import (Every, GumbelAnneal, NanGuard, NonFiniteLoss, ReconstructionGrids, ResetMetrics,  # noqa: F401
-                        StepLog, StopOnSignal, TensorBoardWriter, TqdmProgress)
+                        StepLog, StopOnSignal, TensorBoardWriter, TqdmProgress, save_state)
 from .codebook import kmeans, summary
 from .config import Config
-from .data import ImageArray, ImageFolder, epoch_batches, index_dataset, load_images, warn
+from .data import ImageArray, ImageFolder, epoch_batches, index_dataset, load_images
 from .errors import UsageError
-from .io import load_checkpoint, save_checkpoint, save_model, save_npy, save_png, save_weights
+from .io import load_checkpoint, save_model, save_npy, save_png
 from .models import build_vqvae, compile_vqvae
 from .run import RunDir, load_vqvae
 
@@ -49,17 +49,6 @@ def resolve_total_steps(steps, epochs, steps_per_epoch):
     if steps_per_epoch is None:
         raise UsageError("give steps=: the dataset's length is unknown, so epochs cannot be counted")
     return (REFERENCE_EPOCHS if epochs is None else epochs) * steps_per_epoch
-
-
-def save_state(model, weights_path, checkpoint_path, step):
-    """Weights file and resumable checkpoint, both atomic; refuses non-finite weights so the last
-    good ones stay. Returns whether it saved."""
-    if not all(np.isfinite(w).all() for w in model.get_weights()):
-        warn(f"weights are not finite at step {step}; not saving them")
-        return False
-    save_weights(model, weights_path)
-    save_checkpoint(checkpoint_path, model, model.optimizer, {"step": step})
-    return True
 
 
 def fit_with_interrupt(model, dataset, start, total, callbacks, save):
