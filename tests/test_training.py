@@ -230,3 +230,16 @@ def test_cli_precision_jit_tensorboard_and_prior_flags(image_dir, tmp_path):
     bad = run_cli("train.py", "vqvae", "--data", image_dir, "--run", str(tmp_path / "bad"), "--precision", "float8",
                   check=False)
     assert bad.returncode == 2 and "--precision" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_python_api_does_not_overwrite_a_run_unless_asked(image_dir, tmp_path):
+    from vq_vae_keras.errors import UsageError
+
+    run = str(tmp_path / "run")
+    train_vqvae(tiny_config(data=image_dir), run, steps=1)
+    before = {name: open(os.path.join(run, name), "rb").read() for name in ("config.json", "log.csv")}
+    with pytest.raises(UsageError, match="already holds a run"):
+        train_vqvae(tiny_config(data=image_dir, lr=3e-3), run, steps=1)
+    assert {name: open(os.path.join(run, name), "rb").read() for name in before} == before
+    train_vqvae(tiny_config(data=image_dir, lr=3e-3), run, steps=1, overwrite=True)
+    assert vqk.Config.load(os.path.join(run, "config.json")).lr == 3e-3

@@ -120,7 +120,8 @@ def kmeans_initialise(vqvae, folder, config):
 
 
 def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, cache=None, data=None,
-                callbacks=(), deterministic=False, tensorboard=False, eval_data=None, eval_every=EVAL_EVERY):
+                callbacks=(), deterministic=False, tensorboard=False, eval_data=None, eval_every=EVAL_EVERY,
+                overwrite=False):
     """Train (or resume) the VQ-VAE of a run directory. Returns the VQVAE.
 
     data: None (config.data), a folder, an array of images in [-1, 1] or a tf.data.Dataset of
@@ -131,10 +132,13 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     tensorboard: write RUN/tensorboard/ (scalars every step, grids and code usage at sample steps).
     eval_data: held-out images (a folder or an array) scored every eval_every steps and at the end:
       psnr, ssim and codes_used rows in RUN/eval_log.csv (and TensorBoard scalars).
+    overwrite: without resume, a run_dir that already holds a run is an error unless this is True.
     """
     from .evaluation import EvaluateEvery
 
     run = RunDir(run_dir)
+    if not resume and not overwrite and os.path.exists(run.config):
+        raise UsageError(f"{run_dir} already holds a run; resume=True continues it, overwrite=True replaces it")
     if data is None or isinstance(data, (str, os.PathLike)):
         data = config.data = str(data) if data is not None else config.data
     source, dataset, steps_per_epoch = training_images(data, config, cache)
@@ -248,15 +252,17 @@ def token_dataset(tokens, batch_size, seed, start_step=0):
 
 
 def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False, callbacks=(), deterministic=False,
-                tensorboard=False):
+                tensorboard=False, overwrite=False):
     """Train (or resume) the prior of a run directory on its VQ-VAE's codes. Returns the prior.
-    callbacks, deterministic and tensorboard as for train_vqvae; a grid of samples every
-    config.sample_every_epochs epochs (0: never)."""
+    callbacks, deterministic, tensorboard and overwrite as for train_vqvae (a run that already
+    has a prior); a grid of samples every config.sample_every_epochs epochs (0: never)."""
     from .grids import codes_grid
     from .prior import build_prior, codes_to_tokens, prior_nll
     from .sampling import sample_codes
 
     run = RunDir(run_dir)
+    if not resume and not overwrite and run.prior_files():
+        raise UsageError(f"{run_dir} already has a prior; resume=True continues it, overwrite=True replaces it")
     seed = config.seed if config.prior_seed is None else config.prior_seed
     codes = prior_codes(config, run, resume)
     train_tokens, val_tokens = split_validation(codes_to_tokens(codes), config.val_split, seed)
