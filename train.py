@@ -53,7 +53,8 @@ def build_parser():
     health.add_argument("--gumbel-kl-weight", type=nonnegative_float, help="weight of KL to uniform (default 5e-4)")
     vq.add_argument("--cache", nargs="?", const="memory", type=cache_file, metavar="FILE.npz",
                     help="decode and resize the images once, keep them in memory (and in FILE.npz if given, "
-                         "reused by later runs); same results, for folders that fit in memory")
+                         "reused by later runs); same results, for folders that fit in memory. Without it, "
+                         "folders whose decoded images take at most 256 MiB are kept in memory anyway")
     add_steps_flags(vq)
     speed = vq.add_argument_group("speed (results within float noise of float32 without XLA)")
     speed.add_argument("--precision", choices=["float32", "mixed_bfloat16", "mixed_float16"],
@@ -98,8 +99,8 @@ def train_vqvae_command(args):
     if args.eval_every is not None and args.eval_data is None:
         raise UsageError("--eval-every needs --eval-data DIR (the held-out images to score)")
     evaluation = {} if args.eval_every is None else {"eval_every": args.eval_every}
-    train_vqvae(config, args.run, steps=args.steps, epochs=args.epochs, resume=args.resume, cache=args.cache,
-                deterministic=True, tensorboard=args.tensorboard, eval_data=args.eval_data, **evaluation)
+    train_vqvae(config, args.run, steps=args.steps, epochs=args.epochs, resume=args.resume,
+                cache=args.cache or "auto", deterministic=True, tensorboard=args.tensorboard, eval_data=args.eval_data, **evaluation)
     print(f"VQ-VAE weights: {os.path.join(args.run, 'vqvae.weights.h5')}; grids in {os.path.join(args.run, 'samples')}")
 
 

@@ -9,7 +9,8 @@ Rows:
   bare              model.train_on_batch on one fixed batch (float32, no XLA): the baseline
   bare xla          the same with jit_compile=True
   bare <precision>  the same under a mixed precision policy
-  loop files        vqk.train_vqvae (what train.py vqvae runs) on a folder of PNGs, steady state
+  loop files        vqk.train_vqvae on a folder of PNGs, decoded every step, steady state
+  loop files auto   the same with cache="auto", what train.py vqvae runs: a small folder kept in memory
   loop memory       vqk.train_vqvae on an in-memory array
   loop ... xla      the same with XLA (train.py's default), also as a ratio to the bare XLA step
 The bare rows are measured in rounds interleaved with each other, and again after the loop rows,
@@ -105,7 +106,9 @@ def bench_config(name, config, steps, rounds, precisions, folder):
     for jit in (False, True):  # the loop with and without XLA (train.py's default: with)
         loop = vqk.Config(**{**config.to_dict(), "jit_compile": jit})
         suffix = " xla" if jit else ""
-        times["loop files" + suffix] = [loop_step(vqk.Config(**{**loop.to_dict(), "data": folder}), folder, loop_steps)]
+        on_disk = vqk.Config(**{**loop.to_dict(), "data": folder})
+        times["loop files" + suffix] = [loop_step(on_disk, folder, loop_steps)]
+        times["loop files auto" + suffix] = [loop_step(on_disk, folder, loop_steps, cache="auto")]  # train.py's default
         times["loop memory" + suffix] = [loop_step(loop, images, loop_steps)]
     times["bare (after)"] = [time_steps(models["bare"], x, steps)]
     times["bare xla (after)"] = [time_steps(models["bare xla"], x, steps)]

@@ -30,8 +30,8 @@ def run_demo(run_dir):
         shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
     config = Config(data=data, **DEMO_CONFIG)
     print(f"demo: {VQVAE_STEPS} VQ-VAE steps on {data}, then {PRIOR_EPOCHS} prior epochs")
-    vqvae = train_vqvae(config, run_dir, steps=VQVAE_STEPS, deterministic=True)
-    prior = train_prior(config, run_dir, epochs=PRIOR_EPOCHS, deterministic=True)
+    vqvae = train_vqvae(config, run_dir, steps=VQVAE_STEPS, cache="auto", deterministic=True, overwrite=True)
+    prior = train_prior(config, run_dir, epochs=PRIOR_EPOCHS, deterministic=True, overwrite=True)
 
     samples = os.path.join(run_dir, "samples")
     rng = np.random.default_rng(0)

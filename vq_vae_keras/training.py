@@ -29,6 +29,7 @@ VQVAE_KEYS = ["loss", "mse_x", "mse_e", "mse_z", "perplexity", "usage"]
 GUMBEL_KEYS = ["loss", "mse_x", "kl", "temperature", "perplexity", "usage"]
 PRIOR_KEYS = ["loss", "accuracy"]
 EVAL_EVERY = 1000  # steps between held-out evaluations (--eval-every)
+AUTO_CACHE_BYTES = 256 * 2 ** 20  # cache="auto": decoded folders up to this size are kept in memory
 
 
 def seed_everything(seed, jit_compile=False):
@@ -85,6 +86,8 @@ def training_images(data, config: Config, cache=None):
         return source, (lambda start: data.repeat().skip(start).prefetch(tf.data.AUTOTUNE)), steps_per_epoch
     if isinstance(data, (str, os.PathLike)):
         source = ImageFolder(data, config.img_dim)
+        if cache == "auto":  # small folders: decoding every step would cost more than these short steps
+            cache = "memory" if len(source) * config.img_dim ** 2 * 3 <= AUTO_CACHE_BYTES else None
         if cache:
             source.cache(None if cache == "memory" else cache)
     elif data is None:
@@ -125,7 +128,9 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     """Train (or resume) the VQ-VAE of a run directory. Returns the VQVAE.
 
     data: None (config.data), a folder, an array of images in [-1, 1] or a tf.data.Dataset of
-      image batches. cache (folders): None (read files every step), "memory", or an .npz path.
+      image batches. cache (folders): None (read files every step), "memory", an .npz path, or
+      "auto" (train.py's default: "memory" when the decoded images take at most 256 MiB, else None);
+      every choice gives the same batches.
     callbacks: Keras callbacks appended to the run's own (grids, checkpoints, log, progress).
     deterministic: seed Python/NumPy/TensorFlow from config.seed and turn on TensorFlow's op
       determinism, process-wide (train.py does); off, the weights start from Keras's own seeds.
