@@ -147,7 +147,7 @@ class ImageFolder:
         self.bad = set()  # files that passed the header check but failed to decode
         self.pixels = None  # (N, img_dim, img_dim, 3) uint8 once cached
 
-    def cache(self, file=None):
+    def cache(self, file=None, progress=True):
         """Decode and resize every image once and serve batches from memory from then on: the same
         batches as reading the files. With a file (.npz), the decoded images are kept there and
         reused while the folder's files (names, sizes, times) and img_dim are unchanged."""
@@ -163,7 +163,7 @@ class ImageFolder:
             except Exception as e:
                 raise UsageError(f"cannot read image cache {file}: {e}") from None
         results = list(tqdm(_pool.map(lambda p: _try_read(p, self.img_dim, read_pixels), self.paths),
-                            total=len(self.paths), desc="caching", unit="image"))
+                            total=len(self.paths), desc="caching", unit="image", disable=not progress))
         self.readable = np.array([pixels is not None for pixels, _ in results])
         if not self.readable.any():
             raise UsageError(f"no readable images in {self.folder}")

@@ -87,8 +87,9 @@ def training_images(data, config: Config, cache=None):
     if isinstance(data, (str, os.PathLike)):
         source = ImageFolder(data, config.img_dim)
         if cache == "auto":  # small folders: decoding every step would cost more than these short steps
-            cache = "memory" if len(source) * config.img_dim ** 2 * 3 <= AUTO_CACHE_BYTES else None
-        if cache:
+            if len(source) * config.img_dim ** 2 * 3 <= AUTO_CACHE_BYTES:
+                source.cache(progress=False)  # a second or two: no bar
+        elif cache:
             source.cache(None if cache == "memory" else cache)
     elif data is None:
         raise UsageError("no training data: give data= (a folder, an image array or a tf.data.Dataset) or config.data")
