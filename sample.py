@@ -138,8 +138,6 @@ def evaluate_command(args):
     out = args.json or os.path.join(args.run, "eval.json")
     if os.path.isdir(out):
         raise UsageError(f"--json {out} is a folder; give a file name")
-    if not os.path.isdir(args.data):
-        raise UsageError(f"no such folder: {args.data}")
     if args.fid is not None and args.fid < 2:
         raise UsageError(f"--fid needs at least 2 samples, got {args.fid}")
     results = evaluate(args.run, args.data, batch_size=args.batch_size, fid=args.fid,
