@@ -16,6 +16,23 @@ TINY = dict(img_dim=16, z_dim=8, num_codes=8, batch_size=4, prior_heads=2, prior
 TINY_FLAGS = ["--img-dim", "16", "--z-dim", "8", "--num-codes", "8", "--batch-size", "4"]
 
 
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the slow end-to-end tests (CI does)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end test of a minute or more; runs with --slow (CI runs them)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow") or os.environ.get("VQK_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow end-to-end test: run with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 def tiny_config(**overrides):
     return vqk.Config(**{**TINY, **overrides})
 
