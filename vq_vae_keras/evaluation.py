@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
+from .callbacks import TensorBoardWriter
 from .codebook import counts_perplexity, usage_counts
 from .data import ImageFolder, load_images, warn
 from .errors import UsageError
@@ -302,18 +303,6 @@ class EvaluateEvery(keras.callbacks.Callback):
 
     def _write_scalars(self, row):
         if self.writer is None:
-            self.writer = tf.summary.create_file_writer(self.tensorboard_dir)
-        with self.writer.as_default():
-            for key in self.FIELDS[1:]:
-                write_scalar(f"eval/{key}", row[key], self.step)
+            self.writer = TensorBoardWriter(self.tensorboard_dir)
+        self.writer.scalars(self.step, {f"eval/{key}": row[key] for key in self.FIELDS[1:]})
         self.writer.flush()
-
-
-def write_scalar(tag, value, step):
-    """tf.summary.scalar's record, written without the tensorboard package (which it needs and this
-    project does not install): a float32 tensor tagged for TensorBoard's scalars plugin."""
-    from tensorflow.core.framework import summary_pb2
-
-    metadata = summary_pb2.SummaryMetadata(data_class=summary_pb2.DATA_CLASS_SCALAR)
-    metadata.plugin_data.plugin_name = "scalars"
-    tf.summary.write(tag, tf.constant(float(value), tf.float32), step=step, metadata=metadata.SerializeToString())
