@@ -129,11 +129,13 @@ def model_variables(model):
                 if id(variable) not in seen:  # a layer shared by two sub-models is saved once
                     seen.add(id(variable))
                     name = prefix + variable.path
-                    assert name not in named, f"two variables named {name}"
+                    if name in named:
+                        raise RuntimeError(f"two variables named {name}: the checkpoint cannot tell them apart")
                     named[name] = variable
 
     walk(model.layers, "")
-    assert seen == {id(v) for v in model.variables}, "a model variable has no name in the checkpoint"
+    if seen != {id(v) for v in model.variables}:
+        raise RuntimeError("a model variable has no name in the checkpoint")
     return named
 
 
@@ -163,7 +165,8 @@ def optimizer_variables(optimizer, model):
                 if k < len(by_mangled[mangled]):
                     key = f"{by_mangled[mangled][k]}/{slot}"
                 break
-        assert key not in named, f"two optimizer variables named {key}"
+        if key in named:
+            raise RuntimeError(f"two optimizer variables named {key}: the checkpoint cannot tell them apart")
         named[key] = variable
     return named
 
