@@ -175,8 +175,11 @@ def test_evaluate_rejects_bad_arguments(tiny_run):
         vqk.evaluate(run, images[:, :8], progress=False)
     with pytest.raises(vqk.UsageError, match="FID samples"):
         vqk.evaluate(run, images, fid=1, progress=False)
-    with pytest.raises(vqk.UsageError, match="batch size"):
-        vqk.evaluate(run, images, batch_size=0, progress=False)
+    for bad in (0, 1.5, True, float("nan")):
+        with pytest.raises(vqk.UsageError, match="batch size"):
+            vqk.evaluate(run, images, batch_size=bad, progress=False)
+    with pytest.raises(vqk.UsageError, match="FID samples"):
+        vqk.evaluate(run, images, fid=True, progress=False)
 
 
 def test_evaluate_folder_of_undecodable_images_is_a_usage_error(tiny_run, tmp_path):

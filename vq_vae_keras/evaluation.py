@@ -164,9 +164,9 @@ def evaluate(run, images_or_folder, batch_size=64, fid=None, inception_weights="
     - with fid=N: rfid, the Fréchet Inception distance of the reconstructions to the originals (all
       images), and fid, of N samples from the prior (drawn with seed) to the originals.
     """
-    if batch_size < 1:
-        raise UsageError(f"batch size must be >= 1, got {batch_size}")
-    if fid is not None and not (isinstance(fid, (int, np.integer)) and fid >= 2):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise UsageError(f"batch size must be an integer >= 1, got {batch_size!r}")
+    if fid is not None and (isinstance(fid, bool) or not (isinstance(fid, (int, np.integer)) and fid >= 2)):
         raise UsageError(f"the number of FID samples must be an integer >= 2, got {fid}")
     if not isinstance(run, LoadedRun):
         run = load_run(run)
