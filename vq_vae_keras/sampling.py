@@ -3,21 +3,16 @@
 The reference reruns the whole prefix for every new position (O(L^2) work and one predict call
 per position). Here each position costs one token's work: the prior's own layers run through
 `Prior.call_with_cache`, every attention block keeping the keys and values of earlier positions
-in a cache. Positions run inside XLA-compiled loops (caches updated in place, no Python between
-positions), compiled once per prior and batch size and reused by every later call.
-
-The sequence is cut into a few segments; in each, the caches are only as long as the segment's
-end, so a position attends over (about) its prefix rather than over all h*w slots. Seeds,
-temperature, top-k and top-p are tensors: changing them does not compile again.
-The distributions are those of the full model, to float rounding.
+in a cache and reading only the chunks of it that hold the prefix. Positions run inside one
+XLA-compiled loop (caches updated in place, no Python between positions), compiled once per
+prior and batch size and reused by every later call: seeds, temperature, top-k, top-p and the
+range of positions are tensors. The distributions are those of the full model, to float rounding.
 """
 
 import math
 import os
-import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 
 import numpy as np
 import tensorflow as tf
@@ -27,10 +22,9 @@ from tqdm.auto import tqdm
 from .errors import UsageError
 from .prior import START_TOKEN, Prior
 
-# Segments per sequence, and their least length: more segments attend over less padding, but
-# each is one more loop to compile.
-SEGMENTS = 4
-MIN_SEGMENT = 64
+# Calls of the compiled loop per batch, each drawing a stretch of positions: the progress bar's
+# steps (all share one compiled loop).
+PROGRESS_STEPS = 4
 
 _samplers = weakref.WeakKeyDictionary()
 
@@ -42,40 +36,25 @@ def compiled_sampler(prior):
     return _samplers[prior]
 
 
-def segments(length):
-    """[(start, stop), ...] covering 0..length: SEGMENTS pieces of at least MIN_SEGMENT positions."""
-    size = max(MIN_SEGMENT, math.ceil(length / SEGMENTS))
-    return [(start, min(start + size, length)) for start in range(0, length, size)]
-
-
 class Sampler:
-    """The compiled sampling loops of one prior, one per segment, each traced once per batch size
-    on first use; later calls with any seed or sampling option reuse them."""
+    """The compiled sampling loop of one prior, traced once per batch size on first use; later
+    calls with any seed or sampling option reuse it."""
 
     def __init__(self, prior):
         self._prior = weakref.ref(prior)  # the sampler must not keep its prior alive
         self.length = prior.height * prior.width
-        self.loops = {}  # (start, stop) -> compiled loop
-        self.lock = threading.Lock()  # batches run on threads: each loop is made once
+        self.loop = tf.function(self._draw_positions, jit_compile=True)
 
     def tracing_count(self):
-        return sum(loop.experimental_get_tracing_count() for loop in self.loops.values())
+        return self.loop.experimental_get_tracing_count()
 
-    def draw_segment(self, start, stop, *args):
-        with self.lock:
-            if (start, stop) not in self.loops:
-                self.loops[start, stop] = tf.function(partial(self._draw_segment, start, stop), jit_compile=True)
-        return self.loops[start, stop](*args)
+    def _draw_positions(self, start, stop, token, caches, codes, seed, temperature, top_k, top_p):
+        """Draws positions start..stop-1 of a batch.
 
-    def _draw_segment(self, start, stop, token, caches, codes, seed, temperature, top_k, top_p):
-        """Draws positions start..stop-1 (Python ints: static) of a batch.
-
-        token (batch,) is the last drawn token; caches hold positions < start and grow to length
-        stop; codes (batch, length) is filled in. Returns (token, caches, codes).
+        token (batch,) is the last drawn token; caches hold positions < start; codes
+        (batch, length) is filled in. Returns (token, caches, codes).
         """
         prior = self._prior()
-        grow = [[0, 0], [0, 0], [0, stop - start], [0, 0]]
-        caches = [(tf.pad(keys, grow), tf.pad(values, grow)) for keys, values in caches]
 
         def body(i, token, caches, codes):
             logits, caches = prior.call_with_cache(token[:, None], caches, i)
@@ -83,20 +62,20 @@ class Sampler:
             codes = ops.slice_update(codes, [0, i], code[:, None])
             return i + 1, code + 1, caches, codes
 
-        state = (tf.constant(start), token, caches, codes)
-        _, token, caches, codes = tf.while_loop(lambda i, *_: i < stop, body, state)
+        _, token, caches, codes = tf.while_loop(lambda i, *_: i < stop, body, (start, token, caches, codes))
         return token, caches, codes
 
     def sample(self, batch, seed, temperature, top_k, top_p, on_progress=None):
         """(batch, length) int32 codes; seed is a pair of ints."""
         prior = self._prior()
         token = tf.fill((batch,), START_TOKEN)
-        caches = prior.empty_caches(batch, 0)
+        caches = prior.empty_caches(batch, self.length)
         codes = tf.zeros((batch, self.length), tf.int32)
         options = (tf.constant(seed, tf.int64), tf.constant(temperature, tf.float32), tf.constant(top_k, tf.int32),
                    tf.constant(top_p, tf.float32))
-        for start, stop in segments(self.length):
-            token, caches, codes = self.draw_segment(start, stop, token, caches, codes, *options)
+        bounds = np.linspace(0, self.length, PROGRESS_STEPS + 1).astype(int)
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            token, caches, codes = self.loop(tf.constant(start, tf.int32), tf.constant(stop, tf.int32), token, caches, codes, *options)
             if on_progress:
                 on_progress(batch * (stop - start))
         return codes.numpy()
