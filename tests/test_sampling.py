@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 import vq_vae_keras as vqk
-from vq_vae_keras import prior as prior_module
+from vq_vae_keras import sampling
 from vq_vae_keras.errors import UsageError
 from vq_vae_keras.prior import build_prior, codes_to_tokens
 from vq_vae_keras.sampling import compiled_sampler, draw, sample_codes
@@ -23,10 +23,10 @@ def prior():
 
 
 @pytest.fixture
-def short_chunks(monkeypatch):
-    """Cache chunks of 8 positions: a 6x6 grid's 36 positions attend over 1 to 5 chunks, the
-    cache (40) is longer than the grid, and the last chunk is never full."""
-    monkeypatch.setattr(prior_module, "CACHE_CHUNK", 8)
+def short_segments(monkeypatch):
+    """Segments of 12 positions (36 -> 3 segments): the caches grow between the loops."""
+    monkeypatch.setattr(sampling, "MIN_SEGMENT", 12)
+    monkeypatch.setattr(sampling, "SEGMENTS", 4)
 
 
 def nucleus(p, top_p):
@@ -46,7 +46,7 @@ def restricted_logits(logits, temperature, top_k, top_p):
 
 
 @pytest.mark.parametrize("options", [dict(), dict(temperature=0.6, top_k=5), dict(top_p=0.7, temperature=1.3)])
-def test_the_compiled_loop_draws_from_the_full_model(prior, short_chunks, options):
+def test_the_compiled_loop_draws_from_the_full_model(prior, short_segments, options):
     """Each code sample_codes draws is the Gumbel-max draw that the FULL model's logits (teacher
     forced on the drawn prefix, restricted in NumPy) give with the same noise: so the cached,
     compiled loop has the full model's distributions at every position, not only their argmax."""
@@ -71,8 +71,8 @@ def test_the_compiled_loop_draws_from_the_full_model(prior, short_chunks, option
     assert len(margins) > 0.95 * n * length and all(margins)
 
 
-def test_greedy_equals_the_full_model_argmax_on_several_grids(short_chunks):
-    for img_dim, seed in [(16, 0), (28, 2)]:  # 4x4 and 7x7 grids: 2 and 7 chunks
+def test_greedy_equals_the_full_model_argmax_on_several_grids(short_segments):
+    for img_dim, seed in [(16, 0), (28, 2)]:  # 4x4 and 7x7 grids: 2 and 4 segments
         keras.utils.set_random_seed(seed)
         config = tiny_config(img_dim=img_dim)
         model = build_prior(config)
@@ -81,7 +81,7 @@ def test_greedy_equals_the_full_model_argmax_on_several_grids(short_chunks):
         np.testing.assert_array_equal(probs.argmax(-1), greedy.reshape(3, -1))
 
 
-def test_the_cached_sampler_sees_new_weights(short_chunks):
+def test_the_cached_sampler_sees_new_weights(short_segments):
     """As in training, where each epoch samples from the same prior with updated weights: the
     compiled loop must read the current weights, not those of its first call."""
     keras.utils.set_random_seed(4)
@@ -97,16 +97,17 @@ def test_the_cached_sampler_sees_new_weights(short_chunks):
     assert compiled_sampler(model).tracing_count() == traces
 
 
-def test_the_sampler_is_compiled_once_per_prior_and_batch(prior, short_chunks):
-    """Count the traces of the function sample_codes really runs: one on the first call (for all
-    its stretches of positions), none on later calls with other seeds, temperature, top-k or top-p."""
+def test_the_sampler_is_compiled_once_per_prior_and_batch(prior, short_segments):
+    """Count the traces of the function sample_codes really runs: one on the first call (all the
+    segments' loops in one function), none on later calls with other seeds, temperature, top-k or
+    top-p."""
     config, _ = prior
     model = build_prior(config)  # a fresh prior: nothing compiled yet
     traced = compiled_sampler(model).tracing_count
     assert traced() == 0
     sample_codes(model, 3, config.grid_shape, seed=1, batch_size=2)
     first = traced()
-    assert first == 1
+    assert first == 1 and len(sampling.segments(36)) == 3
     for options in [dict(seed=2), dict(temperature=0.5), dict(top_k=3), dict(top_p=0.8), dict(top_k=2, top_p=0.3)]:
         sample_codes(model, 3, config.grid_shape, batch_size=2, **options)
     sample_codes(model, 2, config.grid_shape, batch_size=2, seed=5)  # another n, same batch

@@ -22,10 +22,6 @@ START_TOKEN = 0
 LAYER_NORM_EPSILON = 1e-14
 # Query positions per attention chunk on long sequences: bounds the scores held per block.
 QUERY_CHUNK = 256
-# Cache positions per key/value chunk when sampling: a new position attends over the chunks that
-# hold its prefix, not over every slot of the cache. Small enough that a chunk of a batch of 16
-# stays in a core's L2 cache; the caches are rounded up to a multiple of it.
-CACHE_CHUNK = 32
 
 
 def codes_to_tokens(codes):
@@ -91,8 +87,7 @@ class CausalSelfAttention(keras.layers.Layer):
     call(x, cache, cache_update_index) -> (output, cache): x holds the positions
       cache_update_index.. (usually one); cache is (keys, values), each (batch, heads, max_length,
       head_dim), holding the earlier positions. Their keys and values are written into the cache,
-      and they attend to every cached position up to their own, reading only the CACHE_CHUNK-long
-      chunks of the cache that hold them.
+      and they attend to every cached position up to their own.
     """
 
     def __init__(self, heads=8, head_dim=32, **kwargs):
@@ -112,7 +107,7 @@ class CausalSelfAttention(keras.layers.Layer):
             start = [0, 0, cache_update_index, 0]
             keys = ops.slice_update(keys, start, ops.cast(k, keys.dtype))
             values = ops.slice_update(values, start, ops.cast(v, values.dtype))
-            return self._cached(q, keys, values, cache_update_index), (keys, values)
+            return self._causal(q, keys, values, cache_update_index), (keys, values)
         n = x.shape[1]
         if n is None or n <= QUERY_CHUNK:
             return self._causal(q, k, v, 0)
@@ -142,41 +137,6 @@ class CausalSelfAttention(keras.layers.Layer):
         out = ops.matmul(ops.softmax(scores, axis=-1), v)  # (b, h, n, d)
         out = ops.transpose(out, (0, 2, 1, 3))
         return ops.reshape(out, (ops.shape(q)[0], -1, self.heads * self.head_dim))
-
-    def _cached(self, q, keys, values, index):
-        """Queries (b, h, n, d) at positions index.. attend to the cache (b, h, max_length, d) up to
-        their own position. Returns (b, n, h * d).
-
-        A loop over the cache's chunks that hold positions 0..index+n-1, the later ones never read
-        (sampling is bound by reading the cache: attending over every slot would read twice the
-        keys on average). The softmax runs across chunks (a running maximum and sum, rescaled as
-        each chunk comes in): the full softmax to float rounding.
-        """
-        size = keys.shape[2]
-        chunk = CACHE_CHUNK if size % CACHE_CHUNK == 0 else size
-        batch, n = ops.shape(q)[0], ops.shape(q)[2]
-        q = q / ops.cast(self.head_dim ** 0.5, q.dtype)
-        rows = ops.expand_dims(ops.arange(n) + index, 1)
-        mask = ops.cast(_mask_value(q.dtype), q.dtype)
-
-        def attend_chunk(c, top, total, out):
-            start = c * chunk
-            k = ops.slice(keys, [0, 0, start, 0], [batch, self.heads, chunk, self.head_dim])
-            v = ops.slice(values, [0, 0, start, 0], [batch, self.heads, chunk, self.head_dim])
-            scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2)))  # (b, h, n, chunk)
-            scores = ops.where(rows >= ops.expand_dims(ops.arange(chunk) + start, 0), scores, mask)
-            new_top = ops.maximum(top, ops.max(scores, axis=-1, keepdims=True))
-            p = ops.exp(scores - new_top)
-            rescale = ops.exp(top - new_top)
-            total = total * rescale + ops.sum(p, axis=-1, keepdims=True)
-            return c + 1, new_top, total, out * rescale + ops.matmul(p, v)
-
-        chunks = (index + n + chunk - 1) // chunk
-        running = (ops.full((batch, self.heads, n, 1), mask, q.dtype), ops.zeros((batch, self.heads, n, 1), q.dtype),
-                   ops.zeros(ops.shape(q), q.dtype))
-        _, _, total, out = ops.while_loop(lambda c, *_: c < chunks, attend_chunk, (0, *running))
-        out = ops.transpose(out / total, (0, 2, 1, 3))
-        return ops.reshape(out, (batch, -1, self.heads * self.head_dim))
 
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], self.heads * self.head_dim)
@@ -232,9 +192,9 @@ class Prior(keras.Model):
         return self.next_code(x), new_caches
 
     def empty_caches(self, batch, length):
-        """Zero caches for `call_with_cache` of `length` positions: one (keys, values) pair per
-        block, each (batch, heads, length rounded up to a multiple of CACHE_CHUNK, head_dim)."""
-        shape = (batch, self.heads, -(-length // CACHE_CHUNK) * CACHE_CHUNK, self.head_dim)
+        """Zero caches for `call_with_cache`: one (keys, values) pair per block, each
+        (batch, heads, length, head_dim)."""
+        shape = (batch, self.heads, length, self.head_dim)
         return [(ops.zeros(shape, self.compute_dtype), ops.zeros(shape, self.compute_dtype))
                 for _ in range(self.depth)]
 

@@ -3,10 +3,15 @@
 The reference reruns the whole prefix for every new position (O(L^2) work and one predict call
 per position). Here each position costs one token's work: the prior's own layers run through
 `Prior.call_with_cache`, every attention block keeping the keys and values of earlier positions
-in a cache and reading only the chunks of it that hold the prefix. Positions run inside one
-XLA-compiled loop (caches updated in place, no Python between positions), compiled once per
-prior and batch size and reused by every later call: seeds, temperature, top-k, top-p and the
-range of positions are tensors. The distributions are those of the full model, to float rounding.
+in a cache. All positions run inside one XLA-compiled function (caches updated in place, no Python
+between positions), compiled once per prior and batch size and reused by every later call: seeds,
+temperature, top-k and top-p are tensors. The distributions are those of the full model, to float
+rounding.
+
+Sampling is bound by reading the caches, so the sequence is cut into segments, one loop each, and
+in each the caches are only as long as the segment's end: a position attends over about its
+prefix rather than over all h*w slots. The loops live in the same compiled function, which
+compiles in about the time of one (a function per segment cost a compilation each).
 """
 
 import math
@@ -22,9 +27,9 @@ from tqdm.auto import tqdm
 from .errors import UsageError
 from .prior import START_TOKEN, Prior
 
-# Calls of the compiled loop per batch, each drawing a stretch of positions: the progress bar's
-# steps (all share one compiled loop).
-PROGRESS_STEPS = 4
+# Segments per sequence, and their least length: more segments attend over less padding.
+SEGMENTS = 8
+MIN_SEGMENT = 32
 
 _samplers = weakref.WeakKeyDictionary()
 
@@ -36,25 +41,30 @@ def compiled_sampler(prior):
     return _samplers[prior]
 
 
+def segments(length):
+    """[(start, stop), ...] covering 0..length: SEGMENTS pieces of at least MIN_SEGMENT positions."""
+    size = max(MIN_SEGMENT, math.ceil(length / SEGMENTS))
+    return [(start, min(start + size, length)) for start in range(0, length, size)]
+
+
 class Sampler:
-    """The compiled sampling loop of one prior, traced once per batch size on first use; later
-    calls with any seed or sampling option reuse it."""
+    """The compiled sampling function of one prior, traced once per batch size on first use;
+    later calls with any seed or sampling option reuse it."""
 
     def __init__(self, prior):
         self._prior = weakref.ref(prior)  # the sampler must not keep its prior alive
         self.length = prior.height * prior.width
-        self.loop = tf.function(self._draw_positions, jit_compile=True)
+        self.function = tf.function(self._draw, jit_compile=True)
 
     def tracing_count(self):
-        return self.loop.experimental_get_tracing_count()
+        return self.function.experimental_get_tracing_count()
 
-    def _draw_positions(self, start, stop, token, caches, codes, seed, temperature, top_k, top_p):
-        """Draws positions start..stop-1 of a batch.
-
-        token (batch,) is the last drawn token; caches hold positions < start; codes
-        (batch, length) is filled in. Returns (token, caches, codes).
-        """
+    def _draw(self, batch, seed, temperature, top_k, top_p):
+        """(batch, length) codes: one while_loop per segment, the caches grown between them."""
         prior = self._prior()
+        token = tf.fill((batch,), START_TOKEN)
+        caches = prior.empty_caches(batch, 0)
+        codes = tf.zeros((batch, self.length), tf.int32)
 
         def body(i, token, caches, codes):
             logits, caches = prior.call_with_cache(token[:, None], caches, i)
@@ -62,23 +72,18 @@ class Sampler:
             codes = ops.slice_update(codes, [0, i], code[:, None])
             return i + 1, code + 1, caches, codes
 
-        _, token, caches, codes = tf.while_loop(lambda i, *_: i < stop, body, (start, token, caches, codes))
-        return token, caches, codes
+        for start, stop in segments(self.length):
+            grow = [[0, 0], [0, 0], [0, stop - start], [0, 0]]
+            caches = [(tf.pad(keys, grow), tf.pad(values, grow)) for keys, values in caches]
+            _, token, caches, codes = tf.while_loop(lambda i, *_: i < stop, body, (tf.constant(start), token, caches, codes))
+        return codes
 
-    def sample(self, batch, seed, temperature, top_k, top_p, on_progress=None):
-        """(batch, length) int32 codes; seed is a pair of ints."""
-        prior = self._prior()
-        token = tf.fill((batch,), START_TOKEN)
-        caches = prior.empty_caches(batch, self.length)
-        codes = tf.zeros((batch, self.length), tf.int32)
+    def sample(self, batch, seed, temperature, top_k, top_p):
+        """(batch, length) int32 codes; seed is a pair of ints. batch is a Python int: one trace
+        per batch size."""
         options = (tf.constant(seed, tf.int64), tf.constant(temperature, tf.float32), tf.constant(top_k, tf.int32),
                    tf.constant(top_p, tf.float32))
-        bounds = np.linspace(0, self.length, PROGRESS_STEPS + 1).astype(int)
-        for start, stop in zip(bounds[:-1], bounds[1:]):
-            token, caches, codes = self.loop(tf.constant(start, tf.int32), tf.constant(stop, tf.int32), token, caches, codes, *options)
-            if on_progress:
-                on_progress(batch * (stop - start))
-        return codes.numpy()
+        return self.function(batch, *options).numpy()
 
 
 def draw(logits, temperature, top_k, top_p, seed):
@@ -144,8 +149,10 @@ def sample_codes(prior, n, grid_shape, temperature=1.0, top_k=None, seed=None, t
 
     def one_batch(index):
         # Each batch's noise comes from its own stream: seed, then batch index * length + position.
-        return sampler.sample(batch, (seed, index * sampler.length), float(temperature), top_k or prior.num_codes,
-                              1.0 if top_p is None else float(top_p), on_progress=bar.update)
+        codes = sampler.sample(batch, (seed, index * sampler.length), float(temperature), top_k or prior.num_codes,
+                               1.0 if top_p is None else float(top_p))
+        bar.update(min(batch, n - index * batch) * h * w)  # the last batch's padding is not progress
+        return codes
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         codes = np.concatenate(list(pool.map(one_batch, range(-(-n // batch)))))[:n]
