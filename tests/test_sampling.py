@@ -24,8 +24,9 @@ def prior():
 
 @pytest.fixture
 def short_segments(monkeypatch):
-    """Segments of 12 positions (36 -> 3 segments): caches grow between compiled loops."""
+    """Segments of 12 positions (36 -> 3 segments): the caches grow between the loops."""
     monkeypatch.setattr(sampling, "MIN_SEGMENT", 12)
+    monkeypatch.setattr(sampling, "SEGMENTS", 4)
 
 
 def nucleus(p, top_p):
@@ -97,15 +98,16 @@ def test_the_cached_sampler_sees_new_weights(short_segments):
 
 
 def test_the_sampler_is_compiled_once_per_prior_and_batch(prior, short_segments):
-    """Count the traces of the function sample_codes really runs: one per segment on the first
-    call, none on later calls with other seeds, temperature, top-k or top-p."""
+    """Count the traces of the function sample_codes really runs: one on the first call (all the
+    segments' loops in one function), none on later calls with other seeds, temperature, top-k or
+    top-p."""
     config, _ = prior
     model = build_prior(config)  # a fresh prior: nothing compiled yet
     traced = compiled_sampler(model).tracing_count
     assert traced() == 0
     sample_codes(model, 3, config.grid_shape, seed=1, batch_size=2)
     first = traced()
-    assert first == len(sampling.segments(36)) == 3
+    assert first == 1 and len(sampling.segments(36)) == 3
     for options in [dict(seed=2), dict(temperature=0.5), dict(top_k=3), dict(top_p=0.8), dict(top_k=2, top_p=0.3)]:
         sample_codes(model, 3, config.grid_shape, batch_size=2, **options)
     sample_codes(model, 2, config.grid_shape, batch_size=2, seed=5)  # another n, same batch

@@ -3,21 +3,22 @@
 The reference reruns the whole prefix for every new position (O(L^2) work and one predict call
 per position). Here each position costs one token's work: the prior's own layers run through
 `Prior.call_with_cache`, every attention block keeping the keys and values of earlier positions
-in a cache. Positions run inside XLA-compiled loops (caches updated in place, no Python between
-positions), compiled once per prior and batch size and reused by every later call.
+in a cache. All positions run inside one XLA-compiled function (caches updated in place, no Python
+between positions), compiled once per prior and batch size and reused by every later call: seeds,
+temperature, top-k and top-p are tensors. The distributions are those of the full model, to float
+rounding.
 
-The sequence is cut into a few segments; in each, the caches are only as long as the segment's
-end, so a position attends over (about) its prefix rather than over all h*w slots. Seeds,
-temperature, top-k and top-p are tensors: changing them does not compile again.
-The distributions are those of the full model, to float rounding.
+Sampling is bound by reading the caches, so the sequence is cut into a few segments, one loop
+each, and in each the caches are only as long as the segment's end: a position attends over about
+its prefix rather than over all h*w slots. The loops live in one compiled function: one trace and
+one XLA compilation, about half the time that a function per segment took (more segments would
+read less padding but compile longer).
 """
 
 import math
 import os
-import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 
 import numpy as np
 import tensorflow as tf
@@ -28,7 +29,7 @@ from .errors import UsageError
 from .prior import START_TOKEN, Prior
 
 # Segments per sequence, and their least length: more segments attend over less padding, but
-# each is one more loop to compile.
+# each adds a loop to compile.
 SEGMENTS = 4
 MIN_SEGMENT = 64
 
@@ -49,33 +50,23 @@ def segments(length):
 
 
 class Sampler:
-    """The compiled sampling loops of one prior, one per segment, each traced once per batch size
-    on first use; later calls with any seed or sampling option reuse them."""
+    """The compiled sampling function of one prior, traced once per batch size on first use;
+    later calls with any seed or sampling option reuse it."""
 
     def __init__(self, prior):
         self._prior = weakref.ref(prior)  # the sampler must not keep its prior alive
         self.length = prior.height * prior.width
-        self.loops = {}  # (start, stop) -> compiled loop
-        self.lock = threading.Lock()  # batches run on threads: each loop is made once
+        self.function = tf.function(self._draw, jit_compile=True)
 
     def tracing_count(self):
-        return sum(loop.experimental_get_tracing_count() for loop in self.loops.values())
+        return self.function.experimental_get_tracing_count()
 
-    def draw_segment(self, start, stop, *args):
-        with self.lock:
-            if (start, stop) not in self.loops:
-                self.loops[start, stop] = tf.function(partial(self._draw_segment, start, stop), jit_compile=True)
-        return self.loops[start, stop](*args)
-
-    def _draw_segment(self, start, stop, token, caches, codes, seed, temperature, top_k, top_p):
-        """Draws positions start..stop-1 (Python ints: static) of a batch.
-
-        token (batch,) is the last drawn token; caches hold positions < start and grow to length
-        stop; codes (batch, length) is filled in. Returns (token, caches, codes).
-        """
+    def _draw(self, batch, seed, temperature, top_k, top_p):
+        """(batch, length) codes: one while_loop per segment, the caches grown between them."""
         prior = self._prior()
-        grow = [[0, 0], [0, 0], [0, stop - start], [0, 0]]
-        caches = [(tf.pad(keys, grow), tf.pad(values, grow)) for keys, values in caches]
+        token = tf.fill((batch,), START_TOKEN)
+        caches = prior.empty_caches(batch, 0)
+        codes = tf.zeros((batch, self.length), tf.int32)
 
         def body(i, token, caches, codes):
             logits, caches = prior.call_with_cache(token[:, None], caches, i)
@@ -83,23 +74,19 @@ class Sampler:
             codes = ops.slice_update(codes, [0, i], code[:, None])
             return i + 1, code + 1, caches, codes
 
-        state = (tf.constant(start), token, caches, codes)
-        _, token, caches, codes = tf.while_loop(lambda i, *_: i < stop, body, state)
-        return token, caches, codes
+        for start, stop in segments(self.length):
+            grow = [[0, 0], [0, 0], [0, stop - start], [0, 0]]
+            caches = [(tf.pad(keys, grow), tf.pad(values, grow)) for keys, values in caches]
+            state = (tf.constant(start), token, caches, codes)
+            _, token, caches, codes = tf.while_loop(lambda i, *_: i < stop, body, state)
+        return codes
 
-    def sample(self, batch, seed, temperature, top_k, top_p, on_progress=None):
-        """(batch, length) int32 codes; seed is a pair of ints."""
-        prior = self._prior()
-        token = tf.fill((batch,), START_TOKEN)
-        caches = prior.empty_caches(batch, 0)
-        codes = tf.zeros((batch, self.length), tf.int32)
+    def sample(self, batch, seed, temperature, top_k, top_p):
+        """(batch, length) int32 codes; seed is a pair of ints. batch is a Python int: one trace
+        per batch size."""
         options = (tf.constant(seed, tf.int64), tf.constant(temperature, tf.float32), tf.constant(top_k, tf.int32),
                    tf.constant(top_p, tf.float32))
-        for start, stop in segments(self.length):
-            token, caches, codes = self.draw_segment(start, stop, token, caches, codes, *options)
-            if on_progress:
-                on_progress(batch * (stop - start))
-        return codes.numpy()
+        return self.function(batch, *options).numpy()
 
 
 def draw(logits, temperature, top_k, top_p, seed):
@@ -165,8 +152,10 @@ def sample_codes(prior, n, grid_shape, temperature=1.0, top_k=None, seed=None, t
 
     def one_batch(index):
         # Each batch's noise comes from its own stream: seed, then batch index * length + position.
-        return sampler.sample(batch, (seed, index * sampler.length), float(temperature), top_k or prior.num_codes,
-                              1.0 if top_p is None else float(top_p), on_progress=bar.update)
+        codes = sampler.sample(batch, (seed, index * sampler.length), float(temperature), top_k or prior.num_codes,
+                               1.0 if top_p is None else float(top_p))
+        bar.update(min(batch, n - index * batch) * h * w)  # the last batch's padding is not progress
+        return codes
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         codes = np.concatenate(list(pool.map(one_batch, range(-(-n // batch)))))[:n]
