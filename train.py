@@ -83,7 +83,7 @@ def build_parser():
     kinds.add_argument("--prior", choices=["attention", "pixelcnn"],
                        help="attention: the reference's PixelAtt (default); pixelcnn: a gated PixelCNN")
     kinds.add_argument("--pixelcnn-width", type=positive_int, metavar="C", help="channels of both stacks (default 128)")
-    kinds.add_argument("--pixelcnn-depth", type=positive_int, metavar="L", help="gated layers (default 15)")
+    kinds.add_argument("--pixelcnn-depth", type=positive_int, metavar="L", help="gated layers (default 16)")
     kinds.add_argument("--pixelcnn-kernel", type=positive_int, metavar="K", help="odd kernel size >= 3 (default 5)")
     kinds.add_argument("--classes", action="store_true",
                        help="class-conditional prior: each image's class is its first-level subfolder of --data")

@@ -47,7 +47,7 @@ class Config:
     # prior kind and class conditioning (issue 16): departures, off by default
     prior: str = "attention"  # "attention" (the reference's PixelAtt) or "pixelcnn" (gated PixelCNN)
     pixelcnn_width: int = 128  # channels of both stacks
-    pixelcnn_depth: int = 15  # gated layers: the receptive field covers a 32x32 map with kernel 5
+    pixelcnn_depth: int = 16  # gated layers; depth * (kernel // 2) >= w - 1: the last code of a 32x32 map sees all
     pixelcnn_kernel: int = 5  # odd: vertical convolutions k//2+1 x k, horizontal 1 x k//2+1
     classes: Optional[list] = None  # class names (first-level subfolders of data): a conditional prior
     # run

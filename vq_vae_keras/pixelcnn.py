@@ -103,7 +103,7 @@ class PixelCNN(keras.Model):
     num_codes + 1 + c for class c, see prior.class_tokens), code k = token k + 1 ->
     (batch, length, num_codes) next-code probabilities."""
 
-    def __init__(self, height, width, num_codes, channels=128, depth=15, kernel=5, classes=None, name="prior",
+    def __init__(self, height, width, num_codes, channels=128, depth=16, kernel=5, classes=None, name="prior",
                  **kwargs):
         super().__init__(name=name, **kwargs)
         self.height, self.width, self.num_codes = height, width, num_codes
