@@ -1,4 +1,4 @@
-"""Train a VQ-VAE and its attention prior on a folder of images.
+"""Train a VQ-VAE and its prior (attention, or a gated PixelCNN) on a folder of images.
 
     python train.py                                   # demo: built-in shapes, 32 px, both stages
     python train.py vqvae --data DIR --run RUN [...]  # stage 1: the VQ-VAE

@@ -38,7 +38,7 @@ def test_attention_prior_takes_the_class_at_its_start_token():
     np.testing.assert_array_equal(default[3], greedy[0])
     with pytest.raises(vqk.UsageError, match="not class-conditional"):
         sample_codes(vqk.build_prior(tiny_config()), 1, config.grid_shape, classes="cat")
-    with pytest.raises(vqk.UsageError, match="one class or 3"):
+    with pytest.raises(vqk.UsageError, match="one class or a list of 3"):
         sample_codes(model, 3, config.grid_shape, classes=["cat", "dog"])
 
 

@@ -160,8 +160,8 @@ def sample_classes(prior, n, classes):
         return np.arange(n) * len(names) // n
     if isinstance(classes, (str, int, np.integer)):
         classes = [classes] * n
-    if len(classes) != n:
-        raise UsageError(f"classes: give one class or {n} (one per sample), got {len(classes)}")
+    if not isinstance(classes, (list, tuple, np.ndarray)) or len(classes) != n:
+        raise UsageError(f"classes: give one class or a list of {n} (one per sample), got {classes!r}")
     ids = []
     for c in classes:
         if isinstance(c, str) and c in names:
