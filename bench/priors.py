@@ -8,8 +8,9 @@ checks both halves on one VQ-VAE's code maps (the built-in shapes without --data
   1. validation NLL (nats per code, 10% of the maps held out) after the same training wall time:
      the two priors train in alternating rounds of --seconds / --rounds each (so both share the
      machine's load alike), the first step (tracing) not counted; NLL after every round;
-  2. peak memory of one training step at the run's grid and batch 32, each in a child process
-     (GPU: TensorFlow's peak allocation; CPU: peak RSS of the whole process);
+  2. peak memory of one training step at batch 32 on the reference's 32x32 grid (--memory-img-dim),
+     each in a child process (GPU: TensorFlow's peak allocation; CPU: how far the step raises the
+     process's peak RSS above the built model's);
   3. sampling time for --n samples: first call (compilation included) and second call.
 Every comparison is a ratio of figures measured in this run.
 """
@@ -52,11 +53,12 @@ def memory_child(kind, img_dim, depth, width):
     prior = compiled_prior(config)
     h, w = config.grid_shape
     tokens = codes_to_tokens(np.random.default_rng(0).integers(0, config.num_codes, (32, h, w)))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     prior.train_on_batch(tokens[:, :-1], tokens[:, 1:] - 1)
     if tf.config.list_logical_devices("GPU"):
-        print(f"{tf.config.experimental.get_memory_info('GPU:0')['peak'] / 2 ** 30:.3f} GPU")
-    else:
-        print(f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.3f} RSS")
+        print(f"{tf.config.experimental.get_memory_info('GPU:0')['peak'] / 2 ** 30:.3f} GPU-peak")
+    else:  # the step's own share: the high-water mark's rise over the model's (TensorFlow itself is ~1 GiB)
+        print(f"{(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2 ** 20:.3f} RSS-rise")
 
 
 def code_maps(args):
@@ -76,6 +78,8 @@ def main():
     parser.add_argument("--seconds", type=float, default=120, help="training wall time per prior (default 120)")
     parser.add_argument("--rounds", type=int, default=6, help="alternating rounds (default 6)")
     parser.add_argument("--n", type=int, default=16, help="samples for the sampling time (default 16)")
+    parser.add_argument("--memory-img-dim", type=int, default=128,
+                        help="image size for the memory figure (default 128: the reference's 32x32 grid)")
     parser.add_argument("--pixelcnn-depth", type=int, default=16)
     parser.add_argument("--pixelcnn-width", type=int, default=128)
     args = parser.parse_args()
@@ -119,12 +123,13 @@ def main():
 
     peaks = {}
     for kind in KINDS:
-        out = subprocess.run([sys.executable, __file__, "--memory-child", kind, str(args.img_dim),
+        out = subprocess.run([sys.executable, __file__, "--memory-child", kind, str(args.memory_img_dim),
                               str(args.pixelcnn_depth), str(args.pixelcnn_width)],
                              capture_output=True, text=True, check=True)
         peaks[kind] = out.stdout.split()[-2:]
     unit = peaks["attention"][1]
-    print(f"\npeak memory of one training step, batch 32 ({unit}): "
+    side = args.memory_img_dim // 4
+    print(f"\npeak memory of one training step, {side}x{side} grid, batch 32 ({unit}): "
           + ", ".join(f"{kind} {float(peaks[kind][0]):.3f} GiB" for kind in KINDS)
           + f"; attention/pixelcnn {float(peaks['attention'][0]) / float(peaks['pixelcnn'][0]):.2f}x")
 
