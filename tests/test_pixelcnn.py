@@ -155,6 +155,7 @@ def test_class_conditioning_biases_every_position_and_greedy_samples_follow_the_
         sample_codes(model, 1, config.grid_shape, classes="green")
 
 
+@pytest.mark.slow
 def test_train_prior_learns_and_the_run_reloads_in_a_fresh_process(tmp_path):
     """train_prior with prior="pixelcnn" (the production path): the NLL falls below uniform's;
     load_run in a new process rebuilds the PixelCNN from config.json with the same distributions."""
