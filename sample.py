@@ -2,7 +2,7 @@
 
     python sample.py recon  --run RUN --data DIR [--no-quantize]   # real | reconstruction columns
     python sample.py interp --run RUN --data DIR                   # rows from one image to another
-    python sample.py random --run RUN [--temperature T] [--top-k K] [--top-p P] # samples from the prior
+    python sample.py random --run RUN [--temperature T] [--top-k K] [--top-p P] [--class NAME ...]
     python sample.py usage  --run RUN --data DIR                   # code-usage histogram over a folder
     python sample.py evaluate --run RUN --data DIR [--fid N]       # PSNR, SSIM, usage, bits/dim, FID
 """
@@ -45,6 +45,9 @@ def build_parser():
             p.add_argument("--top-k", type=positive_int, help="draw only from the k likeliest codes")
             p.add_argument("--top-p", type=probability, help="draw only from the fewest likeliest codes whose "
                            "probability reaches P, in (0, 1] (nucleus sampling)")
+            p.add_argument("--class", dest="classes", action="append", metavar="NAME",
+                           help="class-conditional priors: samples of this class; repeat for rows per class "
+                                "(default: every class in turn)")
             p.add_argument("--codes-out", type=output_file(".npy"),
                            help="also save the sampled code maps (n*n, h, w) as .npy")
     add_evaluate_parser(commands)
@@ -90,8 +93,18 @@ def main(argv=None):
             raise UsageError(f"{args.run} has no trained prior; run: python train.py prior --run {args.run}")
         if args.top_k is not None and args.top_k > run.config.num_codes:
             raise UsageError(f"--top-k must be at most num_codes = {run.config.num_codes}, got {args.top_k}")
+        classes = None
+        if args.classes:
+            if run.config.classes is None:
+                raise UsageError(f"--class: the prior of {args.run} is not class-conditional (train.py prior --classes)")
+            unknown = [name for name in args.classes if name not in run.config.classes]
+            if unknown:
+                raise UsageError(f"--class {unknown[0]}: unknown class; this run's classes are "
+                                 f"{', '.join(run.config.classes)}")
+            # rows per class: grid row r shows the (r * len(names) // n)-th named class
+            classes = [args.classes[(i // args.n) * len(args.classes) // args.n] for i in range(args.n * args.n)]
         codes = sample_codes(run.prior, args.n * args.n, run.config.grid_shape, temperature=args.temperature,
-                             top_k=args.top_k, top_p=args.top_p, seed=seed, progress=True)
+                             top_k=args.top_k, top_p=args.top_p, seed=seed, progress=True, classes=classes)
         if args.codes_out:
             save_npy(args.codes_out, codes)
         grid = codes_grid(run.vqvae, codes)

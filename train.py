@@ -1,4 +1,4 @@
-"""Train a VQ-VAE and its attention prior on a folder of images.
+"""Train a VQ-VAE and its prior (attention, or a gated PixelCNN) on a folder of images.
 
     python train.py                                   # demo: built-in shapes, 32 px, both stages
     python train.py vqvae --data DIR --run RUN [...]  # stage 1: the VQ-VAE
@@ -66,7 +66,7 @@ def build_parser():
                     help="held-out images scored every --eval-every steps: psnr, ssim, codes_used in RUN/eval_log.csv")
     vq.add_argument("--eval-every", type=positive_int, metavar="N", help="steps between evaluations (default 1000)")
 
-    prior = commands.add_parser("prior", help="train the attention prior on a trained VQ-VAE's codes")
+    prior = commands.add_parser("prior", help="train the prior (attention or PixelCNN) on a trained VQ-VAE's codes")
     prior.add_argument("--run", required=True, type=folder, help="run directory of a trained VQ-VAE")
     prior.add_argument("--data", type=folder, help="folder of images (default: the one in RUN/config.json)")
     prior.add_argument("--batch-size", type=positive_int, help="default 32")
@@ -79,6 +79,14 @@ def build_parser():
     prior.add_argument("--jit", dest="prior_jit_compile", action=argparse.BooleanOptionalAction, default=None,
                        help="compile the prior's training step with XLA (default: off)")
     prior.add_argument("--tensorboard", action="store_true", help="write RUN/tensorboard/prior/")
+    kinds = prior.add_argument_group("prior kind and classes (departures from the reference, off by default)")
+    kinds.add_argument("--prior", choices=["attention", "pixelcnn"],
+                       help="attention: the reference's PixelAtt (default); pixelcnn: a gated PixelCNN")
+    kinds.add_argument("--pixelcnn-width", type=positive_int, metavar="C", help="channels of both stacks (default 128)")
+    kinds.add_argument("--pixelcnn-depth", type=positive_int, metavar="L", help="gated layers (default 16)")
+    kinds.add_argument("--pixelcnn-kernel", type=positive_int, metavar="K", help="odd kernel size >= 3 (default 5)")
+    kinds.add_argument("--classes", action="store_true",
+                       help="class-conditional prior: each image's class is its first-level subfolder of --data")
     return parser
 
 
@@ -118,8 +126,18 @@ def train_prior_command(args):
         raise UsageError(f"no prior checkpoint at {run.prior_checkpoint} to resume; train without --resume")
     flags = {"data": args.data, "prior_batch_size": args.batch_size, "prior_seed": args.seed}
     flags.update(val_split=args.val_split, sample_every_epochs=args.sample_every_epochs, prior_jit_compile=args.prior_jit_compile)
+    flags.update(prior=args.prior, pixelcnn_width=args.pixelcnn_width, pixelcnn_depth=args.pixelcnn_depth,
+                 pixelcnn_kernel=args.pixelcnn_kernel)
+    if args.resume and args.classes and config.classes is None:
+        raise UsageError("--classes contradicts the run's saved prior, which is not class-conditional "
+                         "(--restart --classes trains a new one)")
+    if not args.resume:
+        config.classes = None  # a new prior: conditional only with --classes
     config = apply_flags(config, flags, changeable=("data", "sample_every_epochs") if args.resume else tuple(flags),
                          flag_names={"prior_batch_size": "--batch-size", "prior_seed": "--seed"})
+    pixelcnn_flags = [name for name in flags if name.startswith("pixelcnn") and flags[name] is not None]
+    if pixelcnn_flags and config.prior != "pixelcnn":
+        raise UsageError(f"--{pixelcnn_flags[0].replace('_', '-')} applies to --prior pixelcnn, this prior is {config.prior}")
     if not args.resume and not (config.data and os.path.isdir(config.data)):  # --data itself was checked
         raise UsageError(f"the run's image folder {config.data} is gone; give --data DIR" if config.data else
                          "no image folder: give --data (the run's config.json names none)")
@@ -128,12 +146,14 @@ def train_prior_command(args):
     if args.restart:
         from vq_vae_keras.data import ImageFolder
 
-        load_vqvae(config, run)  # the VQ-VAE and the images must load before the old prior goes
-        ImageFolder(config.data, config.img_dim)
+        load_vqvae(config, run)  # the VQ-VAE and the images (and classes) must load before the old prior goes
+        images = ImageFolder(config.data, config.img_dim)
+        if args.classes:
+            images.class_labels()
         for path in existing:  # a half-done restart must not leave the old prior to --resume from
             os.remove(path)
     train_prior(config, args.run, steps=args.steps, epochs=args.epochs, resume=args.resume, deterministic=True,
-                tensorboard=args.tensorboard)
+                tensorboard=args.tensorboard, classes=args.classes)
     print(f"prior weights: {os.path.join(args.run, 'prior.weights.h5')}")
 
 

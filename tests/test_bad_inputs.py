@@ -135,6 +135,15 @@ ROWS = [
     ("train.py prior --run {noprior} --jit=1", "ignored explicit argument"),
     ("train.py prior --run {noprior} --no-jit=1", "ignored explicit argument"),
     ("train.py prior --run {noprior} --tensorboard=1", "ignored explicit argument"),
+    ("train.py prior --run {noprior} --prior rnn", "argument --prior: invalid choice"),
+    ("train.py prior --run {run} --resume --prior pixelcnn", "--prior pixelcnn contradicts"),
+    ("train.py prior --run {noprior} --prior pixelcnn --pixelcnn-width 0", "argument --pixelcnn-width"),
+    ("train.py prior --run {noprior} --prior pixelcnn --pixelcnn-depth 0", "argument --pixelcnn-depth"),
+    ("train.py prior --run {noprior} --prior pixelcnn --pixelcnn-kernel 4", "--pixelcnn-kernel: pixelcnn_kernel must be odd"),
+    ("train.py prior --run {noprior} --pixelcnn-kernel 3", "--pixelcnn-kernel applies to --prior pixelcnn"),
+    ("train.py prior --run {noprior} --classes --steps 1", "not in a class subfolder"),
+    ("train.py prior --run {run} --resume --classes", "--classes contradicts the run's saved prior"),
+    ("train.py prior --run {noprior} --classes=1", "ignored explicit argument"),
     # ---- sample.py
     ("sample.py", "the following arguments are required: command"),
     ("sample.py recon --run {missing} --data {data}", "argument --run: no such folder"),
@@ -171,6 +180,8 @@ ROWS = [
     ("sample.py random --run {run} --codes-out {empty}", "argument --codes-out: "),
     ("sample.py random --run {run} --codes-out codes.txt", "argument --codes-out: codes.txt must end in .npy"),
     ("sample.py random --run {noprior}", "has no trained prior"),
+    ("sample.py random --run {run} --class red", "--class: the prior of"),
+    ("sample.py random --run {run} --class", "argument --class: expected one argument"),
     ("sample.py random --run {badprior}", "cannot load prior weights"),
     ("sample.py random --run {file}", "argument --run"),
     ("sample.py random --run {run} --data {data}", "unrecognized arguments"),
@@ -393,6 +404,10 @@ API_ROWS = [
     ("load_run(empty)", lambda p: vqk.load_run(p["empty"]), "no config at"),
     ("load_run(badweights)", lambda p: vqk.load_run(p["badweights"]), "cannot load VQ-VAE weights"),
     ("load_run(badprior)", lambda p: vqk.load_run(p["badprior"]), "cannot load prior weights"),
+    ("Config(prior='rnn')", lambda p: vqk.Config(prior="rnn").validate(), "prior must be one of"),
+    ("Config(classes=[])", lambda p: vqk.Config(classes=[]).validate(), "classes must be a list of class names"),
+    ("Config(classes='ab')", lambda p: vqk.Config(classes="ab").validate(), "classes must be a list"),
+    ("Config(classes=[a, a])", lambda p: vqk.Config(classes=["a", "a"]).validate(), "must not repeat"),
 ]
 
 

@@ -13,6 +13,7 @@ from .errors import UsageError
 QUANTIZERS = ("vq", "ema", "gumbel")
 SCHEDULES = ("cosine", "linear", "exponential")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+PRIORS = ("attention", "pixelcnn")
 
 
 @dataclass
@@ -43,6 +44,12 @@ class Config:
     prior_lr: float = 1e-3
     val_split: float = 0.0  # codes held out for val_nll; 0: train on every code map, as the reference
     prior_seed: Optional[int] = None  # None: the run's seed
+    # prior kind and class conditioning (issue 16): departures, off by default
+    prior: str = "attention"  # "attention" (the reference's PixelAtt) or "pixelcnn" (gated PixelCNN)
+    pixelcnn_width: int = 128  # channels of both stacks
+    pixelcnn_depth: int = 16  # gated layers; depth * (kernel // 2) >= w - 1: the last code of a 32x32 map sees all
+    pixelcnn_kernel: int = 5  # odd: vertical convolutions k//2+1 x k, horizontal 1 x k//2+1
+    classes: Optional[list] = None  # class names (first-level subfolders of data): a conditional prior
     # run
     data: Optional[str] = None
     seed: int = 0
@@ -70,7 +77,7 @@ class Config:
     def _check_types(self):
         """Each field holds its annotated type (an int is fine for a float), every float is finite."""
         kinds = {"int": ((int,), "an integer"), "float": ((int, float), "a number"), "str": ((str,), "a string"),
-                 "bool": ((bool,), "true or false")}
+                 "bool": ((bool,), "true or false"), "list": ((list,), "a list")}
         for field in dataclasses.fields(self):
             value, annotation = getattr(self, field.name), str(field.type)
             if value is None and "Optional" in annotation:
@@ -91,7 +98,7 @@ class Config:
         need(self.img_dim >= 16 and self.img_dim % 4 == 0,
              f"img_dim must be a multiple of 4 and at least 16, got {self.img_dim}")
         for name in ("z_dim", "batch_size", "prior_heads", "prior_head_dim", "prior_depth",
-                     "prior_batch_size", "sample_every"):
+                     "prior_batch_size", "sample_every", "pixelcnn_width", "pixelcnn_depth"):
             need(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
         need(self.num_codes >= 2, f"num_codes must be at least 2, got {self.num_codes}")
         need(self.lr > 0 and self.prior_lr > 0, "learning rates must be positive")
@@ -113,6 +120,14 @@ class Config:
         need(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name in ("jit_compile", "prior_jit_compile"):
             need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
+        need(self.prior in PRIORS, f"prior must be one of {', '.join(PRIORS)}, got {self.prior!r}")
+        need(self.pixelcnn_kernel >= 3 and self.pixelcnn_kernel % 2 == 1,
+             f"pixelcnn_kernel must be odd and at least 3, got {self.pixelcnn_kernel}")
+        if self.classes is not None:
+            names = self.classes
+            need(len(names) >= 1 and all(isinstance(c, str) and c for c in names),
+                 f"classes must be a list of class names, got {names!r}")
+            need(len(set(names)) == len(names), f"classes must not repeat a name, got {names!r}")
         need(self.sample_every_epochs >= 0, f"sample_every_epochs must be >= 0, got {self.sample_every_epochs}")
         return self
 

@@ -147,6 +147,23 @@ class ImageFolder:
         self.bad = set()  # files that passed the header check but failed to decode
         self.pixels = None  # (N, img_dim, img_dim, 3) uint8 once cached
 
+    def class_labels(self):
+        """(class names, (N,) int32 class of each image): an image's class is its first-level
+        subfolder under the folder (the ImageFolder convention), names sorted."""
+        parts = [os.path.relpath(p, self.folder).split(os.sep) for p in self.paths]
+        loose = [os.path.join(*part) for part in parts if len(part) == 1]
+        if loose:
+            raise UsageError(f"--classes: {len(loose)} images are not in a class subfolder of {self.folder} "
+                             f"(first: {loose[0]}); put each image in a folder named after its class")
+        names = sorted({part[0] for part in parts})
+        return names, np.array([names.index(part[0]) for part in parts], np.int32)
+
+    def usable(self):
+        """(N,) bool: the images not (yet) found unreadable."""
+        if self.pixels is not None:
+            return np.asarray(self.readable, bool)
+        return np.array([p not in self.bad for p in self.paths])
+
     def cache(self, file=None, progress=True):
         """Decode and resize every image once and serve batches from memory from then on: the same
         batches as reading the files. With a file (.npz), the decoded images are kept there and

@@ -24,11 +24,26 @@ LAYER_NORM_EPSILON = 1e-14
 QUERY_CHUNK = 256
 
 
-def codes_to_tokens(codes):
-    """(N, h, w) codes -> (N, h*w + 1) int32 tokens: start token 0, then code + 1."""
+def codes_to_tokens(codes, start=START_TOKEN):
+    """(N, h, w) codes -> (N, h*w + 1) int32 tokens: the start token (one for all, or (N,) of
+    them: see class_tokens), then code + 1."""
     codes = np.asarray(codes, np.int32)
     flat = codes.reshape(len(codes), -1)
-    return np.concatenate([np.full((len(codes), 1), START_TOKEN, np.int32), flat + 1], axis=1)
+    first = np.broadcast_to(np.asarray(start, np.int32), (len(codes),))[:, None]
+    return np.concatenate([first, flat + 1], axis=1)
+
+
+def class_tokens(classes, num_codes):
+    """Class ids (N,) -> the start tokens of a class-conditional prior: num_codes + 1 + class.
+    Token 0 stays the unconditional start (no class)."""
+    return np.asarray(classes, np.int32) + num_codes + 1
+
+
+def split_class_tokens(tokens, num_codes):
+    """int tokens (batch, n) -> (tokens with each class token made the start token 0, class ids
+    (batch, n): the class of a class token, -1 elsewhere)."""
+    is_class = tokens > num_codes
+    return ops.where(is_class, START_TOKEN, tokens), ops.where(is_class, tokens - (num_codes + 1), -1)
 
 
 def tokens_to_codes(tokens, grid_shape):
@@ -153,12 +168,18 @@ class Prior(keras.Model):
     Each block: causal attention -> Dense(relu) -> add the block's input -> LayerNorm.
     `call_with_cache` runs the same layers on new positions against per-block key/value caches.
     The layers (and so the weight file's layout) are those of the earlier `build_prior`.
+    With class names (a class-conditional prior, a departure), a learned class embedding is added
+    to the start token's: the sequence starts with class c's token num_codes + 1 + c.
     """
 
-    def __init__(self, height, width, num_codes, dim=256, heads=8, head_dim=32, depth=4, name="prior", **kwargs):
+    def __init__(self, height, width, num_codes, dim=256, heads=8, head_dim=32, depth=4, classes=None, name="prior",
+                 **kwargs):
         self.height, self.width, self.num_codes = height, width, num_codes
         self.dim, self.heads, self.head_dim, self.depth = dim, heads, head_dim, depth
+        self.classes = tuple(classes) if classes else None  # a tuple: Keras does not track it
         self.token_embedding = layers.Embedding(num_codes + 1, dim, name="token_embedding")
+        if self.classes:
+            self.class_embedding = layers.Embedding(len(self.classes), dim, name="class_embedding")
         self.position_embedding = GridPositionEmbedding(height, width, name="position_embedding")
         self.embedding_norm = layers.LayerNormalization(epsilon=LAYER_NORM_EPSILON, name="embedding_norm")
         self.blocks = [(CausalSelfAttention(heads, head_dim, name=f"block{i}_attention"),
@@ -178,7 +199,11 @@ class Prior(keras.Model):
         caches: None for a whole sequence from position 0, or one (keys, values) pair per block
         (see `empty_caches`) holding the positions before index; the new positions are written in.
         """
-        x = self.token_embedding(tokens)
+        if self.classes:
+            tokens, classes = split_class_tokens(tokens, self.num_codes)
+            x = self.token_embedding(tokens) + self._class_embedding(classes)
+        else:
+            x = self.token_embedding(tokens)
         x = self.position_embedding(x, start=index)
         x = self.embedding_norm(x)
         new_caches = []
@@ -191,6 +216,11 @@ class Prior(keras.Model):
             x = norm(add([dense(a), x]))
         return self.next_code(x), new_caches
 
+    def _class_embedding(self, classes):
+        """(batch, n) class ids, -1 for none -> (batch, n, dim), zero for none."""
+        known = ops.cast(classes >= 0, self.class_embedding.compute_dtype)[..., None]
+        return self.class_embedding(ops.maximum(classes, 0)) * known
+
     def empty_caches(self, batch, length):
         """Zero caches for `call_with_cache`: one (keys, values) pair per block, each
         (batch, heads, length, head_dim)."""
@@ -200,19 +230,25 @@ class Prior(keras.Model):
 
     def get_config(self):
         return {"height": self.height, "width": self.width, "num_codes": self.num_codes, "dim": self.dim,
-                "heads": self.heads, "head_dim": self.head_dim, "depth": self.depth, "name": self.name}
+                "heads": self.heads, "head_dim": self.head_dim, "depth": self.depth, "classes": list(self.classes or ()) or None,
+                "name": self.name}
 
     @classmethod
     def from_config(cls, config):
         return cls(**config)
 
 
-def build_prior(config: Config) -> Prior:
-    """int tokens (batch, length <= h*w) -> (batch, length, num_codes) next-code probabilities."""
+def build_prior(config: Config) -> keras.Model:
+    """The config's prior (attention, the reference, or pixelcnn): int tokens (batch, length <= h*w)
+    -> (batch, length, num_codes) next-code probabilities."""
     config.validate()
+    if config.prior == "pixelcnn":
+        from .pixelcnn import build_pixelcnn
+
+        return build_pixelcnn(config)
     h, w = config.grid_shape
     return Prior(h, w, config.num_codes, config.prior_dim, config.prior_heads, config.prior_head_dim,
-                 config.prior_depth)
+                 config.prior_depth, config.classes)
 
 
 def prior_nll(prior, tokens, batch_size=32):

@@ -25,6 +25,7 @@ class RunDir:
     vqvae_keras = property(lambda self: self.path("vqvae.keras"))
     prior_weights = property(lambda self: self.path("prior.weights.h5"))
     codes = property(lambda self: self.path("codes.npy"))
+    labels = property(lambda self: self.path("labels.npy"))  # class of each code map (--classes)
     samples = property(lambda self: self.path("samples"))
     log = property(lambda self: self.path("log.csv"))
     prior_log = property(lambda self: self.path("prior_log.csv"))
@@ -34,7 +35,7 @@ class RunDir:
 
     def prior_files(self) -> list:
         """The files `train.py prior` writes that exist now (grids under samples/ included)."""
-        fixed = [self.prior_weights, self.prior_checkpoint, self.codes, self.prior_log]
+        fixed = [self.prior_weights, self.prior_checkpoint, self.codes, self.labels, self.prior_log]
         grids = sorted(glob.glob(os.path.join(glob.escape(self.samples), "prior_sample_*.png")))
         return [p for p in fixed if os.path.exists(p)] + grids
 

@@ -26,7 +26,9 @@ from keras import ops
 from tqdm.auto import tqdm
 
 from .errors import UsageError
-from .prior import START_TOKEN, Prior
+from .pixelcnn import PixelCNN
+from .pixelcnn import compiled_sampler as pixelcnn_sampler
+from .prior import START_TOKEN, Prior, class_tokens
 
 # Segments per sequence, and their least length: more segments attend over less padding, but
 # each adds a loop to compile.
@@ -61,10 +63,11 @@ class Sampler:
     def tracing_count(self):
         return self.function.experimental_get_tracing_count()
 
-    def _draw(self, batch, seed, temperature, top_k, top_p):
-        """(batch, length) codes: one while_loop per segment, the caches grown between them."""
+    def _draw(self, token, seed, temperature, top_k, top_p):
+        """(batch, length) codes after the start tokens (batch,): one while_loop per segment, the
+        caches grown between them."""
         prior = self._prior()
-        token = tf.fill((batch,), START_TOKEN)
+        batch = token.shape[0]
         caches = prior.empty_caches(batch, 0)
         codes = tf.zeros((batch, self.length), tf.int32)
 
@@ -81,12 +84,15 @@ class Sampler:
             _, token, caches, codes = tf.while_loop(lambda i, *_: i < stop, body, state)
         return codes
 
-    def sample(self, batch, seed, temperature, top_k, top_p):
-        """(batch, length) int32 codes; seed is a pair of ints. batch is a Python int: one trace
-        per batch size."""
+    def sample(self, batch, seed, temperature, top_k, top_p, classes=None):
+        """(batch, length) int32 codes; seed is a pair of ints; classes (batch,) ints or None. batch
+        is a Python int: one trace per batch size."""
+        prior = self._prior()
+        start = START_TOKEN if classes is None else class_tokens(classes, prior.num_codes)
+        token = tf.constant(np.broadcast_to(start, (batch,)), tf.int32)
         options = (tf.constant(seed, tf.int64), tf.constant(temperature, tf.float32), tf.constant(top_k, tf.int32),
                    tf.constant(top_p, tf.float32))
-        return self.function(batch, *options).numpy()
+        return self.function(token, *options).numpy()
 
 
 def draw(logits, temperature, top_k, top_p, seed):
@@ -117,7 +123,7 @@ def draw(logits, temperature, top_k, top_p, seed):
 
 def check_sampling_options(prior, n, grid_shape, temperature, top_k, top_p):
     """UsageError (a ValueError) naming the first bad argument of `sample_codes`."""
-    if not isinstance(prior, Prior):
+    if not isinstance(prior, (Prior, PixelCNN)):
         raise UsageError(f"sample_codes needs a prior made by build_prior, got {type(prior).__name__}")
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise UsageError(f"n must be an integer >= 1, got {n!r}")
@@ -132,18 +138,47 @@ def check_sampling_options(prior, n, grid_shape, temperature, top_k, top_p):
         raise UsageError(f"grid {tuple(grid_shape)} does not match the prior's {prior.height}x{prior.width}")
 
 
+def sample_classes(prior, n, classes):
+    """The class id of each of n samples: classes is None, a class (name or id) or n of them.
+    None on a class-conditional prior: every class in turn, in equal consecutive blocks."""
+    names = prior.classes
+    if names is None:
+        if classes is not None:
+            raise UsageError("classes: this prior is not class-conditional (train it with --classes)")
+        return None
+    if classes is None:
+        return np.arange(n) * len(names) // n
+    if isinstance(classes, (str, int, np.integer)):
+        classes = [classes] * n
+    if not isinstance(classes, (list, tuple, np.ndarray)) or len(classes) != n:
+        raise UsageError(f"classes: give one class or a list of {n} (one per sample), got {classes!r}")
+    ids = []
+    for c in classes:
+        if isinstance(c, str) and c in names:
+            ids.append(names.index(c))
+        elif isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 0 <= c < len(names):
+            ids.append(int(c))
+        else:
+            raise UsageError(f"unknown class {c!r}; this prior's classes are {', '.join(names)}")
+    return np.array(ids, np.int32)
+
+
 def sample_codes(prior, n, grid_shape, temperature=1.0, top_k=None, seed=None, top_p=None, batch_size=None,
-                 progress=False):
+                 progress=False, classes=None):
     """n code maps (n, h, w) int32 drawn from the prior, position by position.
 
     temperature=1, top_k=None and top_p=None is the reference's plain sampling; other values are
     departures. The same seed (and batch_size) gives the same codes; seed=None draws a fresh one.
+    classes (class-conditional priors): a class name or id for all samples, or one per sample;
+    None: every class in turn, in equal consecutive blocks.
     Samples run in batches of batch_size (default: all n at once on a GPU, 16 on a CPU), in
     parallel on the CPU cores; the last is padded so that all share one compiled loop.
     """
     check_sampling_options(prior, n, grid_shape, temperature, top_k, top_p)
     h, w = grid_shape
-    sampler = compiled_sampler(prior)
+    ids = sample_classes(prior, n, classes)
+    sampler = pixelcnn_sampler(prior) if isinstance(prior, PixelCNN) else compiled_sampler(prior)
+    length = h * w
     seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else int(seed)
     if batch_size is None:
         batch_size = n if tf.config.list_logical_devices("GPU") else 16
@@ -152,8 +187,9 @@ def sample_codes(prior, n, grid_shape, temperature=1.0, top_k=None, seed=None, t
 
     def one_batch(index):
         # Each batch's noise comes from its own stream: seed, then batch index * length + position.
-        codes = sampler.sample(batch, (seed, index * sampler.length), float(temperature), top_k or prior.num_codes,
-                               1.0 if top_p is None else float(top_p))
+        rows = None if ids is None else np.resize(ids[index * batch:(index + 1) * batch], batch)  # last: padded
+        codes = sampler.sample(batch, (seed, index * length), float(temperature), top_k or prior.num_codes,
+                               1.0 if top_p is None else float(top_p), classes=rows)
         bar.update(min(batch, n - index * batch) * h * w)  # the last batch's padding is not progress
         return codes
 

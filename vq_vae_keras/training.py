@@ -215,21 +215,44 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, 
 
 # ---------------------------------------------------------------- prior
 
-def prior_codes(config: Config, run: RunDir, resume):
-    """RUN/codes.npy: reused on --resume, else every training image encoded and saved."""
+def prior_codes(config: Config, run: RunDir, resume, classes=False):
+    """(codes (N, h, w), labels (N,) or None): RUN/codes.npy, and for a class-conditional prior
+    (classes, or config.classes already set) RUN/labels.npy, each image's class. Reused on
+    --resume, else every training image is encoded, its class read from its subfolder
+    (config.classes gets the names) and both saved."""
     from .prior import check_codes, encode_folder
 
+    conditional = classes or config.classes is not None
     if resume and os.path.isfile(run.codes):
-        try:
-            codes = np.load(run.codes)
-        except Exception as e:
-            raise UsageError(f"cannot read {run.codes}: {e}") from None
-        return check_codes(codes, config, run.codes)
+        codes = check_codes(_load_npy(run.codes), config, run.codes)
+        return codes, (check_labels(_load_npy(run.labels), config, len(codes), run.labels) if conditional else None)
     if not config.data:
         raise UsageError("no image folder: give --data (the run's config.json names none)")
-    codes = encode_folder(load_vqvae(config, run), ImageFolder(config.data, config.img_dim), config.batch_size)
+    folder = ImageFolder(config.data, config.img_dim)
+    if conditional:
+        config.classes, labels = folder.class_labels()
+    codes = encode_folder(load_vqvae(config, run), folder, config.batch_size)
+    if conditional:
+        labels = labels[folder.usable()]  # the unreadable images are not in codes either
+        save_npy(run.labels, labels)
     save_npy(run.codes, codes)
-    return codes
+    return codes, labels if conditional else None
+
+
+def _load_npy(path):
+    if not os.path.isfile(path):
+        raise UsageError(f"no {path}: train the prior again with --restart")
+    try:
+        return np.load(path)
+    except Exception as e:
+        raise UsageError(f"cannot read {path}: {e}") from None
+
+
+def check_labels(labels, config: Config, n, source="labels"):
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 \
+            or labels.max() >= len(config.classes):
+        raise UsageError(f"{source} must hold {n} class ids in [0, {len(config.classes)}), got shape {labels.shape}")
+    return labels.astype(np.int32)
 
 
 def split_validation(tokens, fraction, seed):
@@ -258,20 +281,23 @@ def token_dataset(tokens, batch_size, seed, start_step=0):
 
 
 def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False, callbacks=(), deterministic=False,
-                tensorboard=False, overwrite=False):
+                tensorboard=False, overwrite=False, classes=False):
     """Train (or resume) the prior of a run directory on its VQ-VAE's codes. Returns the prior.
     callbacks, deterministic, tensorboard and overwrite as for train_vqvae (a run that already
-    has a prior); a grid of samples every config.sample_every_epochs epochs (0: never)."""
+    has a prior); a grid of samples every config.sample_every_epochs epochs (0: never).
+    config.prior picks the kind (attention or pixelcnn). classes: a class-conditional prior, each
+    image's class its first-level subfolder of config.data (names saved as config.classes)."""
     from .grids import codes_grid
-    from .prior import build_prior, codes_to_tokens, prior_nll
+    from .prior import START_TOKEN, build_prior, class_tokens, codes_to_tokens, prior_nll
     from .sampling import sample_codes
 
     run = RunDir(run_dir)
     if not resume and not overwrite and run.prior_files():
         raise UsageError(f"{run_dir} already has a prior; resume=True continues it, overwrite=True replaces it")
     seed = config.seed if config.prior_seed is None else config.prior_seed
-    codes = prior_codes(config, run, resume)
-    train_tokens, val_tokens = split_validation(codes_to_tokens(codes), config.val_split, seed)
+    codes, labels = prior_codes(config, run, resume, classes)
+    first = START_TOKEN if labels is None else class_tokens(labels, config.num_codes)  # the class is the start
+    train_tokens, val_tokens = split_validation(codes_to_tokens(codes, first), config.val_split, seed)
     batch_size = config.prior_batch_size
     steps_per_epoch = math.ceil(len(train_tokens) / batch_size)
     total = resolve_total_steps(steps, epochs, steps_per_epoch)

@@ -1,0 +1,231 @@
+"""A gated PixelCNN prior over code maps (van den Oord et al. 2016, "Conditional Image Generation
+with PixelCNN Decoders"), the prior of the VQ-VAE paper, as an option to the attention prior.
+
+Same interface as the attention prior (prior.py): int tokens (batch, length <= h*w), token 0 the
+start token (or a class token), code k token k+1 -> (batch, length, num_codes) probabilities of
+the next code; so training, validation NLL, checkpoints and `load_run` treat both alike.
+
+Two stacks, no blind spot. The vertical stack at row r sees only rows above r: its input is the
+embedded code map shifted down one row, and its convolutions (k//2 + 1 rows x k columns) reach
+only up. The horizontal stack at (r, c) sees row r left of c: its input is the map shifted right
+one column (the first layer's type-A mask, as a shift), its convolutions (1 x k//2 + 1) reach only
+left, and every layer adds the vertical stack's pre-activation at the same position (1x1).
+Each layer gates both stacks with tanh * sigmoid; the horizontal one is residual. Class
+conditioning adds a learned per-class bias to every gate's pre-activation, in both stacks.
+
+Sampling (`PixelCNNSampler`) runs the same layers on small windows instead of whole maps: once per
+row, each layer's vertical output for that row from the rows above it; per position, each
+layer's horizontal output at that position from the k//2 + 1 to its left. Exactly the full
+model's computation, at about a (h*w)-th of its cost per code.
+"""
+
+import threading
+import weakref
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers, ops
+
+from .prior import PACKAGE, split_class_tokens
+
+
+def gate(x):
+    """(..., 2C) -> (..., C): tanh(first half) * sigmoid(second half)."""
+    a, b = ops.split(x, 2, axis=-1)
+    return ops.tanh(a) * ops.sigmoid(b)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class GatedLayer(keras.layers.Layer):
+    """One gated layer of both stacks, on maps of `width` channels with a k x k receptive step.
+
+    call(v, h, classes) -> (v', h'): v, h (batch, rows, cols, width) whole (shifted) stacks;
+    classes (batch,) int, or None. The pieces (`vertical`, `horizontal`) run the same
+    computation on windows, for the sampler.
+    """
+
+    def __init__(self, width, kernel, num_classes=0, **kwargs):
+        super().__init__(**kwargs)
+        self.width, self.kernel, self.num_classes = width, kernel, num_classes
+        reach = kernel // 2
+        self.vertical_conv = layers.Conv2D(2 * width, (reach + 1, kernel), name="vertical")
+        self.horizontal_conv = layers.Conv2D(2 * width, (1, reach + 1), name="horizontal")
+        self.link = layers.Conv2D(2 * width, 1, name="link")  # vertical pre-activation -> horizontal
+        self.residual = layers.Conv2D(width, 1, name="residual")
+        if num_classes:
+            self.vertical_class = layers.Embedding(num_classes, 2 * width, name="vertical_class")
+            self.horizontal_class = layers.Embedding(num_classes, 2 * width, name="horizontal_class")
+
+    def build(self, input_shape):
+        reach, width = self.kernel // 2, self.width
+        self.vertical_conv.build((None, reach + 1, None, width))
+        self.horizontal_conv.build((None, 1, reach + 1, width))
+        self.link.build((None, 1, 1, 2 * width))
+        self.residual.build((None, 1, 1, width))
+        if self.num_classes:
+            self.vertical_class.build((None,))
+            self.horizontal_class.build((None,))
+
+    def call(self, v, h, classes=None):
+        reach = self.kernel // 2
+        v_pre = self.vertical_conv(ops.pad(v, [[0, 0], [reach, 0], [reach, reach], [0, 0]]))
+        h_conv = self.horizontal_conv(ops.pad(h, [[0, 0], [0, 0], [reach, 0], [0, 0]]))
+        return self.vertical(v_pre, classes), self.horizontal(h_conv, v_pre, h, classes)
+
+    def vertical(self, v_pre, classes):
+        """The vertical stack's output from its convolution's output (batch, rows, cols, 2C)."""
+        if self.num_classes:
+            v_pre = v_pre + self._class_bias(self.vertical_class, classes)
+        return gate(v_pre)
+
+    def horizontal(self, h_conv, v_pre, h, classes):
+        """The horizontal stack's output: h plus the gated sum of its convolution, the link from
+        the vertical pre-activation at the same positions and the class bias."""
+        pre = h_conv + self.link(v_pre)
+        if self.num_classes:
+            pre = pre + self._class_bias(self.horizontal_class, classes)
+        return h + self.residual(gate(pre))
+
+    @staticmethod
+    def _class_bias(embedding, classes):
+        """(batch,) class ids, -1 for none -> (batch, 1, 1, 2C); zero for none."""
+        known = ops.cast(classes >= 0, embedding.compute_dtype)[:, None]
+        return (embedding(ops.maximum(classes, 0)) * known)[:, None, None, :]
+
+    def get_config(self):
+        return {**super().get_config(), "width": self.width, "kernel": self.kernel, "num_classes": self.num_classes}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class PixelCNN(keras.Model):
+    """The gated PixelCNN prior: int tokens (batch, length <= height * width), 0 = start token (or
+    num_codes + 1 + c for class c, see prior.class_tokens), code k = token k + 1 ->
+    (batch, length, num_codes) next-code probabilities."""
+
+    def __init__(self, height, width, num_codes, channels=128, depth=16, kernel=5, classes=None, name="prior",
+                 **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.height, self.width, self.num_codes = height, width, num_codes
+        self.channels, self.depth, self.kernel = channels, depth, kernel
+        self.classes = tuple(classes) if classes else None  # a tuple: Keras does not track it
+        num_classes = len(self.classes or ())
+        self.embedding = layers.Embedding(num_codes + 1, channels, name="code_embedding")
+        self.gated = [GatedLayer(channels, kernel, num_classes, name=f"gated{i}") for i in range(depth)]
+        self.hidden = layers.Dense(channels, activation="relu", name="hidden")
+        self.next_code = layers.Dense(num_codes, name="next_code")
+        self(ops.zeros((1, height * width), "int32"))  # builds every weight
+
+    def call(self, tokens):
+        length = self.height * self.width
+        tokens, classes = split_class_tokens(tokens, self.num_codes)
+        classes, n = classes[:, 0], ops.shape(tokens)[1]
+        # Position p holds code p - 1 (token 0 is the start): the codes are tokens[:, 1:]; positions
+        # past the input are padded (nothing before them sees them), so any length <= h*w works.
+        codes = ops.pad(tokens[:, 1:], [[0, 0], [0, length - n + 1]])
+        x = ops.reshape(self.embedding(codes), (-1, self.height, self.width, self.channels))
+        v = ops.pad(x[:, :-1], [[0, 0], [1, 0], [0, 0], [0, 0]])  # down one row: rows above only
+        h = ops.pad(x[:, :, :-1], [[0, 0], [0, 0], [1, 0], [0, 0]])  # right one column: left only
+        for layer in self.gated:
+            v, h = layer(v, h, classes)
+        logits = self.logits(h)
+        return ops.softmax(ops.reshape(logits, (-1, length, self.num_codes))[:, :n], axis=-1)
+
+    def logits(self, h):
+        return self.next_code(self.hidden(ops.relu(h)))
+
+    def get_config(self):
+        return {"height": self.height, "width": self.width, "num_codes": self.num_codes, "channels": self.channels,
+                "depth": self.depth, "kernel": self.kernel, "classes": list(self.classes or ()) or None, "name": self.name}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+_samplers = weakref.WeakKeyDictionary()
+
+
+def compiled_sampler(model):
+    """The `PixelCNNSampler` of a PixelCNN, built on first use and kept for the model's lifetime."""
+    if model not in _samplers:
+        _samplers[model] = PixelCNNSampler(model)
+    return _samplers[model]
+
+
+class PixelCNNSampler:
+    """Draws code maps row by row: one XLA-compiled function per row (traced once per batch size,
+    the row, seed and options are tensors), with a loop over the row's positions inside.
+
+    State between rows: each layer's vertical-stack input, padded as the full model pads it,
+    (batch, k//2 + h + 1, k//2 + w + k//2, C): the rows drawn so far and zeros elsewhere (the
+    last row is scratch space for the write after the final row)."""
+
+    def __init__(self, model):
+        self._model = weakref.ref(model)
+        self.function = None
+        self.lock = threading.Lock()
+
+    def tracing_count(self):
+        return self.function.experimental_get_tracing_count() if self.function is not None else 0
+
+    def sample(self, batch, seed, temperature, top_k, top_p, classes=None):
+        """(batch, h*w) int32 codes; seed a pair of ints; classes (batch,) ints or None."""
+        model = self._model()
+        with self.lock:
+            if self.function is None:
+                self.function = tf.function(self._draw_row, jit_compile=True)
+        reach, h, w = model.kernel // 2, model.height, model.width
+        shape = (batch, reach + h + 1, 2 * reach + w, model.channels)
+        stacks = [tf.zeros(shape, model.compute_dtype) for _ in range(model.depth)]
+        codes = tf.zeros((batch, h * w), tf.int32)
+        classes = tf.constant(np.full(batch, -1) if classes is None else classes, tf.int32)
+        options = (tf.constant(seed, tf.int64), tf.constant(temperature, tf.float32), tf.constant(top_k, tf.int32),
+                   tf.constant(top_p, tf.float32))
+        for row in range(h):
+            stacks, codes = self.function(tf.constant(row), stacks, codes, classes, *options)
+        return codes.numpy()
+
+    def _draw_row(self, row, stacks, codes, classes, seed, temperature, top_k, top_p):
+        from .sampling import draw
+
+        model = self._model()
+        reach, w, channels = model.kernel // 2, model.width, model.channels
+        batch = tf.shape(codes)[0]
+        # The vertical stack at this row, layer by layer, from the k//2 + 1 padded rows ending at it.
+        stacks, links = list(stacks), []
+        for i, layer in enumerate(model.gated):
+            v_pre = layer.vertical_conv(tf.slice(stacks[i], [0, row, 0, 0], [batch, reach + 1, -1, channels]))
+            links.append(v_pre)  # (batch, 1, w, 2C)
+            if i + 1 < model.depth:
+                stacks[i + 1] = ops.slice_update(stacks[i + 1], [0, row + reach, reach, 0], layer.vertical(v_pre, classes))
+        # The horizontal stacks of this row, padded left: each layer's input, filled as positions are drawn.
+        lines = [tf.zeros((batch, 1, reach + w + 1, channels), model.compute_dtype) for _ in range(model.depth)]
+
+        def body(col, lines, first_stack, codes):
+            lines = list(lines)
+            for i, layer in enumerate(model.gated):
+                h_conv = layer.horizontal_conv(tf.slice(lines[i], [0, 0, col, 0], [batch, 1, reach + 1, channels]))
+                link = tf.slice(links[i], [0, 0, col, 0], [batch, 1, 1, 2 * channels])
+                here = tf.slice(lines[i], [0, 0, col + reach, 0], [batch, 1, 1, channels])
+                out = layer.horizontal(h_conv, link, here, classes)
+                if i + 1 < model.depth:
+                    lines[i + 1] = ops.slice_update(lines[i + 1], [0, 0, col + reach, 0], out)
+            position = row * w + col
+            code = draw(model.logits(out)[:, 0, 0], temperature, top_k, top_p,
+                        tf.stack([seed[0], seed[1] + tf.cast(position, tf.int64)]))
+            codes = ops.slice_update(codes, [0, position], code[:, None])
+            x = ops.cast(model.embedding(code + 1), model.compute_dtype)[:, None, None, :]
+            lines[0] = ops.slice_update(lines[0], [0, 0, col + 1 + reach, 0], x)  # right of it
+            first_stack = ops.slice_update(first_stack, [0, row + 1 + reach, col + reach, 0], x)  # below it
+            return col + 1, lines, first_stack, codes
+
+        state = (tf.constant(0), lines, stacks[0], codes)
+        _, _, stacks[0], codes = tf.while_loop(lambda col, *_: col < w, body, state)
+        return stacks, codes
+
+
+def build_pixelcnn(config) -> PixelCNN:
+    h, w = config.grid_shape
+    return PixelCNN(h, w, config.num_codes, config.pixelcnn_width, config.pixelcnn_depth, config.pixelcnn_kernel,
+                    config.classes)
