@@ -88,6 +88,14 @@ def distributed(dataset, strategy):
     return dataset.with_options(options)
 
 
+def vector_logs(model, strategy):
+    """Keras 3 reduces a multi-worker step's logs with strategy.reduce(MEAN, axis=0), which fails
+    on scalars: the step's logs are given shape (1,), and come back as scalars."""
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        step = model.train_step
+        model.train_step = lambda data: {k: keras.ops.reshape(v, (1,)) for k, v in step(data).items()}
+
+
 def fit_with_interrupt(model, dataset, start, total, callbacks, save):
     """model.fit from step `start` to `total`. A signal stops it cleanly (the callbacks save on
     train end) and then raises KeyboardInterrupt; a hard interrupt saves what there is."""
@@ -197,6 +205,7 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, 
         vqvae = build_vqvae(config)
         model = compile_vqvae(vqvae)
         model.optimizer.build(model.trainable_variables)
+    vector_logs(model, strategy)
     start = 0
     if resume:  # every worker reads the chief's checkpoint
         start = load_checkpoint(run.vqvae_checkpoint, model, model.optimizer)["step"]
@@ -331,6 +340,7 @@ def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False, 
                       metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
                       jit_compile=config.prior_jit_compile)
         prior.optimizer.build(prior.trainable_variables)
+    vector_logs(prior, strategy)
     start = 0
     if resume:
         start = load_checkpoint(run.prior_checkpoint, prior, prior.optimizer)["step"]
