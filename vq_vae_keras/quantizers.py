@@ -215,7 +215,12 @@ class GumbelQuantizer(CodebookLayer):
         codes = ops.cast(ops.argmax(logits, axis=-1), "int32")
         if not training:
             return [codes, self.lookup(codes)]
-        uniform = keras.random.uniform(ops.shape(logits), minval=1e-10, maxval=1.0, seed=self.seed_generator)
+        # The noise of the global batch, this replica's rows of it: each replica its own noise, and
+        # N replicas draw what one device draws (every replica's generator is in the same state).
+        shape = ops.shape(logits)
+        first, total = replica_rows(shape[0])
+        uniform = keras.random.uniform((total, *shape[1:]), minval=1e-10, maxval=1.0, seed=self.seed_generator)
+        uniform = uniform[first:first + shape[0]]
         gumbel = -ops.log(-ops.log(uniform))
         soft = ops.softmax((logits + gumbel) / self.temperature, axis=-1)
         log_q = ops.log_softmax(logits, axis=-1)
