@@ -60,7 +60,7 @@ LOSSES = ("mse_x", "mse_e", "mse_z", "perplexity")
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
     base = tmp_path_factory.mktemp("distribute")
-    result = run_cli("-c", COMPARE, str(base), timeout=600)
+    result = run_cli("-c", COMPARE, str(base), timeout=1500)
     return json.loads(result.stdout.split("RESULT", 1)[1])
 
 

@@ -96,9 +96,3 @@ def replica_rows(n):
     before = ops.arange(context.num_replicas_in_sync) < context.replica_id_in_sync_group
     return ops.sum(ops.where(before, sizes, 0)), ops.sum(sizes)
 
-
-def replica_share(loss):
-    """A loss for add_loss inside a distributed step: Keras sums the replicas' gradients, and
-    scales its compiled losses by 1 / replicas for that, but not the add_loss ones."""
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    return loss if replicas == 1 else loss / replicas

@@ -11,7 +11,6 @@ import numpy as np
 from keras import layers, ops
 
 from .config import Config
-from .distribute import replica_share
 from .quantizers import PACKAGE, CodebookLayer, GumbelQuantizer, StraightThrough, VectorQuantizer
 
 
@@ -126,7 +125,6 @@ class VQVAEObjective(keras.layers.Layer):
     With the Gumbel quantizer (gumbel=True) only mse_x is added here: that layer adds its own
     kl_weight * KL term, the one part of its objective that needs its logits.
     Computed in float32 under any dtype policy; mse_x, mse_e and mse_z are reported as metrics.
-    Under a tf.distribute strategy each replica adds its share (1 / replicas) of its slice's loss.
     """
 
     def __init__(self, beta=0.25, codebook_weight=1.0, gumbel=False, **kwargs):
@@ -143,13 +141,13 @@ class VQVAEObjective(keras.layers.Layer):
         mse_x = ops.mean(ops.square(x - x_rec))
         self.mse_x.update_state(mse_x)
         if self.gumbel:
-            self.add_loss(replica_share(mse_x))
+            self.add_loss(mse_x)
             return x_rec
         mse_e = ops.mean(ops.square(ops.stop_gradient(z) - e))
         mse_z = ops.mean(ops.square(ops.stop_gradient(e) - z))
         self.mse_e.update_state(mse_e)
         self.mse_z.update_state(mse_z)
-        self.add_loss(replica_share(mse_x + self.codebook_weight * mse_e + self.beta * mse_z))
+        self.add_loss(mse_x + self.codebook_weight * mse_e + self.beta * mse_z)
         return x_rec
 
     def compute_output_shape(self, input_shapes):

@@ -13,7 +13,7 @@ summed over replicas with tf.distribute's all-reduce, so every replica computes 
 import keras
 from keras import ops
 
-from .distribute import replica_rows, replica_share, replica_sum
+from .distribute import replica_rows, replica_sum
 
 PACKAGE = "vq_vae_keras"
 
@@ -225,7 +225,7 @@ class GumbelQuantizer(CodebookLayer):
         soft = ops.softmax((logits + gumbel) / self.temperature, axis=-1)
         log_q = ops.log_softmax(logits, axis=-1)
         kl = ops.mean(ops.sum(ops.exp(log_q) * log_q, axis=-1)) + ops.log(float(self.num_codes))
-        self.add_loss(replica_share(self.kl_weight * kl))
+        self.add_loss(self.kl_weight * kl)
         self.kl.update_state(kl)
         self.track_usage(codes)
         return [codes, ops.matmul(soft, self.codebook)]
