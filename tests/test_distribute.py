@@ -48,6 +48,16 @@ for name, overrides in cases.items():
             result["replicas"] = {k: [np.asarray(t).tolist() for t in s.experimental_local_results(v.value)]
                                   for k, v in variables.items() if not v.trainable}
         out[f"{name}-{where}"] = result
+# Adam hides the scale of a gradient: one plain SGD step must match too.
+from vq_vae_keras.training import strategy_scope
+for where, s in (("one", None), ("mirrored", strategy)):
+    keras.utils.set_random_seed(0)
+    with strategy_scope(s):
+        vqvae = vqk.build_vqvae(tiny_config(jit_compile=False, sync_batchnorm=True))
+        vqvae.train_model.compile(keras.optimizers.SGD(0.5), jit_compile=False)
+    out["sgd-start"] = {k: np.asarray(v).tolist() for k, v in model_variables(vqvae.train_model).items()}
+    vqvae.train_model.fit(images[:4], batch_size=4, epochs=1, verbose=0, shuffle=False)
+    out[f"sgd-{where}"] = {k: np.asarray(v).tolist() for k, v in model_variables(vqvae.train_model).items()}
 print("RESULT" + json.dumps(out))
 """
 
@@ -86,6 +96,16 @@ def test_mirrored_sync_batchnorm_equals_one_device(compared, case):
     # statistics, seed states) is the same on both replicas.
     for name, (first, second) in mirrored["replicas"].items():
         np.testing.assert_array_equal(first, second, err_msg=name)
+
+
+@pytest.mark.slow
+def test_one_sgd_step_is_the_global_batch_gradient(compared):
+    """The replicas' gradients are averaged, not summed (Adam would hide a factor; SGD does not)."""
+    one, mirrored = compared["sgd-one"], compared["sgd-mirrored"]
+    moved = max(np.abs(np.asarray(one[k]) - np.asarray(compared["sgd-start"][k])).max() for k in one)
+    assert moved > 1e-3
+    for name, value in one.items():
+        np.testing.assert_allclose(mirrored[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
 @pytest.mark.slow
