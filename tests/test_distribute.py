@@ -179,13 +179,34 @@ def free_ports(n):
     return ports
 
 
-def start_workers(args, ports):
+# A worker through the Python API, then its weights into ARGV[3] (a worker other than the chief leaves
+# nothing in the run directory to compare).
+WORKER = r"""
+import sys
+import numpy as np
+from vq_vae_keras.distribute import make_strategy
+strategy = make_strategy("multiworker")
+import vq_vae_keras as vqk
+from vq_vae_keras.io import model_variables
+sys.path.insert(0, "tests")
+from conftest import tiny_config
+data, run, out = sys.argv[1:4]
+vqvae = vqk.train_vqvae(tiny_config(jit_compile=False, sync_batchnorm=True, sample_every=1), run, steps=3, data=data,
+                        strategy=strategy, deterministic=True)
+np.savez(out, **{k.replace("/", "."): np.asarray(v) for k, v in model_variables(vqvae.train_model).items()})
+"""
+
+
+def start_workers(args, ports, script="train.py"):
+    """One process per worker, on 127.0.0.1 ports; args[i] may be a list per worker."""
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs = []
     for i in range(len(ports)):
         env = {**os.environ, "PYTHONPATH": ROOT,
                "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})}
-        procs.append(subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env,
+        command = [script] if script == "train.py" else ["-c", script]
+        worker_args = args[i] if isinstance(args[0], list) else args
+        procs.append(subprocess.Popen([sys.executable, *command, *worker_args], cwd=ROOT, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
 
@@ -208,24 +229,32 @@ def test_two_workers_train_one_run_and_resume_after_a_kill(tmp_path):
     run = str(tmp_path / "run")
     args = ["vqvae", "--data", data, "--run", run, *TINY_FLAGS, "--sample-every", "1", "--sync-batchnorm",
             "--distribute", "multiworker"]
-    procs = start_workers([*args, "--steps", "3"], free_ports(2))
+    outs = [str(tmp_path / f"worker{i}.npz") for i in range(2)]
+    procs = start_workers([[data, run, out] for out in outs], free_ports(2), WORKER)
     for (code, err), i in zip(finish(procs), range(2)):
         assert code == 0, f"worker {i}: {err[-2000:]}"
     for name in ("config.json", "log.csv", "vqvae.weights.h5", "vqvae.keras", "checkpoint/vqvae.npz",
                  "samples/test_ae_2_2.png"):
         assert os.path.isfile(os.path.join(run, name)), name
+    assert len(os.listdir(os.path.join(run, "samples"))) == 6  # steps 1, 2, 3: one chief writing
+    with np.load(outs[0]) as first, np.load(outs[1]) as second:
+        assert first.files == second.files
+        for name in first.files:
+            np.testing.assert_array_equal(first[name], second[name], err_msg=name)
 
     # Kill worker 1 once the chief has checkpointed a step of the continued run; the chief then
     # waits on the dead worker's all-reduce: stop it too. Both restart with --resume and finish.
     procs = start_workers([*args, "--steps", "40", "--resume"], free_ports(2))
     log = os.path.join(run, "log.csv")
     deadline = time.time() + 300
-    while time.time() < deadline and len(open(log).read().split()) < 1 + 5:
-        time.sleep(1)
+    while time.time() < deadline and len(open(log).read().split()) < 1 + 5 and procs[0].poll() is None:
+        time.sleep(0.5)
+    assert procs[0].poll() is None, finish(procs)[0][1][-2000:]
     procs[1].send_signal(signal.SIGKILL)
-    time.sleep(5)
+    time.sleep(2)
     procs[0].send_signal(signal.SIGKILL)
     finish(procs, timeout=30)
+    assert len(open(log).read().split()) - 1 < 8
     procs = start_workers([*args, "--steps", "8", "--resume"], free_ports(2))
     for (code, err), i in zip(finish(procs), range(2)):
         assert code == 0, f"worker {i}: {err[-2000:]}"
