@@ -112,7 +112,7 @@ def test_one_sgd_step_is_the_global_batch_gradient(compared):
 def test_restarts_really_happened(compared):
     """The restart case moved codes (else it would test nothing beyond "vq")."""
     def codebook(case):
-        return np.asarray(compared[case]["weights"]["model/quantizer/vector_quantizer/codebook"])
+        return np.asarray(compared[case]["weights"]["vector_quantizer/codebook"])
 
     assert np.abs(codebook("restart-one") - codebook("vq-one")).max() > 1e-3
 
