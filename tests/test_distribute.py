@@ -32,7 +32,8 @@ sys.path.insert(0, "tests")
 from conftest import tiny_config
 
 images = np.random.default_rng(0).uniform(-1, 1, (12, 16, 16, 3)).astype("float32")
-cases = {"vq": {}, "ema": dict(quantizer="ema", kmeans_init=True), "restart": dict(restart_dead=1),
+# restart: more codes than a batch has positions, so codes go unused and move at every step.
+cases = {"vq": {}, "ema": dict(quantizer="ema", kmeans_init=True), "restart": dict(restart_dead=1, num_codes=128),
          "unsynced": dict(sync_batchnorm=False)}
 out = {}
 for name, overrides in cases.items():
@@ -110,11 +111,10 @@ def test_one_sgd_step_is_the_global_batch_gradient(compared):
 
 @pytest.mark.slow
 def test_restarts_really_happened(compared):
-    """The restart case moved codes (else it would test nothing beyond "vq")."""
-    def codebook(case):
-        return np.asarray(compared[case]["weights"]["vector_quantizer/codebook"])
-
-    assert np.abs(codebook("restart-one") - codebook("vq-one")).max() > 1e-3
+    """The restart case moved codes (else it would test nothing beyond "vq"): the codebook starts
+    in [-0.05, 0.05] and 3 Adam steps move it by 0.003 at most; moved codes are encoder outputs."""
+    codebook = np.asarray(compared["restart-one"]["weights"]["vector_quantizer/codebook"])
+    assert np.abs(codebook).max() > 0.2
 
 
 @pytest.mark.slow
