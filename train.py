@@ -16,7 +16,9 @@ if not os.environ.get("VQK_VERBOSE_TF"):
 import vq_vae_keras  # noqa: F401, E402  (quiets TensorFlow's start-up logging)
 from vq_vae_keras.cli import (ArgumentParser, add_steps_flags, apply_flags, check_options_apply, config_for_run, folder,
                               nonnegative_float, nonnegative_int, not_a_file, output_file, positive_float, positive_int,
-                              run_main, seed_int, unit_interval)
+                              run_main, seed_int, unit_interval, validate_flags)
+from vq_vae_keras.config import Config
+from vq_vae_keras.distribute import is_chief
 from vq_vae_keras.errors import UsageError
 
 DEMO_RUN = os.path.join("runs", "demo")
@@ -65,6 +67,10 @@ def build_parser():
     vq.add_argument("--eval-data", type=folder, metavar="DIR",
                     help="held-out images scored every --eval-every steps: psnr, ssim, codes_used in RUN/eval_log.csv")
     vq.add_argument("--eval-every", type=positive_int, metavar="N", help="steps between evaluations (default 1000)")
+    add_distribute_flags(vq)
+    vq.add_argument("--sync-batchnorm", action="store_true", default=None,
+                    help="under --distribute: BatchNorm statistics of the global batch (N replicas compute what one "
+                         "device computes), not of each replica's slice")
 
     prior = commands.add_parser("prior", help="train the prior (attention or PixelCNN) on a trained VQ-VAE's codes")
     prior.add_argument("--run", required=True, type=folder, help="run directory of a trained VQ-VAE")
@@ -87,7 +93,31 @@ def build_parser():
     kinds.add_argument("--pixelcnn-kernel", type=positive_int, metavar="K", help="odd kernel size >= 3 (default 5)")
     kinds.add_argument("--classes", action="store_true",
                        help="class-conditional prior: each image's class is its first-level subfolder of --data")
+    add_distribute_flags(prior)
     return parser
+
+
+def add_distribute_flags(parser):
+    group = parser.add_argument_group("several devices (README: Scaling)")
+    group.add_argument("--distribute", choices=["none", "mirrored", "multiworker"], default="none",
+                       help="none: one device (default); mirrored: every local GPU (or --cpu-replicas); multiworker: "
+                            "one process per machine, cluster from TF_CONFIG. --batch-size is the global batch")
+    group.add_argument("--cpu-replicas", type=positive_int, metavar="N",
+                       help="with --distribute mirrored: split the CPU into N devices (to try it out)")
+
+
+def strategy_for(args, jit_field):
+    """The tf.distribute strategy the flags ask for (None: one device). XLA cannot compile a
+    distributed step: --jit with --distribute is an error, and XLA is off by default there."""
+    from vq_vae_keras.distribute import make_strategy
+
+    if args.distribute == "none":
+        if args.cpu_replicas is not None:
+            raise UsageError("--cpu-replicas applies to --distribute mirrored")
+        return None
+    if getattr(args, jit_field):
+        raise UsageError("--jit: XLA does not compile a distributed training step; leave --jit out with --distribute")
+    return make_strategy(args.distribute, args.cpu_replicas)
 
 
 def cache_file(text):
@@ -100,15 +130,22 @@ def train_vqvae_command(args):
     names = ["data", "img_dim", "z_dim", "num_codes", "batch_size", "lr", "beta", "sample_every", "seed",
              "quantizer", "ema_decay", "restart_dead", "kmeans_init", "gumbel_temperature",
              "gumbel_temperature_end", "gumbel_anneal_steps", "gumbel_schedule", "gumbel_kl_weight"]
-    names += ["precision", "jit_compile"]
+    names += ["precision", "jit_compile", "sync_batchnorm"]
+    strategy = strategy_for(args, "jit_compile")
     flags = {name: getattr(args, name) for name in names}
-    config = config_for_run(args.run, flags, args.resume)
+    if is_chief(strategy) or args.resume:
+        config = config_for_run(args.run, flags, args.resume)
+    else:  # another worker: the chief may have written the run's config.json already
+        config = validate_flags(Config(**{k: v for k, v in flags.items() if v is not None}), flags)
+    if strategy is not None:
+        config.jit_compile = False
     check_options_apply(flags, config.quantizer)
     if args.eval_every is not None and args.eval_data is None:
         raise UsageError("--eval-every needs --eval-data DIR (the held-out images to score)")
     evaluation = {} if args.eval_every is None else {"eval_every": args.eval_every}
     train_vqvae(config, args.run, steps=args.steps, epochs=args.epochs, resume=args.resume,
-                cache=args.cache or "auto", deterministic=True, tensorboard=args.tensorboard, eval_data=args.eval_data, **evaluation)
+                cache=args.cache or "auto", deterministic=True, tensorboard=args.tensorboard, eval_data=args.eval_data,
+                strategy=strategy, **evaluation)
     print(f"VQ-VAE weights: {os.path.join(args.run, 'vqvae.weights.h5')}; grids in {os.path.join(args.run, 'samples')}")
 
 
@@ -116,9 +153,10 @@ def train_prior_command(args):
     from vq_vae_keras.training import train_prior
     from vq_vae_keras.run import RunDir, load_vqvae
 
+    strategy = strategy_for(args, "prior_jit_compile")
     run = RunDir(args.run)
     config = run.require_config()
-    existing = run.prior_files()
+    existing = run.prior_files() if is_chief(strategy) else []  # another worker leaves the run's files alone
     if existing and not (args.resume or args.restart):
         raise UsageError(f"{args.run} already has a prior ({os.path.basename(existing[0])}, ...); add --resume to "
                          "continue it, or --restart to delete it and train a new one")
@@ -152,8 +190,10 @@ def train_prior_command(args):
             images.class_labels()
         for path in existing:  # a half-done restart must not leave the old prior to --resume from
             os.remove(path)
+    if strategy is not None:
+        config.prior_jit_compile = False
     train_prior(config, args.run, steps=args.steps, epochs=args.epochs, resume=args.resume, deterministic=True,
-                tensorboard=args.tensorboard, classes=args.classes)
+                tensorboard=args.tensorboard, classes=args.classes, strategy=strategy)
     print(f"prior weights: {os.path.join(args.run, 'prior.weights.h5')}")
 
 

@@ -56,6 +56,9 @@ API_TABLE = [
      lambda: [probe_keras(n) for n in ("ops.slice_update", "random.SeedGenerator", "saving.register_keras_serializable")]),
     ("keras", "3.0.0", "optimizer slots named after the variable's path (io.py's checkpoint names)",
      lambda: optimizer_slot_named_after_path() or pytest.fail("slot names changed")),
+    ("keras", "3.0.0", "BatchNormalization(synchronized=) (models.py: --sync-batchnorm)",
+     lambda: "synchronized" in __import__("inspect").signature(probe_keras("layers.BatchNormalization")).parameters
+     or pytest.fail("no synchronized BatchNorm")),
     ("tensorflow", "2.16.1", "Keras 3 (TensorFlow < 2.16 installs Keras 2)",
      lambda: version(__import__("tensorflow").__version__) >= (2, 16) or pytest.fail("TensorFlow < 2.16")),
     ("tensorflow", "2.9.0", "tf.config.experimental.enable_op_determinism",

@@ -45,9 +45,10 @@ from .quantizers import GumbelQuantizer, StraightThrough, VectorQuantizer  # noq
 from .run import load_run  # noqa: E402
 from .sampling import sample_codes  # noqa: E402
 from .training import train_prior, train_vqvae  # noqa: E402
+from .distribute import make_strategy  # noqa: E402
 from . import callbacks  # noqa: E402
 
 __all__ = ["Config", "UsageError", "VectorQuantizer", "StraightThrough", "GridPositionEmbedding",
            "CausalSelfAttention", "VQVAE", "build_vqvae", "build_prior", "load_run", "sample_codes",
            "load_images", "train_vqvae", "train_prior", "callbacks", "VQVAEObjective", "GumbelQuantizer",
-           "evaluate", "EvaluateEvery", "PixelCNN", "GatedLayer"]
+           "evaluate", "EvaluateEvery", "PixelCNN", "GatedLayer", "make_strategy"]

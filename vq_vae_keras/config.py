@@ -59,6 +59,8 @@ class Config:
     jit_compile: bool = True  # XLA for the VQ-VAE's training step (measured faster on CPU; float noise)
     prior_jit_compile: bool = False  # XLA for the prior's (not measured faster on CPU at the demo's size)
     sample_every_epochs: int = 1  # prior: sample grid every N epochs; 0: never
+    # scaling (issue 13)
+    sync_batchnorm: bool = False  # under a strategy: BatchNorm statistics of the global batch, not each replica's
 
     @property
     def num_layers(self) -> int:
@@ -118,7 +120,7 @@ class Config:
              f"gumbel_schedule must be one of {', '.join(SCHEDULES)}, got {self.gumbel_schedule!r}")
         need(self.gumbel_kl_weight >= 0, f"gumbel_kl_weight must be >= 0, got {self.gumbel_kl_weight}")
         need(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        for name in ("jit_compile", "prior_jit_compile"):
+        for name in ("jit_compile", "prior_jit_compile", "sync_batchnorm"):
             need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
         need(self.prior in PRIORS, f"prior must be one of {', '.join(PRIORS)}, got {self.prior!r}")
         need(self.pixelcnn_kernel >= 3 and self.pixelcnn_kernel % 2 == 1,

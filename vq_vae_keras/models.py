@@ -14,12 +14,29 @@ from .config import Config
 from .quantizers import PACKAGE, CodebookLayer, GumbelQuantizer, StraightThrough, VectorQuantizer
 
 
-def residual_block(x, name):
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class BatchNormalization(layers.BatchNormalization):
+    """Keras's BatchNormalization, its moving statistics averaged over replicas.
+
+    One device: the same layer. Under a tf.distribute strategy Keras 3 keeps one moving mean and
+    variance per replica, each following its own slice of the batch (predictions would then depend
+    on the replica an image lands on); here they are assigned with the "mean" aggregation, as
+    tf.keras 2 did, so every replica holds the same values. `synchronized=True` (Keras's own
+    option) normalises with the statistics of the global batch instead of the replica's slice.
+    """
+
+    def add_weight(self, *args, **kwargs):
+        if kwargs.get("name") in ("moving_mean", "moving_variance"):
+            kwargs["aggregation"] = "mean"
+        return super().add_weight(*args, **kwargs)
+
+
+def residual_block(x, name, synchronized=False):
     """x + Conv1x1(ReLU(BN(Conv3x3(ReLU(x))))), the reference's resnet_block."""
     dim = x.shape[-1]
     h = layers.Activation("relu", name=f"{name}_relu1")(x)
     h = layers.Conv2D(dim, 3, padding="same", name=f"{name}_conv3x3")(h)
-    h = layers.BatchNormalization(name=f"{name}_bn")(h)
+    h = BatchNormalization(synchronized=synchronized, name=f"{name}_bn")(h)
     h = layers.Activation("relu", name=f"{name}_relu2")(h)
     h = layers.Conv2D(dim, 1, padding="same", name=f"{name}_conv1x1")(h)
     return layers.Add(name=f"{name}_add")([x, h])
@@ -27,29 +44,31 @@ def residual_block(x, name):
 
 def build_encoder(config: Config) -> keras.Model:
     """(B, img_dim, img_dim, 3) images -> (B, img_dim/4, img_dim/4, z_dim) latents."""
+    sync = config.sync_batchnorm
     x_in = keras.Input((config.img_dim, config.img_dim, 3), name="image")
     x = layers.Conv2D(config.z_dim, 4, strides=2, padding="same", name="conv1")(x_in)
-    x = layers.BatchNormalization(name="bn1")(x)
+    x = BatchNormalization(synchronized=sync, name="bn1")(x)
     x = layers.Activation("relu", name="relu1")(x)
     x = layers.Conv2D(config.z_dim, 4, strides=2, padding="same", name="conv2")(x)
-    x = layers.BatchNormalization(name="bn2")(x)
+    x = BatchNormalization(synchronized=sync, name="bn2")(x)
     for i in range(config.num_layers):
-        x = residual_block(x, name=f"res{i}")
+        x = residual_block(x, f"res{i}", sync)
         if i < config.num_layers - 1:  # the encoder's output has no BatchNorm
-            x = layers.BatchNormalization(name=f"res{i}_out_bn")(x)
+            x = BatchNormalization(synchronized=sync, name=f"res{i}_out_bn")(x)
     return keras.Model(x_in, x, name="encoder")
 
 
 def build_decoder(config: Config) -> keras.Model:
     """(B, h, w, z_dim) latents -> (B, img_dim, img_dim, 3) images in [-1, 1]."""
     h, w = config.grid_shape
+    sync = config.sync_batchnorm
     z_in = keras.Input((h, w, config.z_dim), name="latent")
     x = z_in
     for i in range(config.num_layers):
-        x = layers.BatchNormalization(name=f"res{i}_in_bn")(x)
-        x = residual_block(x, name=f"res{i}")
+        x = BatchNormalization(synchronized=sync, name=f"res{i}_in_bn")(x)
+        x = residual_block(x, f"res{i}", sync)
     x = layers.Conv2DTranspose(config.z_dim, 4, strides=2, padding="same", name="deconv1")(x)
-    x = layers.BatchNormalization(name="bn1")(x)
+    x = BatchNormalization(synchronized=sync, name="bn1")(x)
     x = layers.Activation("relu", name="relu1")(x)
     x = layers.Conv2DTranspose(3, 4, strides=2, padding="same", name="deconv2")(x)
     x = layers.Activation("tanh", dtype="float32", name="tanh")(x)  # images in float32 under mixed precision

@@ -4,10 +4,16 @@ All written with keras.ops and registered serializable.
 
 Distances, argmin, the codebook and its EMA statistics are computed in float32 whatever the model's
 dtype policy: |z|^2 + |e|^2 - 2 z.e in float16 picks wrong codes.
+
+Under a tf.distribute strategy every replica sees its part of the global batch, but the codebook
+updates (EMA, dead-code restarts) and the perplexity are over the global batch: the statistics are
+summed over replicas with tf.distribute's all-reduce, so every replica computes the same update.
 """
 
 import keras
 from keras import ops
+
+from .distribute import replica_rows, replica_sum
 
 PACKAGE = "vq_vae_keras"
 
@@ -33,9 +39,11 @@ class CodeUsage(keras.metrics.Metric):
 
 
 def perplexity(codes, num_codes):
-    """exp(entropy) of the code histogram: num_codes when all are used equally, 1 when one is."""
+    """exp(entropy) of the code histogram (of the global batch under a strategy): num_codes when
+    all are used equally, 1 when one is."""
     flat = ops.reshape(ops.cast(codes, "int32"), (-1,))
-    p = ops.mean(ops.one_hot(flat, num_codes), axis=0)
+    counts = replica_sum(ops.sum(ops.one_hot(flat, num_codes), axis=0))
+    p = counts / ops.sum(counts)
     return ops.exp(-ops.sum(p * ops.log(ops.maximum(p, 1e-10))))
 
 
@@ -130,8 +138,9 @@ class VectorQuantizer(CodebookLayer):
     def ema_update(self, assigned, flat_z):
         """assigned (n, K) one-hot, flat_z (n, dim): one EMA step of counts, sums and codebook."""
         d = self.ema_decay
-        counts = d * self.ema_counts + (1 - d) * ops.sum(assigned, axis=0)
-        sums = d * self.ema_sums + (1 - d) * ops.matmul(ops.transpose(assigned), flat_z)
+        # Over the global batch: every replica then assigns the same values.
+        counts = d * self.ema_counts + (1 - d) * replica_sum(ops.sum(assigned, axis=0))
+        sums = d * self.ema_sums + (1 - d) * replica_sum(ops.matmul(ops.transpose(assigned), flat_z))
         total = ops.sum(counts)
         smoothed = (counts + self.ema_epsilon) / (total + self.num_codes * self.ema_epsilon) * total
         self.ema_counts.assign(counts)
@@ -139,13 +148,19 @@ class VectorQuantizer(CodebookLayer):
         self.codebook.assign(sums / ops.expand_dims(smoothed, 1))
 
     def restart_idle_codes(self, assigned, flat_z):
-        """Codes idle for restart_dead steps move to random encoder outputs of this batch."""
-        used = ops.sum(assigned, axis=0) > 0
+        """Codes idle for restart_dead steps move to random encoder outputs of this (global) batch.
+        Every replica draws the same picks (its seed state is the same); each contributes the
+        picked rows it holds and the all-reduce hands every replica all of them."""
+        used = replica_sum(ops.sum(assigned, axis=0)) > 0
         idle = ops.where(used, 0.0, self.idle_steps + 1.0)
         dead = idle >= self.restart_dead
-        picks = keras.random.randint((self.num_codes,), 0, ops.shape(flat_z)[0], seed=self.seed_generator)
+        n = ops.shape(flat_z)[0]
+        first, total = replica_rows(n)
+        picks = keras.random.randint((self.num_codes,), 0, total, seed=self.seed_generator) - first
+        mine = ops.expand_dims((picks >= 0) & (picks < n), 1)
+        picked = replica_sum(ops.where(mine, ops.take(flat_z, ops.clip(picks, 0, n - 1), axis=0), 0.0))
         dead_column = ops.expand_dims(dead, 1)
-        self.codebook.assign(ops.where(dead_column, ops.take(flat_z, picks, axis=0), self.codebook))
+        self.codebook.assign(ops.where(dead_column, picked, self.codebook))
         if self.ema_decay is not None:  # the moved code starts its averages afresh at its new place
             self.ema_counts.assign(ops.where(dead, 1.0, self.ema_counts))
             self.ema_sums.assign(ops.where(dead_column, self.codebook, self.ema_sums))
@@ -200,7 +215,12 @@ class GumbelQuantizer(CodebookLayer):
         codes = ops.cast(ops.argmax(logits, axis=-1), "int32")
         if not training:
             return [codes, self.lookup(codes)]
-        uniform = keras.random.uniform(ops.shape(logits), minval=1e-10, maxval=1.0, seed=self.seed_generator)
+        # The noise of the global batch, this replica's rows of it: each replica its own noise, and
+        # N replicas draw what one device draws (every replica's generator is in the same state).
+        shape = ops.shape(logits)
+        first, total = replica_rows(shape[0])
+        uniform = keras.random.uniform((total, *shape[1:]), minval=1e-10, maxval=1.0, seed=self.seed_generator)
+        uniform = uniform[first:first + shape[0]]
         gumbel = -ops.log(-ops.log(uniform))
         soft = ops.softmax((logits + gumbel) / self.temperature, axis=-1)
         log_q = ops.log_softmax(logits, axis=-1)

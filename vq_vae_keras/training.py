@@ -4,10 +4,18 @@
 The global step fixes the data position (the seeded per-epoch shuffle), so a resumed run
 continues exactly where it stopped: weights, Adam moments, random generator states and the step
 are saved together at every sample step.
+
+strategy= (a tf.distribute strategy, distribute.py) builds the models, optimizer and metrics in its
+scope and splits each global batch of config.batch_size over the replicas. Every worker runs the
+same loop (the grids and logs read distributed state, which takes all workers); only the chief
+writes the run directory, the other workers write into a temporary folder that goes at the end.
 """
 
+import contextlib
 import math
 import os
+import shutil
+import tempfile
 
 import keras
 import numpy as np
@@ -19,6 +27,7 @@ from .callbacks import (Every, GumbelAnneal, NanGuard, NonFiniteLoss, Reconstruc
 from .codebook import kmeans, summary
 from .config import Config
 from .data import ImageArray, ImageFolder, epoch_batches, index_dataset, load_images
+from .distribute import is_chief
 from .errors import UsageError
 from .io import load_checkpoint, save_model, save_npy, save_png
 from .models import build_vqvae, compile_vqvae
@@ -50,6 +59,41 @@ def resolve_total_steps(steps, epochs, steps_per_epoch):
     if steps_per_epoch is None:
         raise UsageError("give steps=: the dataset's length is unknown, so epochs cannot be counted")
     return (REFERENCE_EPOCHS if epochs is None else epochs) * steps_per_epoch
+
+
+def check_strategy(strategy, jit_compile, what):
+    """XLA cannot compile Keras's distributed step: Keras compiles the whole step, strategy.run
+    included, and XLA refuses a function whose variables live on several devices."""
+    if strategy is not None and jit_compile:
+        raise UsageError(f"{what}: XLA (jit_compile) does not compile a distributed training step; "
+                         "turn it off (--no-jit) to train under a strategy")
+
+
+def strategy_scope(strategy):
+    return contextlib.nullcontext() if strategy is None else strategy.scope()
+
+
+def writable_run(run, strategy):
+    """The chief writes the run directory; another worker a temporary folder of its own."""
+    return run if is_chief(strategy) else RunDir(tempfile.mkdtemp(prefix="vqk-worker-"))
+
+
+def distributed(dataset, strategy):
+    """Batches are global batches: each worker keeps its replicas' slices of every batch (not
+    whole batches of its own, which tf.data's default would pick for a dataset that reads no files)."""
+    if strategy is None:
+        return dataset
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
+def vector_logs(model, strategy):
+    """Keras 3 reduces a multi-worker step's logs with strategy.reduce(MEAN, axis=0), which fails
+    on scalars: the step's logs are given shape (1,), and come back as scalars."""
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        step = model.train_step
+        model.train_step = lambda data: {k: keras.ops.reshape(v, (1,)) for k, v in step(data).items()}
 
 
 def fit_with_interrupt(model, dataset, start, total, callbacks, save):
@@ -125,7 +169,7 @@ def kmeans_initialise(vqvae, folder, config):
 
 def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, cache=None, data=None,
                 callbacks=(), deterministic=False, tensorboard=False, eval_data=None, eval_every=EVAL_EVERY,
-                overwrite=False):
+                overwrite=False, strategy=None):
     """Train (or resume) the VQ-VAE of a run directory. Returns the VQVAE.
 
     data: None (config.data), a folder, an array of images in [-1, 1] or a tf.data.Dataset of
@@ -139,11 +183,14 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     eval_data: held-out images (a folder or an array) scored every eval_every steps and at the end:
       psnr, ssim and codes_used rows in RUN/eval_log.csv (and TensorBoard scalars).
     overwrite: without resume, a run_dir that already holds a run is an error unless this is True.
+    strategy: a tf.distribute strategy (distribute.make_strategy), None for one device; needs
+      config.jit_compile False. config.batch_size stays the global batch.
     """
     from .evaluation import EvaluateEvery
 
+    check_strategy(strategy, config.jit_compile, "jit_compile")
     run = RunDir(run_dir)
-    if not resume and not overwrite and os.path.exists(run.config):
+    if is_chief(strategy) and not resume and not overwrite and os.path.exists(run.config):
         raise UsageError(f"{run_dir} already holds a run; resume=True continues it, overwrite=True replaces it")
     if data is None or isinstance(data, (str, os.PathLike)):
         data = config.data = str(data) if data is not None else config.data
@@ -154,15 +201,18 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     if deterministic:
         seed_everything(config.seed, config.jit_compile)
 
-    vqvae = build_vqvae(config)
-    model = compile_vqvae(vqvae)
-    model.optimizer.build(model.trainable_variables)
+    with strategy_scope(strategy):
+        vqvae = build_vqvae(config)
+        model = compile_vqvae(vqvae)
+        model.optimizer.build(model.trainable_variables)
+    vector_logs(model, strategy)
     start = 0
-    if resume:
+    if resume:  # every worker reads the chief's checkpoint
         start = load_checkpoint(run.vqvae_checkpoint, model, model.optimizer)["step"]
         print(f"resuming from step {start} of {total}")
     elif config.kmeans_init:
         kmeans_initialise(vqvae, source, config)
+    run = writable_run(run, strategy)
     os.makedirs(run.samples, exist_ok=True)
     config.save(run.config)
 
@@ -202,24 +252,27 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, 
         run_callbacks.append(EvaluateEvery(vqvae, eval_data, eval_every, run.eval_log, initial_step=start,
                                            tensorboard_dir=run.path("tensorboard", "vqvae") if tensorboard else None))
     try:
-        fit_with_interrupt(model, dataset(start), start, total, run_callbacks, save)
+        fit_with_interrupt(model, distributed(dataset(start), strategy), start, total, run_callbacks, save)
+        save_model(model, run.vqvae_keras)
     finally:
         log.flush()
         if board is not None:
             board.close()
         if "counts" in window:
             tqdm.write(f"codebook, steps {window['first']}-{window['last']}: {summary(window['counts'])}")
-    save_model(model, run.vqvae_keras)
+        if not is_chief(strategy):
+            shutil.rmtree(run.root, ignore_errors=True)
     return vqvae
 
 
 # ---------------------------------------------------------------- prior
 
-def prior_codes(config: Config, run: RunDir, resume, classes=False):
+def prior_codes(config: Config, run: RunDir, resume, classes=False, write_to=None):
     """(codes (N, h, w), labels (N,) or None): RUN/codes.npy, and for a class-conditional prior
     (classes, or config.classes already set) RUN/labels.npy, each image's class. Reused on
     --resume, else every training image is encoded, its class read from its subfolder
-    (config.classes gets the names) and both saved."""
+    (config.classes gets the names) and both saved (into write_to if given: a worker other than
+    the chief)."""
     from .prior import check_codes, encode_folder
 
     conditional = classes or config.classes is not None
@@ -234,8 +287,8 @@ def prior_codes(config: Config, run: RunDir, resume, classes=False):
     codes = encode_folder(load_vqvae(config, run), folder, config.batch_size)
     if conditional:
         labels = labels[folder.usable()]  # the unreadable images are not in codes either
-        save_npy(run.labels, labels)
-    save_npy(run.codes, codes)
+        save_npy((write_to or run).labels, labels)
+    save_npy((write_to or run).codes, codes)
     return codes, labels if conditional else None
 
 
@@ -281,21 +334,24 @@ def token_dataset(tokens, batch_size, seed, start_step=0):
 
 
 def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False, callbacks=(), deterministic=False,
-                tensorboard=False, overwrite=False, classes=False):
+                tensorboard=False, overwrite=False, classes=False, strategy=None):
     """Train (or resume) the prior of a run directory on its VQ-VAE's codes. Returns the prior.
-    callbacks, deterministic, tensorboard and overwrite as for train_vqvae (a run that already
-    has a prior); a grid of samples every config.sample_every_epochs epochs (0: never).
+    callbacks, deterministic, tensorboard, overwrite and strategy as for train_vqvae (a run that
+    already has a prior; config.prior_jit_compile off under a strategy; config.prior_batch_size is
+    the global batch); a grid of samples every config.sample_every_epochs epochs (0: never).
     config.prior picks the kind (attention or pixelcnn). classes: a class-conditional prior, each
     image's class its first-level subfolder of config.data (names saved as config.classes)."""
     from .grids import codes_grid
     from .prior import START_TOKEN, build_prior, class_tokens, codes_to_tokens, prior_nll
     from .sampling import sample_codes
 
+    check_strategy(strategy, config.prior_jit_compile, "prior_jit_compile")
     run = RunDir(run_dir)
-    if not resume and not overwrite and run.prior_files():
+    if is_chief(strategy) and not resume and not overwrite and run.prior_files():
         raise UsageError(f"{run_dir} already has a prior; resume=True continues it, overwrite=True replaces it")
     seed = config.seed if config.prior_seed is None else config.prior_seed
-    codes, labels = prior_codes(config, run, resume, classes)
+    writes = writable_run(run, strategy)
+    codes, labels = prior_codes(config, run, resume, classes, writes)
     first = START_TOKEN if labels is None else class_tokens(labels, config.num_codes)  # the class is the start
     train_tokens, val_tokens = split_validation(codes_to_tokens(codes, first), config.val_split, seed)
     batch_size = config.prior_batch_size
@@ -304,24 +360,26 @@ def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     if deterministic:
         seed_everything(seed, config.prior_jit_compile)
 
-    prior = build_prior(config)
-    prior.compile(optimizer=keras.optimizers.Adam(config.prior_lr), loss="sparse_categorical_crossentropy",
-                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-                  jit_compile=config.prior_jit_compile)
-    prior.optimizer.build(prior.trainable_variables)
+    with strategy_scope(strategy):
+        prior = build_prior(config)
+        prior.compile(optimizer=keras.optimizers.Adam(config.prior_lr), loss="sparse_categorical_crossentropy",
+                      metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+                      jit_compile=config.prior_jit_compile)
+        prior.optimizer.build(prior.trainable_variables)
+    vector_logs(prior, strategy)
     start = 0
     if resume:
         start = load_checkpoint(run.prior_checkpoint, prior, prior.optimizer)["step"]
         print(f"resuming the prior from step {start} of {total}")
-    config.save(run.config)
-    board = TensorBoardWriter(run.path("tensorboard", "prior")) if tensorboard else None
-    log = StepLog(run.prior_log, PRIOR_KEYS + ["val_nll"], steps_per_epoch, start, resume, board)
+    config.save(writes.config)
+    board = TensorBoardWriter(writes.path("tensorboard", "prior")) if tensorboard else None
+    log = StepLog(writes.prior_log, PRIOR_KEYS + ["val_nll"], steps_per_epoch, start, resume, board)
     log.set_model(prior)  # not a callback here: it gets one row per epoch, from end_of_epoch
     vqvae = None
 
     def save(step, logs=None):
         if step > 0:
-            save_state(prior, run.prior_weights, run.prior_checkpoint, step)
+            save_state(prior, writes.prior_weights, writes.prior_checkpoint, step)
 
     def end_of_epoch(step, logs):
         """Validation NLL, a log row and (every sample_every_epochs) a grid of random samples."""
@@ -338,7 +396,7 @@ def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False, 
             if vqvae is None:
                 vqvae = load_vqvae(config, run)
             grid = codes_grid(vqvae, sample_codes(prior, 64, config.grid_shape, seed=seed + epoch))
-            save_png(os.path.join(run.samples, f"prior_sample_{epoch}.png"), grid)
+            save_png(os.path.join(writes.samples, f"prior_sample_{epoch}.png"), grid)
             if board is not None:
                 board.images(step, {"prior_sample": grid})
                 board.flush()
@@ -358,9 +416,11 @@ def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False, 
         *callbacks,
     ]
     try:
-        fit_with_interrupt(prior, token_dataset(train_tokens, batch_size, seed, start), start, total,
-                           run_callbacks, save)
+        fit_with_interrupt(prior, distributed(token_dataset(train_tokens, batch_size, seed, start), strategy),
+                           start, total, run_callbacks, save)
     finally:
         if board is not None:
             board.close()
+        if not is_chief(strategy):
+            shutil.rmtree(writes.root, ignore_errors=True)
     return prior

@@ -1,0 +1,98 @@
+"""Several devices and several machines with tf.distribute: choosing a strategy, and the few
+facts the rest of the package asks of it (is this the chief? are there several replicas?).
+
+    strategy = vqk.make_strategy("mirrored")             # every local GPU
+    strategy = vqk.make_strategy("mirrored", cpu_replicas=2)  # the CPU split in two (tests, trying it)
+    strategy = vqk.make_strategy("multiworker")           # one process per machine, from TF_CONFIG
+    vqk.train_vqvae(config, "runs/x", strategy=strategy)  # config.batch_size is the global batch
+"""
+
+import json
+import os
+
+import tensorflow as tf
+from keras import ops
+
+from .errors import UsageError
+
+KINDS = ("none", "mirrored", "multiworker")
+
+
+def split_cpu(replicas):
+    """Make the first CPU `replicas` logical devices. TensorFlow allows it only before it has
+    initialised its devices (before the first op of the process)."""
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
+    except RuntimeError:
+        if len(tf.config.list_logical_devices("CPU")) != replicas:
+            raise UsageError("cpu_replicas: TensorFlow has already started in this process; split the CPU "
+                             "before the first TensorFlow operation (a fresh process)") from None
+
+
+def make_strategy(kind, cpu_replicas=None):
+    """A tf.distribute strategy, or None for "none" (one device, no strategy).
+
+    mirrored: tf.distribute.MirroredStrategy over every local GPU (the CPU when there is none),
+      or over `cpu_replicas` logical CPU devices when given.
+    multiworker: tf.distribute.MultiWorkerMirroredStrategy, the cluster read from the TF_CONFIG
+      environment variable (one process per machine, each with its local GPUs or its CPU)."""
+    if kind not in KINDS:
+        raise UsageError(f"distribute must be one of {', '.join(KINDS)}, got {kind!r}")
+    if cpu_replicas is not None and kind != "mirrored":
+        raise UsageError("cpu_replicas applies to the mirrored strategy only")
+    if kind == "none":
+        return None
+    if kind == "mirrored":
+        if cpu_replicas is None:
+            return tf.distribute.MirroredStrategy()
+        split_cpu(cpu_replicas)
+        return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(cpu_replicas)])
+    check_tf_config()
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def check_tf_config():
+    """A missing or malformed TF_CONFIG is a one-line error, not a hang or a traceback."""
+    text = os.environ.get("TF_CONFIG")
+    if not text:
+        raise UsageError("multiworker needs the TF_CONFIG environment variable (cluster and task); see the README's Scaling section")
+    try:
+        spec = json.loads(text)
+        cluster, task = spec["cluster"], spec["task"]
+        workers = cluster[task["type"]]
+        workers[int(task["index"])]
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise UsageError(f"TF_CONFIG is not a cluster with this task in it ({type(e).__name__}: {e})") from None
+
+
+def is_chief(strategy=None):
+    """Whether this process writes the run directory: always without a strategy or with one
+    machine; under MultiWorkerMirroredStrategy only the chief (worker 0 when no "chief" is named)."""
+    return strategy is None or strategy.extended.should_checkpoint
+
+
+# Inside a distributed step (a replica context): what the layers need to compute over the global batch.
+
+def _replica_context():
+    """tf.distribute's replica context when several replicas run this step, else None."""
+    context = tf.distribute.get_replica_context()
+    return context if context is not None and context.num_replicas_in_sync > 1 else None
+
+
+def replica_sum(x):
+    """x summed over the replicas of a distributed step (all-reduce); x itself on one device."""
+    context = _replica_context()
+    return x if context is None else context.all_reduce(tf.distribute.ReduceOp.SUM, x)
+
+
+def replica_rows(n):
+    """(first, total) for this replica's n rows of the global batch: the global index of its first
+    row (replicas hold consecutive slices, in replica order) and the global batch size."""
+    context = _replica_context()
+    if context is None:
+        return 0, n
+    sizes = context.all_gather(ops.reshape(ops.cast(n, "int32"), (1,)), axis=0)  # (replicas,)
+    before = ops.arange(context.num_replicas_in_sync) < context.replica_id_in_sync_group
+    return ops.sum(ops.where(before, sizes, 0)), ops.sum(sizes)
+
