@@ -285,7 +285,7 @@ def training_dataset(read_batch, n, img_dim, batch_size, seed, start_step=0):
 
 
 # The demo's palettes: few, well separated colours, so that 64 codes can spell every shape edge
-# and a small prior, trained for a minute, learns what a shape is rather than which colour comes next.
+# and a small prior, trained for two minutes, learns what a shape is rather than which colour comes next.
 DEMO_BACKGROUNDS = np.array([(238, 232, 213), (147, 161, 161), (88, 110, 117), (7, 54, 66)], np.float64)
 DEMO_SHAPE_COLOURS = [(220, 50, 47), (38, 139, 210), (133, 153, 0), (181, 137, 0)]
 
