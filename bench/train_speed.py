@@ -3,7 +3,9 @@ same in-memory batch; every figure also as a ratio to the bare float32 step of i
 
     python bench/train_speed.py                  # 32 px / z 32 / batch 64, then the reference config
     python bench/train_speed.py --skip-reference --steps 20
-    python bench/train_speed.py --demo           # also the wall time of `python train.py`
+    python bench/train_speed.py --skip-small --bare-only --rounds 1 --ref-steps 2   # 128 px, bare and PyTorch rows
+    python bench/train_speed.py --skip-reference --bare-only --z-dim 128            # the PyTorch target's config
+    python bench/train_speed.py --demo           # also the wall time of `python train.py`, normalised
 
 Rows:
   bare              model.train_on_batch on one fixed batch (float32, no XLA): the baseline
@@ -13,10 +15,13 @@ Rows:
   loop files auto   the same with cache="auto", what train.py vqvae runs: a small folder kept in memory
   loop memory       vqk.train_vqvae on an in-memory array
   loop ... xla      the same with XLA (train.py's default), also as a ratio to the bare XLA step
-The bare rows are measured in rounds interleaved with each other, and again after the loop rows,
-so a machine that gets busier shows up as a drift between the two bare figures.
-PyTorch (optional, not a dependency): the same architecture, float32 and CPU bfloat16 autocast,
-where torch is installed; otherwise a skip message.
+  pytorch float32   the same architecture in PyTorch (TorchVQVAE below), same batch, Adam
+  pytorch bf16 autocast   the same under torch.autocast("cpu", dtype=torch.bfloat16)
+The bare and PyTorch rows are measured in rounds interleaved with each other, and the bare ones
+again after the loop rows, so a machine that gets busier shows up as a drift between the two bare
+figures. PyTorch is optional, not a dependency: without it, its rows are skipped with a message.
+--demo also times a fixed workload (50 bare steps at the demo's config) right before and after the
+demo, so that its wall time can be compared across machine loads as a number of workloads.
 """
 
 import argparse
@@ -43,13 +48,13 @@ def bare_model(config):
     return model
 
 
-def time_steps(model, x, steps):
-    """Seconds per train_on_batch step (after 3 warm-up steps)."""
-    for _ in range(3):
-        model.train_on_batch(x)
+def time_steps(step, steps):
+    """Seconds per call of step() (after up to 3 warm-up calls: fewer for the long steps of few-step rounds)."""
+    for _ in range(min(3, steps)):
+        step()
     start = time.perf_counter()
     for _ in range(steps):
-        model.train_on_batch(x)
+        step()
     return (time.perf_counter() - start) / steps
 
 
@@ -80,16 +85,83 @@ def loop_step(config, data, steps, cache=None):
     return timer.per_step()
 
 
-def torch_rows(config, x, steps):
+class TorchVQVAE:
+    """The reference's VQ-VAE in PyTorch, for comparison: what a user would pick instead.
+    The same layers as models.py (Keras's "same" padding, BatchNorm momentum 0.99 / epsilon 1e-3),
+    straight-through estimator, loss mse_x + mse_e + beta * mse_z, Adam; NCHW tensors. Built only
+    when torch is importable: torch is not a dependency of the project."""
+
+    def __init__(self, config, bfloat16=False):
+        import torch
+        from torch import nn
+
+        torch.manual_seed(0)
+        self.torch, self.config, self.bfloat16 = torch, config, bfloat16
+        d = config.z_dim
+
+        def bn():
+            return nn.BatchNorm2d(d, eps=1e-3, momentum=0.01)
+
+        class Residual(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.body = nn.Sequential(nn.ReLU(), nn.Conv2d(d, d, 3, padding=1), bn(), nn.ReLU(), nn.Conv2d(d, d, 1))
+
+            def forward(self, x):
+                return x + self.body(x)
+
+        n = config.num_layers
+        encoder = [nn.Conv2d(3, d, 4, 2, 1), bn(), nn.ReLU(), nn.Conv2d(d, d, 4, 2, 1), bn()]
+        for i in range(n):
+            encoder += [Residual()] + ([bn()] if i < n - 1 else [])
+        decoder = [m for _ in range(n) for m in (bn(), Residual())]
+        decoder += [nn.ConvTranspose2d(d, d, 4, 2, 1), bn(), nn.ReLU(), nn.ConvTranspose2d(d, 3, 4, 2, 1), nn.Tanh()]
+        self.encoder, self.decoder = nn.Sequential(*encoder), nn.Sequential(*decoder)
+        self.codebook = nn.Parameter(torch.empty(config.num_codes, d).uniform_(-0.05, 0.05))
+        params = [*self.encoder.parameters(), *self.decoder.parameters(), self.codebook]
+        self.optimizer = torch.optim.Adam(params, lr=config.lr)
+
+    def loss(self, x):
+        torch = self.torch
+        z = self.encoder(x).float()  # quantization in float32, as this project does
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        distances = (flat ** 2).sum(1, keepdim=True) + (self.codebook ** 2).sum(1) - 2 * flat @ self.codebook.T
+        e = self.codebook[distances.argmin(1)].reshape(z.shape[0], z.shape[2], z.shape[3], -1).permute(0, 3, 1, 2)
+        x_rec = self.decoder(z + (e - z).detach()).float()
+        mse_x = torch.mean((x - x_rec) ** 2)
+        mse_e = torch.mean((z.detach() - e) ** 2)
+        mse_z = torch.mean((e.detach() - z) ** 2)
+        return mse_x + mse_e + self.config.beta * mse_z
+
+    def train_step(self, x):
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.torch.autocast("cpu", dtype=self.torch.bfloat16, enabled=self.bfloat16):
+            loss = self.loss(x)
+        loss.backward()
+        self.optimizer.step()
+        return loss
+
+
+def torch_steps(config, x):
+    """{label: step function} for PyTorch float32 and bfloat16 autocast, or {} (with a message)
+    when torch is not installed."""
+    # PyTorch's OpenMP threads spin while they wait: on a shared 2-core machine that made its steps
+    # up to 7x slower than with passive waiting (same run). Set before torch loads its OpenMP runtime.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError:
-        print("  pytorch: not installed, skipped (optional; pip install torch to compare)")
-        return
-    print("  pytorch: installed, but no port is bundled with this bench yet; skipped")
+        print("  pytorch: not installed, skipped (optional, not a dependency; pip install torch to compare)")
+        return {}
+    batch = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    steps = {}
+    for label, bfloat16 in (("pytorch float32", False), ("pytorch bf16 autocast", True)):
+        model = TorchVQVAE(config, bfloat16)
+        steps[label] = lambda model=model: model.train_step(batch).item()  # .item(): wait for the step
+    return steps
 
 
-def bench_config(name, config, steps, rounds, precisions, folder):
+def bench_config(name, config, steps, rounds, precisions, folder, loop=True):
     print(f"\n{name}: img_dim {config.img_dim}, z_dim {config.z_dim}, batch {config.batch_size}, {steps} steps a round")
     x = np.random.default_rng(0).uniform(-1, 1, (config.batch_size, config.img_dim, config.img_dim, 3)).astype("float32")
     plain = vqk.Config(**{**config.to_dict(), "jit_compile": False})
@@ -97,27 +169,49 @@ def bench_config(name, config, steps, rounds, precisions, folder):
     for precision in precisions:
         variants[f"bare {precision}"] = vqk.Config(**{**plain.to_dict(), "precision": precision})
     models = {label: bare_model(c) for label, c in variants.items()}
-    times = {label: [] for label in models}
+    step_fns = {label: (lambda model=model: model.train_on_batch(x)) for label, model in models.items()}
+    step_fns.update(torch_steps(config, x))  # interleaved with the Keras steps: the same machine load
+    times = {label: [] for label in step_fns}
     for _ in range(rounds):
-        for label, model in models.items():
-            times[label].append(time_steps(model, x, steps))
+        for label, step in step_fns.items():
+            times[label].append(time_steps(step, steps))
     images = vqk.load_images(folder, config.img_dim)
     loop_steps = steps + 8
-    for jit in (False, True):  # the loop with and without XLA (train.py's default: with)
+    for jit in (False, True) if loop else ():  # the loop with and without XLA (train.py's default: with)
         loop = vqk.Config(**{**config.to_dict(), "jit_compile": jit})
         suffix = " xla" if jit else ""
         on_disk = vqk.Config(**{**loop.to_dict(), "data": folder})
         times["loop files" + suffix] = [loop_step(on_disk, folder, loop_steps)]
         times["loop files auto" + suffix] = [loop_step(on_disk, folder, loop_steps, cache="auto")]  # train.py's default
         times["loop memory" + suffix] = [loop_step(loop, images, loop_steps)]
-    times["bare (after)"] = [time_steps(models["bare"], x, steps)]
-    times["bare xla (after)"] = [time_steps(models["bare xla"], x, steps)]
+    times["bare (after)"] = [time_steps(step_fns["bare"], steps)]
+    times["bare xla (after)"] = [time_steps(step_fns["bare xla"], steps)]
     base, base_xla = min(times["bare"]), min(times["bare xla"])
     for label, values in times.items():
         best = min(values)
         same = f"   {best / base_xla:5.2f}x bare xla" if "xla" in label else ""
         print(f"  {label:22s} {1000 * best:8.1f} ms/step   {best / base:5.2f}x bare{same}")
-    torch_rows(config, x, steps)
+    if "pytorch bf16 autocast" in times and "bare mixed_bfloat16" in times:
+        ratio = min(times["bare mixed_bfloat16"]) / min(times["pytorch bf16 autocast"])
+        print(f"  keras mixed_bfloat16 / pytorch bf16 autocast: {ratio:.2f}x (below 1: keras is faster)")
+
+
+def time_demo(root):
+    """Wall time of `python train.py`, and a fixed workload (50 bare steps at the demo's config)
+    timed right before and after it: demo / workload is comparable across machine loads."""
+    from vq_vae_keras.demo import DEMO_CONFIG
+
+    config = vqk.Config(**{**DEMO_CONFIG, "jit_compile": True})
+    model = bare_model(config)
+    x = np.random.default_rng(0).uniform(-1, 1, (config.batch_size, config.img_dim, config.img_dim, 3))
+    x = x.astype("float32")
+    before = 50 * time_steps(lambda: model.train_on_batch(x), 50)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "train.py"], cwd=root, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    after = 50 * time_steps(lambda: model.train_on_batch(x), 50)
+    print(f"\ndemo (python train.py): {wall:.0f} s; 50 bare demo steps before {before:.1f} s, after {after:.1f} s: "
+          f"the demo takes {wall / ((before + after) / 2):.1f} workloads")
 
 
 def main():
@@ -125,7 +219,11 @@ def main():
     parser.add_argument("--steps", type=int, default=15, help="steps per round at 32 px (default 15)")
     parser.add_argument("--ref-steps", type=int, default=3, help="steps per round at the reference config (default 3)")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--z-dim", type=int, default=32, help="z_dim of the 32 px config (default 32; 128 is the "
+                        "PyTorch target's config)")
     parser.add_argument("--skip-reference", action="store_true", help="only the 32 px config")
+    parser.add_argument("--skip-small", action="store_true", help="only the reference config")
+    parser.add_argument("--bare-only", action="store_true", help="bare and PyTorch steps only, no loop rows")
     parser.add_argument("--precisions", default="mixed_bfloat16", help="comma-separated (default mixed_bfloat16)")
     parser.add_argument("--demo", action="store_true", help="also time `python train.py` (writes runs/demo)")
     args = parser.parse_args()
@@ -134,17 +232,16 @@ def main():
     workdir = tempfile.mkdtemp(prefix="train_speed_data_")
     try:
         folder = make_demo_images(os.path.join(workdir, "images"), count=640, size=128)
-        bench_config("32 px", vqk.Config(img_dim=32, z_dim=32, batch_size=64), args.steps, args.rounds, precisions,
-                     folder)
+        if not args.skip_small:
+            bench_config("32 px", vqk.Config(img_dim=32, z_dim=args.z_dim, batch_size=64), args.steps, args.rounds,
+                         precisions, folder, loop=not args.bare_only)
         if not args.skip_reference:
-            bench_config("reference config", vqk.Config(), args.ref_steps, args.rounds, precisions, folder)
+            bench_config("reference config", vqk.Config(), args.ref_steps, args.rounds, precisions, folder,
+                         loop=not args.bare_only)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if args.demo:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "train.py"], cwd=root, check=True, stdout=subprocess.DEVNULL)
-        print(f"\ndemo (python train.py): {time.perf_counter() - start:.0f} s")
+        time_demo(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 if __name__ == "__main__":

@@ -75,6 +75,17 @@ def build_decoder(config: Config) -> keras.Model:
     return keras.Model(z_in, x, name="decoder")
 
 
+def predict_whole_batches(model, x, batch_size):
+    """model.predict(x) on whole batches only: x is padded with zeros to a multiple of batch_size
+    and the outputs cut back to len(x). Each model then compiles its predict step once, whatever
+    len(x) is (grids of 32 and of 64 images, a short last batch), instead of once per batch shape:
+    TensorFlow warns about such retracing, and it costs a compile each time."""
+    x = np.asarray(x, np.float32)
+    padded = np.concatenate([x, np.zeros((-len(x) % batch_size, *x.shape[1:]), np.float32)])
+    out = model.predict(padded, batch_size=batch_size, verbose=0)
+    return [o[:len(x)] for o in out] if isinstance(out, (list, tuple)) else out[:len(x)]
+
+
 @dataclass
 class VQVAE:
     """The four Keras models of the reference, sharing one set of layers, plus batched helpers."""
@@ -88,16 +99,16 @@ class VQVAE:
 
     def encode(self, images, batch_size=64):
         """Images (N, d, d, 3) in [-1, 1] -> latents z (N, h, w, z_dim)."""
-        return self.encoder.predict(np.asarray(images, np.float32), batch_size=batch_size, verbose=0)
+        return predict_whole_batches(self.encoder, images, batch_size)
 
     def quantize(self, z, batch_size=64):
         """Latents -> (codes (N, h, w) int32, code vectors (N, h, w, z_dim))."""
-        codes, vectors = self.quantizer.predict(np.asarray(z, np.float32), batch_size=batch_size, verbose=0)
+        codes, vectors = predict_whole_batches(self.quantizer, z, batch_size)
         return codes.astype(np.int32), vectors
 
     def decode(self, z, batch_size=64):
         """Latents or code vectors (N, h, w, z_dim) -> images (N, d, d, 3) in [-1, 1]."""
-        return self.decoder.predict(np.asarray(z, np.float32), batch_size=batch_size, verbose=0)
+        return predict_whole_batches(self.decoder, z, batch_size)
 
     def codes_to_vectors(self, codes):
         """Integer code maps (N, h, w) -> code vectors (N, h, w, z_dim) from the codebook."""
