@@ -117,7 +117,7 @@ class Config:
                  f"{name} applies to the vq and ema quantizers, not {self.quantizer}")
         if fsq:
             levels = self.fsq_levels
-            need(levels is not None, "fsq_levels are needed with quantizer fsq, e.g. [4, 4, 4] for 64 codes")
+            need(levels is not None, "fsq_levels are needed with quantizer fsq (--quantizer fsq needs --fsq-levels), e.g. [4, 4, 4] for 64 codes")
             need(len(levels) >= 1 and all(isinstance(n, int) and not isinstance(n, bool) and n >= 2 for n in levels),
                  f"fsq_levels must be integers of at least 2, got {levels}")
             need(math.prod(levels) <= MAX_FSQ_CODES,
