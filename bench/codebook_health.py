@@ -51,8 +51,9 @@ OPTIONS = {
 PALETTE = "palette codec (equal bit rate)"
 
 
-def palette_psnr(train, held_out, num_codes, seed=0):
-    """Held-out PSNR of the palette codec; train and held_out (N, d, d, 3) in [-1, 1]."""
+def palette_codec(train, held_out, num_codes, seed=0):
+    """(held-out PSNR, fraction of palette colours used) of the palette codec; train and held_out
+    (N, d, d, 3) in [-1, 1]."""
     d = held_out.shape[1]
     thumbnail = lambda x: tf.image.resize(x, (d // 4, d // 4), method="area").numpy()  # noqa: E731
     pixels = thumbnail(train).reshape(-1, 3)
@@ -60,7 +61,7 @@ def palette_psnr(train, held_out, num_codes, seed=0):
     small = thumbnail(held_out)
     nearest = ((small[..., None, :] - palette) ** 2).sum(-1).argmin(-1)
     recon = tf.image.resize(palette[nearest], (d, d), method="bilinear").numpy()
-    return float(psnr_from_mse(mse(to_uint8(held_out), to_uint8(recon))).mean())
+    return float(psnr_from_mse(mse(to_uint8(held_out), to_uint8(recon))).mean()), len(np.unique(nearest)) / num_codes
 
 
 def held_out_scores(vqvae, images, num_codes):
@@ -119,8 +120,8 @@ def main():
         data = args.data or make_demo_images(os.path.join(tmp, "train"), count=2000, size=64, seed=0)
         held_out = vqk.load_images(args.held_out or make_demo_images(os.path.join(tmp, "held_out"), count=500,
                                                                      size=64, seed=1), args.img_dim)
-        palette = palette_psnr(vqk.load_images(data, args.img_dim), held_out, args.num_codes)
-        print(f"{PALETTE}: held-out psnr {palette:.2f} dB", flush=True)
+        palette, palette_used = palette_codec(vqk.load_images(data, args.img_dim), held_out, args.num_codes)
+        print(f"{PALETTE}: held-out psnr {palette:.2f} dB, colours used {palette_used:.2f}", flush=True)
         results = read_rows(args.csv, settings)
         for seed in range(args.seeds):  # seed-major: a bench cut short still has every option at seed 0
             for name in names:
@@ -139,7 +140,7 @@ def main():
     print(f"\n{args.steps} steps, {args.img_dim} px, z_dim {args.z_dim}, {args.num_codes} codes, batch "
           f"{args.batch_size}, {len(held_out)} held-out images; mean +- std [min, max] over seeds 0..{args.seeds - 1}")
     print(f"| run | seeds | held-out PSNR (dB) | vs palette (dB) | codes used |\n|---|---|---|---|---|")
-    print(f"| {PALETTE} | - | {palette:6.2f} | 0 | - |")
+    print(f"| {PALETTE} | - | {palette:6.2f} | 0 | {palette_used:6.2f} |")
     for name in names:
         runs = [results[name, s] for s in range(args.seeds) if (name, s) in results]
         psnrs, used = [r[0] for r in runs], [r[1] for r in runs]

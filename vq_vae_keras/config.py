@@ -73,7 +73,7 @@ class Config:
 
     def _check_types(self):
         """Each field holds its annotated type (an int is fine for a float), every float is finite."""
-        kinds = {"list": ((list,), "a list"), "int": ((int,), "an integer"), "float": ((int, float), "a number"), "str": ((str,), "a string"),
+        kinds = {"list": ((list, tuple), "a list"), "int": ((int,), "an integer"), "float": ((int, float), "a number"), "str": ((str,), "a string"),
                  "bool": ((bool,), "true or false")}
         for field in dataclasses.fields(self):
             value, annotation = getattr(self, field.name), str(field.type)
