@@ -15,7 +15,8 @@ upsampled back bilinearly.
 
 Without --data it uses the demo's shapes (2000 to train, 500 others held out). For photographs see
 bench/photos.py. --csv appends one row per finished run (a long bench keeps what it has done;
-rows already in the file for the same settings are reused, not retrained).
+rows already in the file for the same settings are reused, not retrained; --report-only prints
+the table of what the file holds).
 """
 
 import argparse
@@ -108,6 +109,7 @@ def main():
     parser.add_argument("--num-codes", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--csv", help="append a row per finished run here; reuse rows already there")
+    parser.add_argument("--report-only", action="store_true", help="train nothing: the table of the --csv rows")
     args = parser.parse_args()
     names = args.options.split(",") if args.options else list(OPTIONS)
     unknown = [n for n in names if n not in OPTIONS]
@@ -125,7 +127,7 @@ def main():
         results = read_rows(args.csv, settings)
         for seed in range(args.seeds):  # seed-major: a bench cut short still has every option at seed 0
             for name in names:
-                if (name, seed) in results:
+                if (name, seed) in results or args.report_only:
                     continue
                 config = vqk.Config(data=data, img_dim=args.img_dim, z_dim=args.z_dim, num_codes=args.num_codes,
                                     batch_size=args.batch_size, seed=seed, sample_every=10**9, **OPTIONS[name])
@@ -139,10 +141,12 @@ def main():
 
     print(f"\n{args.steps} steps, {args.img_dim} px, z_dim {args.z_dim}, {args.num_codes} codes, batch "
           f"{args.batch_size}, {len(held_out)} held-out images; mean +- std [min, max] over seeds 0..{args.seeds - 1}")
-    print(f"| run | seeds | held-out PSNR (dB) | vs palette (dB) | codes used |\n|---|---|---|---|---|")
+    print("| run | seeds | held-out PSNR (dB) | vs palette (dB) | codes used |\n|---|---|---|---|---|")
     print(f"| {PALETTE} | - | {palette:6.2f} | 0 | {palette_used:6.2f} |")
     for name in names:
         runs = [results[name, s] for s in range(args.seeds) if (name, s) in results]
+        if not runs:
+            continue
         psnrs, used = [r[0] for r in runs], [r[1] for r in runs]
         print(f"| {name} | {len(runs)} | {spread(psnrs)} | {np.mean(psnrs) - palette:+.2f} | {spread(used)} |")
 
