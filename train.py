@@ -6,6 +6,7 @@
 """
 
 import argparse
+import math
 import os
 import sys
 
@@ -40,9 +41,16 @@ def build_parser():
     vq.add_argument("--sample-every", type=positive_int, help="grids and checkpoint every N steps (default 100)")
     vq.add_argument("--seed", type=seed_int)
     health = vq.add_argument_group("codebook options (departures from the reference, off by default)")
-    health.add_argument("--quantizer", choices=["vq", "ema", "gumbel"],
+    health.add_argument("--quantizer", choices=["vq", "ema", "gumbel", "fsq"],
                         help="vq: the reference; ema: codebook moved by exponential moving averages; "
-                             "gumbel: Gumbel-softmax relaxation (DALL-E's dVAE)")
+                             "gumbel: Gumbel-softmax relaxation (DALL-E's dVAE); fsq: finite scalar quantization")
+    health.add_argument("--fsq-levels", type=fsq_levels, metavar="L1,L2,...",
+                        help="fsq: values per channel, e.g. 4,4,4 (their product is the number of codes; "
+                             "--num-codes may be left out)")
+    health.add_argument("--rotation-trick", action="store_true", default=None,
+                        help="vq, ema: gradient to the encoder by the rotation trick instead of the straight-through copy")
+    health.add_argument("--cosine-codebook", action="store_true", default=None,
+                        help="vq, ema: l2-normalise z and the code vectors (nearest code by cosine similarity)")
     health.add_argument("--ema-decay", type=unit_interval, help="EMA decay (default 0.99)")
     health.add_argument("--restart-dead", type=nonnegative_int, metavar="N",
                         help="move a code unused for N steps to a random encoder output of the batch")
@@ -120,6 +128,17 @@ def strategy_for(args, jit_field):
     return make_strategy(args.distribute, args.cpu_replicas)
 
 
+def fsq_levels(text):
+    """An argparse type: comma-separated integers, each at least 2."""
+    try:
+        levels = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 4,4,4") from None
+    if min(levels) < 2:
+        raise argparse.ArgumentTypeError(f"each level must be at least 2, got {text}")
+    return levels
+
+
 def cache_file(text):
     return text if text == "memory" else output_file(".npz")(text)
 
@@ -130,9 +149,11 @@ def train_vqvae_command(args):
     names = ["data", "img_dim", "z_dim", "num_codes", "batch_size", "lr", "beta", "sample_every", "seed",
              "quantizer", "ema_decay", "restart_dead", "kmeans_init", "gumbel_temperature",
              "gumbel_temperature_end", "gumbel_anneal_steps", "gumbel_schedule", "gumbel_kl_weight"]
-    names += ["precision", "jit_compile", "sync_batchnorm"]
+    names += ["fsq_levels", "rotation_trick", "cosine_codebook", "precision", "jit_compile", "sync_batchnorm"]
     strategy = strategy_for(args, "jit_compile")
     flags = {name: getattr(args, name) for name in names}
+    if args.fsq_levels and args.num_codes is None and not args.resume:
+        flags["num_codes"] = math.prod(args.fsq_levels)  # derived; given, it must agree (Config checks)
     if is_chief(strategy) or args.resume:
         config = config_for_run(args.run, flags, args.resume)
     else:  # another worker: the chief may have written the run's config.json already
@@ -140,6 +161,8 @@ def train_vqvae_command(args):
     if strategy is not None:
         config.jit_compile = False
     check_options_apply(flags, config.quantizer)
+    if config.quantizer == "fsq" and args.beta is not None:
+        raise UsageError("--beta (the commitment weight) does not apply to --quantizer fsq: it has no commitment term")
     if args.eval_every is not None and args.eval_data is None:
         raise UsageError("--eval-every needs --eval-data DIR (the held-out images to score)")
     evaluation = {} if args.eval_every is None else {"eval_every": args.eval_every}

@@ -1,14 +1,26 @@
-"""Codebook options side by side: code usage and held-out reconstruction error at equal steps.
+"""Codebook options side by side, several seeds each, against an equal-bitrate palette codec.
 
-    python bench/codebook_health.py [--data DIR] [--held-out DIR] [--steps 600] [--img-dim 32]
+    python bench/codebook_health.py [--data DIR --held-out DIR] [--steps 1500] [--seeds 3]
+                                    [--options NAME,...] [--csv FILE]
 
-Trains the default (the reference's VQ) and each codebook option for the same number of steps on
-the same folder with the same seed, then reports on held-out images: the fraction of codes used,
-the code perplexity, and the reconstruction MSE through the quantizer, each also as a ratio to
-the default. Without --data it uses the demo's shapes (2000 to train, 500 others held out).
+Trains the default (the reference's VQ) and each option below for the same number of steps on the
+same folder, once per seed, then scores held-out images through encoder -> quantizer -> decoder:
+PSNR (per image on the 0..255 scale, averaged, as `sample.py evaluate`) and the fraction of codes
+used. Reports each option's mean, sample standard deviation and range over the seeds.
+
+Baseline row, computed in the same run: the palette codec at the VQ-VAE's bit rate. Each image
+becomes its (img_dim/4)^2 thumbnail (area average), each thumbnail pixel one of num_codes colours
+(k-means on the training thumbnails' pixels: log2(num_codes) bits per cell, as one code per cell),
+upsampled back bilinearly.
+
+Without --data it uses the demo's shapes (2000 to train, 500 others held out). For photographs see
+bench/photos.py. --csv appends one row per finished run (a long bench keeps what it has done;
+rows already in the file for the same settings are reused, not retrained; --report-only prints
+the table of what the file holds).
 """
 
 import argparse
+import csv
 import os
 import sys
 import tempfile
@@ -17,54 +29,126 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import vq_vae_keras as vqk  # noqa: E402  (first: it quiets TensorFlow's start-up)
 import numpy as np  # noqa: E402
-from vq_vae_keras.codebook import counts_perplexity, usage_counts  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from vq_vae_keras.codebook import kmeans, usage_counts  # noqa: E402
 from vq_vae_keras.data import make_demo_images  # noqa: E402
+from vq_vae_keras.evaluation import mse, psnr_from_mse, to_uint8  # noqa: E402
 from vq_vae_keras.training import train_vqvae  # noqa: E402
 
+EXISTING = {"quantizer": "ema", "kmeans_init": True, "restart_dead": 50}
 OPTIONS = {
     "default (vq)": {},
-    "ema": {"quantizer": "ema"},
-    "ema + kmeans-init + restart-dead 50": {"quantizer": "ema", "kmeans_init": True, "restart_dead": 50},
+    "ema + kmeans-init + restart-dead 50": EXISTING,
     "vq + kmeans-init + restart-dead 50": {"kmeans_init": True, "restart_dead": 50},
-    "gumbel": {"quantizer": "gumbel"},
-    "gumbel, annealed over half the steps": {"quantizer": "gumbel", "gumbel_anneal_steps": None},
+    "fsq 4x4x4": {"quantizer": "fsq", "fsq_levels": [4, 4, 4]},
+    "fsq 8x8": {"quantizer": "fsq", "fsq_levels": [8, 8]},
+    "rotation trick": {"rotation_trick": True},
+    "cosine codebook": {"cosine_codebook": True},
+    "rotation + cosine": {"rotation_trick": True, "cosine_codebook": True},
+    "ema + kmeans + restarts + rotation": {**EXISTING, "rotation_trick": True},
+    "ema + kmeans + restarts + cosine": {**EXISTING, "cosine_codebook": True},
+    "ema + kmeans + restarts + rotation + cosine": {**EXISTING, "rotation_trick": True, "cosine_codebook": True},
 }
+PALETTE = "palette codec (equal bit rate)"
+
+
+def palette_codec(train, held_out, num_codes, seed=0):
+    """(held-out PSNR, fraction of palette colours used) of the palette codec; train and held_out
+    (N, d, d, 3) in [-1, 1]."""
+    d = held_out.shape[1]
+    thumbnail = lambda x: tf.image.resize(x, (d // 4, d // 4), method="area").numpy()  # noqa: E731
+    pixels = thumbnail(train).reshape(-1, 3)
+    palette = kmeans(pixels[np.random.default_rng(seed).permutation(len(pixels))[:50000]], num_codes, seed=seed)
+    small = thumbnail(held_out)
+    nearest = ((small[..., None, :] - palette) ** 2).sum(-1).argmin(-1)
+    recon = tf.image.resize(palette[nearest], (d, d), method="bilinear").numpy()
+    return float(psnr_from_mse(mse(to_uint8(held_out), to_uint8(recon))).mean()), len(np.unique(nearest)) / num_codes
 
 
 def held_out_scores(vqvae, images, num_codes):
+    """(held-out PSNR in dB, fraction of codes used) through encoder -> quantizer -> decoder."""
     codes, vectors = vqvae.quantize(vqvae.encode(images))
-    mse = float(np.mean((vqvae.decode(vectors) - images) ** 2))
-    counts = usage_counts(codes, num_codes)
-    return (counts > 0).mean(), counts_perplexity(counts), mse
+    psnr = psnr_from_mse(mse(to_uint8(images), to_uint8(vqvae.decode(vectors)))).mean()
+    return float(psnr), float((usage_counts(codes, num_codes) > 0).mean())
+
+
+def read_rows(path, settings):
+    if not path or not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return {(r["option"], int(r["seed"])): (float(r["psnr"]), float(r["codes_used"]))
+                for r in csv.DictReader(f) if r["settings"] == settings}
+
+
+def append_row(path, row):
+    if not path:
+        return
+    new = not os.path.isfile(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def spread(values):
+    values = np.asarray(values)
+    std = values.std(ddof=1) if len(values) > 1 else 0.0
+    return f"{values.mean():6.2f} +- {std:4.2f} [{values.min():.2f}, {values.max():.2f}]"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="training folder (default: the demo's shapes)")
     parser.add_argument("--held-out", help="held-out folder (default: other demo shapes)")
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per option")
+    parser.add_argument("--options", help=f"comma-separated names (default: all): {', '.join(OPTIONS)}")
     parser.add_argument("--img-dim", type=int, default=32)
-    parser.add_argument("--z-dim", type=int, default=64)
+    parser.add_argument("--z-dim", type=int, default=32)
+    parser.add_argument("--num-codes", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--csv", help="append a row per finished run here; reuse rows already there")
+    parser.add_argument("--report-only", action="store_true", help="train nothing: the table of the --csv rows")
     args = parser.parse_args()
+    names = args.options.split(",") if args.options else list(OPTIONS)
+    unknown = [n for n in names if n not in OPTIONS]
+    if unknown:
+        parser.error(f"unknown options: {', '.join(unknown)}")
+    settings = (f"{os.path.abspath(args.data) if args.data else 'shapes'} steps {args.steps} img {args.img_dim} "
+                f"z {args.z_dim} codes {args.num_codes} batch {args.batch_size}")
 
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or make_demo_images(os.path.join(tmp, "train"), count=2000, size=64, seed=0)
         held_out = vqk.load_images(args.held_out or make_demo_images(os.path.join(tmp, "held_out"), count=500,
                                                                      size=64, seed=1), args.img_dim)
-        results = {}
-        for name, options in OPTIONS.items():
-            if options.get("gumbel_anneal_steps", 0) is None:
-                options = {**options, "gumbel_anneal_steps": max(1, args.steps // 2)}
-            config = vqk.Config(data=data, img_dim=args.img_dim, z_dim=args.z_dim, sample_every=10**9, **options)
-            vqvae = train_vqvae(config, os.path.join(tmp, name.replace(" ", "_")), steps=args.steps)
-            results[name] = held_out_scores(vqvae, held_out, config.num_codes)
+        palette, palette_used = palette_codec(vqk.load_images(data, args.img_dim), held_out, args.num_codes)
+        print(f"{PALETTE}: held-out psnr {palette:.2f} dB, colours used {palette_used:.2f}", flush=True)
+        results = read_rows(args.csv, settings)
+        for seed in range(args.seeds):  # seed-major: a bench cut short still has every option at seed 0
+            for name in names:
+                if (name, seed) in results or args.report_only:
+                    continue
+                config = vqk.Config(data=data, img_dim=args.img_dim, z_dim=args.z_dim, num_codes=args.num_codes,
+                                    batch_size=args.batch_size, seed=seed, sample_every=10**9, **OPTIONS[name])
+                vqvae = train_vqvae(config, os.path.join(tmp, f"run_{len(results)}"), steps=args.steps,
+                                    deterministic=True)
+                results[name, seed] = held_out_scores(vqvae, held_out, args.num_codes)
+                print(f"{name}, seed {seed}: psnr {results[name, seed][0]:.2f} dB, "
+                      f"codes used {results[name, seed][1]:.2f}", flush=True)
+                append_row(args.csv, {"settings": settings, "option": name, "seed": seed,
+                                      "psnr": results[name, seed][0], "codes_used": results[name, seed][1]})
 
-    used0, perplexity0, mse0 = results["default (vq)"]
-    print(f"\n{args.steps} steps at {args.img_dim} px, {len(held_out)} held-out images:")
-    print(f"  {'':38s} {'codes used':>10s} {'perplexity':>10s} {'held-out mse':>12s}   ratios to default")
-    for name, (used, perplexity, mse) in results.items():
-        print(f"  {name:38s} {used:10.2f} {perplexity:10.1f} {mse:12.5f}   "
-              f"used x{used / used0:.2f}, mse x{mse / mse0:.2f}")
+    print(f"\n{args.steps} steps, {args.img_dim} px, z_dim {args.z_dim}, {args.num_codes} codes, batch "
+          f"{args.batch_size}, {len(held_out)} held-out images; mean +- std [min, max] over seeds 0..{args.seeds - 1}")
+    print("| run | seeds | held-out PSNR (dB) | vs palette (dB) | codes used |\n|---|---|---|---|---|")
+    print(f"| {PALETTE} | - | {palette:6.2f} | 0 | {palette_used:6.2f} |")
+    for name in names:
+        runs = [results[name, s] for s in range(args.seeds) if (name, s) in results]
+        if not runs:
+            continue
+        psnrs, used = [r[0] for r in runs], [r[1] for r in runs]
+        print(f"| {name} | {len(runs)} | {spread(psnrs)} | {np.mean(psnrs) - palette:+.2f} | {spread(used)} |")
 
 
 if __name__ == "__main__":

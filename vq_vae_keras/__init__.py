@@ -41,7 +41,7 @@ from .evaluation import EvaluateEvery, evaluate  # noqa: E402
 from .models import VQVAE, VQVAEObjective, build_vqvae  # noqa: E402
 from .prior import CausalSelfAttention, GridPositionEmbedding, build_prior  # noqa: E402
 from .pixelcnn import GatedLayer, PixelCNN  # noqa: E402
-from .quantizers import GumbelQuantizer, StraightThrough, VectorQuantizer  # noqa: E402
+from .quantizers import FiniteScalarQuantizer, GumbelQuantizer, RotationTrick, StraightThrough, VectorQuantizer  # noqa: E402
 from .run import load_run  # noqa: E402
 from .sampling import sample_codes  # noqa: E402
 from .training import train_prior, train_vqvae  # noqa: E402
@@ -51,4 +51,5 @@ from . import callbacks  # noqa: E402
 __all__ = ["Config", "UsageError", "VectorQuantizer", "StraightThrough", "GridPositionEmbedding",
            "CausalSelfAttention", "VQVAE", "build_vqvae", "build_prior", "load_run", "sample_codes",
            "load_images", "train_vqvae", "train_prior", "callbacks", "VQVAEObjective", "GumbelQuantizer",
-           "evaluate", "EvaluateEvery", "PixelCNN", "GatedLayer", "make_strategy"]
+           "evaluate", "EvaluateEvery", "PixelCNN", "GatedLayer", "make_strategy", "FiniteScalarQuantizer",
+           "RotationTrick"]

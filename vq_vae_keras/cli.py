@@ -132,7 +132,7 @@ def check_options_apply(flags, quantizer):
     """A quantizer-specific flag given with another quantizer is a mistake worth an error."""
     for name, value in flags.items():
         family = name.split("_")[0]
-        if value is not None and family in ("ema", "gumbel") and family != quantizer:
+        if value is not None and family in ("ema", "gumbel", "fsq") and family != quantizer:
             raise UsageError(f"--{name.replace('_', '-')} applies to --quantizer {family}, this run uses {quantizer}")
 
 

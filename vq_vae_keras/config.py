@@ -10,7 +10,8 @@ from typing import Optional
 from .errors import UsageError
 
 
-QUANTIZERS = ("vq", "ema", "gumbel")
+QUANTIZERS = ("vq", "ema", "gumbel", "fsq")
+MAX_FSQ_CODES = 2 ** 16  # the prior has a softmax over every code
 SCHEDULES = ("cosine", "linear", "exponential")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 PRIORS = ("attention", "pixelcnn")
@@ -26,7 +27,10 @@ class Config:
     lr: float = 1e-3
     beta: float = 0.25  # weight of the commitment term mse_z
     # codebook health: every option off by default, which is the reference
-    quantizer: str = "vq"  # "vq" (the reference), "ema" (EMA codebook) or "gumbel" (Gumbel-softmax)
+    quantizer: str = "vq"  # "vq" (the reference), "ema" (EMA codebook), "gumbel" (Gumbel-softmax), "fsq"
+    fsq_levels: Optional[list] = None  # fsq: levels per channel, e.g. [4, 4, 4]; num_codes = their product
+    rotation_trick: bool = False  # vq, ema: gradient to z by the rotation trick, not the straight-through copy
+    cosine_codebook: bool = False  # vq, ema: z and code vectors l2-normalised (distance and lookup)
     ema_decay: float = 0.99
     ema_epsilon: float = 1e-5
     restart_dead: int = 0  # move a code unused for this many steps to a random encoder output; 0: never
@@ -78,8 +82,8 @@ class Config:
 
     def _check_types(self):
         """Each field holds its annotated type (an int is fine for a float), every float is finite."""
-        kinds = {"int": ((int,), "an integer"), "float": ((int, float), "a number"), "str": ((str,), "a string"),
-                 "bool": ((bool,), "true or false"), "list": ((list,), "a list")}
+        kinds = {"list": ((list, tuple), "a list"), "int": ((int,), "an integer"), "float": ((int, float), "a number"),
+                 "str": ((str,), "a string"), "bool": ((bool,), "true or false")}
         for field in dataclasses.fields(self):
             value, annotation = getattr(self, field.name), str(field.type)
             if value is None and "Optional" in annotation:
@@ -114,6 +118,23 @@ class Config:
         gumbel = self.quantizer == "gumbel"
         need(not (gumbel and (self.restart_dead or self.kmeans_init)),
              "restart_dead and kmeans_init apply to the vq and ema quantizers, not gumbel")
+        fsq = self.quantizer == "fsq"
+        need(not (fsq and (self.restart_dead or self.kmeans_init)),
+             "restart_dead and kmeans_init apply to the vq and ema quantizers, not fsq (it has no codebook)")
+        for name in ("rotation_trick", "cosine_codebook"):
+            need(not (getattr(self, name) and self.quantizer in ("gumbel", "fsq")),
+                 f"{name} applies to the vq and ema quantizers, not {self.quantizer}")
+        if fsq:
+            levels = self.fsq_levels
+            need(levels is not None, "fsq_levels are needed with quantizer fsq (--quantizer fsq needs --fsq-levels), e.g. [4, 4, 4] for 64 codes")
+            need(len(levels) >= 1 and all(isinstance(n, int) and not isinstance(n, bool) and n >= 2 for n in levels),
+                 f"fsq_levels must be integers of at least 2, got {levels}")
+            need(math.prod(levels) <= MAX_FSQ_CODES,
+                 f"fsq_levels give {math.prod(levels)} codes, more than {MAX_FSQ_CODES}")
+            need(math.prod(levels) == self.num_codes,
+                 f"num_codes must be the product of fsq_levels {levels} ({math.prod(levels)}), got {self.num_codes}")
+        else:
+            need(self.fsq_levels is None, f"fsq_levels apply to quantizer fsq, not {self.quantizer}")
         need(self.gumbel_temperature > 0 and self.gumbel_temperature_end > 0, "Gumbel temperatures must be > 0")
         need(self.gumbel_anneal_steps >= 1, f"gumbel_anneal_steps must be at least 1, got {self.gumbel_anneal_steps}")
         need(self.gumbel_schedule in SCHEDULES,

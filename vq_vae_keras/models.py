@@ -11,7 +11,8 @@ import numpy as np
 from keras import layers, ops
 
 from .config import Config
-from .quantizers import PACKAGE, CodebookLayer, GumbelQuantizer, StraightThrough, VectorQuantizer
+from .quantizers import (PACKAGE, CodebookLayer, FiniteScalarQuantizer, GumbelQuantizer, RotationTrick, StraightThrough,
+                         VectorQuantizer)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -55,6 +56,8 @@ def build_encoder(config: Config) -> keras.Model:
         x = residual_block(x, f"res{i}", sync)
         if i < config.num_layers - 1:  # the encoder's output has no BatchNorm
             x = BatchNormalization(synchronized=sync, name=f"res{i}_out_bn")(x)
+    if config.cosine_codebook:  # z on the unit sphere everywhere it is used: quantizer, losses, k-means init
+        x = layers.UnitNormalization(axis=-1, dtype="float32", name="unit_norm")(x)
     return keras.Model(x_in, x, name="encoder")
 
 
@@ -95,7 +98,7 @@ class VQVAE:
     quantizer: keras.Model
     decoder: keras.Model
     train_model: keras.Model
-    vq_layer: CodebookLayer  # VectorQuantizer, or GumbelQuantizer with --quantizer gumbel
+    vq_layer: CodebookLayer  # VectorQuantizer, or GumbelQuantizer / FiniteScalarQuantizer with --quantizer
 
     def encode(self, images, batch_size=64):
         """Images (N, d, d, 3) in [-1, 1] -> latents z (N, h, w, z_dim)."""
@@ -185,9 +188,20 @@ def build_quantizer(config: Config) -> CodebookLayer:
     if config.quantizer == "gumbel":
         return GumbelQuantizer(config.num_codes, config.gumbel_kl_weight, config.gumbel_temperature,
                                seed=config.seed, name="gumbel_quantizer")
+    if config.quantizer == "fsq":
+        return FiniteScalarQuantizer(config.fsq_levels, seed=config.seed, name="fsq_quantizer")
     return VectorQuantizer(config.num_codes, ema_decay=config.ema_decay if config.quantizer == "ema" else None,
                            ema_epsilon=config.ema_epsilon, restart_dead=config.restart_dead, seed=config.seed,
-                           name="vector_quantizer")
+                           cosine=config.cosine_codebook, name="vector_quantizer")
+
+
+def decoder_input(config: Config, z, e):
+    """What the decoder sees while training: e, with a gradient path back to z."""
+    if config.quantizer in ("gumbel", "fsq"):  # e is differentiable as it is (soft mixture; rounding's straight-through)
+        return e
+    if config.rotation_trick:
+        return RotationTrick(name="rotation_trick")([z, e])
+    return StraightThrough(name="straight_through")([z, e])
 
 
 def build_vqvae(config: Config) -> VQVAE:
@@ -206,11 +220,13 @@ def build_vqvae(config: Config) -> VQVAE:
         x_in = keras.Input((config.img_dim, config.img_dim, 3), name="image")
         z = encoder(x_in)
         _, e = vq_layer(z)
-        gumbel = config.quantizer == "gumbel"
-        # Gumbel: while training e is a soft mixture of codes, differentiable as it is.
-        x_rec = decoder(e if gumbel else StraightThrough(name="straight_through")([z, e]))
+        x_rec = decoder(decoder_input(config, z, e))
         # With EMA the codebook follows the encoder by averages, so mse_e (its gradient) is dropped.
-        objective = VQVAEObjective(config.beta, 0.0 if config.quantizer == "ema" else 1.0, gumbel, name="objective")
+        # FSQ has no codebook and needs no commitment (its values are bounded): mse_x alone, beta unused
+        # (mse_e and mse_z, the distance between z and its projected-back code vector, are only reported).
+        fsq = config.quantizer == "fsq"
+        objective = VQVAEObjective(0.0 if fsq else config.beta, 0.0 if config.quantizer in ("ema", "fsq") else 1.0,
+                                   config.quantizer == "gumbel", name="objective")
         train_model = keras.Model(x_in, objective([x_in, x_rec, z, e]), name="vqvae")
     return VQVAE(config, encoder, quantizer, decoder, train_model, vq_layer)
 

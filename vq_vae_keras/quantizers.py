@@ -1,5 +1,6 @@
 """The quantizer layers: the reference's vector quantizer and its options (EMA codebook, dead-code
-restarts), the Gumbel-softmax quantizer, the straight-through estimator, and the code-usage metrics.
+restarts, cosine codebook), the Gumbel-softmax and finite scalar (FSQ) quantizers, the
+straight-through estimator and the rotation trick, and the code-usage metrics.
 All written with keras.ops and registered serializable.
 
 Distances, argmin, the codebook and its EMA statistics are computed in float32 whatever the model's
@@ -11,11 +12,17 @@ summed over replicas with tf.distribute's all-reduce, so every replica computes 
 """
 
 import keras
+import numpy as np
 from keras import ops
 
 from .distribute import replica_rows, replica_sum
 
 PACKAGE = "vq_vae_keras"
+
+
+def l2_normalize(x, epsilon=1e-12):
+    """x / |x| along the last axis (0 stays 0)."""
+    return x * ops.rsqrt(ops.maximum(ops.sum(ops.square(x), axis=-1, keepdims=True), epsilon))
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -67,9 +74,13 @@ class CodebookLayer(keras.layers.Layer):
         self.perplexity.update_state(perplexity(codes, self.num_codes))
         self.usage.update_state(codes)
 
+    def code_vectors(self):
+        """The (num_codes, dim) vectors codes stand for."""
+        return self.codebook
+
     def lookup(self, codes):
         """Code vectors of integer codes: (...) -> (..., dim)."""
-        return ops.take(self.codebook, ops.cast(codes, "int32"), axis=0)
+        return ops.take(self.code_vectors(), ops.cast(codes, "int32"), axis=0)
 
     def compute_output_spec(self, z, training=None):
         return [keras.KerasTensor(z.shape[:-1], dtype="int32"), keras.KerasTensor(z.shape, dtype=self.compute_dtype)]
@@ -95,11 +106,17 @@ class VectorQuantizer(CodebookLayer):
         The state starts as if each code had been assigned once to its initial vector.
       restart_dead: a code unused for this many training steps is moved to a random encoder
         output of the current batch.
+    And (at inference too):
+      cosine: z and the code vectors are l2-normalised before the distance and the lookup
+        (ViT-VQGAN's codebook): the nearest code is the one of largest cosine similarity and the
+        code vectors are unit rows. EMA and restarts then work on the normalised z.
     """
 
-    def __init__(self, num_codes, ema_decay=None, ema_epsilon=1e-5, restart_dead=0, seed=None, **kwargs):
+    def __init__(self, num_codes, ema_decay=None, ema_epsilon=1e-5, restart_dead=0, seed=None, cosine=False,
+                 **kwargs):
         super().__init__(num_codes, seed, **kwargs)
         self.ema_decay, self.ema_epsilon, self.restart_dead = ema_decay, ema_epsilon, restart_dead
+        self.cosine = cosine
         if restart_dead:
             self.seed_generator = keras.random.SeedGenerator(seed, name="restart_seed")
 
@@ -116,13 +133,19 @@ class VectorQuantizer(CodebookLayer):
             self.idle_steps = self.add_weight(name="idle_steps", shape=(self.num_codes,), initializer="zeros",
                                               trainable=False)
 
+    def code_vectors(self):
+        return l2_normalize(self.codebook) if self.cosine else self.codebook
+
     def distances(self, z):
-        """Squared distance of every z to every code: (..., num_codes)."""
+        """Squared distance of every z to every code vector: (..., num_codes)."""
+        codebook = self.code_vectors()
         z_sq = ops.sum(ops.square(z), axis=-1, keepdims=True)
-        e_sq = ops.sum(ops.square(self.codebook), axis=-1)
-        return z_sq + e_sq - 2 * ops.matmul(z, ops.transpose(self.codebook))
+        e_sq = ops.sum(ops.square(codebook), axis=-1)
+        return z_sq + e_sq - 2 * ops.matmul(z, ops.transpose(codebook))
 
     def call(self, z, training=None):
+        if self.cosine:
+            z = l2_normalize(z)
         codes = ops.cast(ops.argmin(self.distances(z), axis=-1), "int32")
         vectors = self.lookup(codes)  # before any update below: this step's code vectors
         if training:
@@ -175,7 +198,7 @@ class VectorQuantizer(CodebookLayer):
 
     def get_config(self):
         return {**super().get_config(), "ema_decay": self.ema_decay, "ema_epsilon": self.ema_epsilon,
-                "restart_dead": self.restart_dead}
+                "restart_dead": self.restart_dead, "cosine": self.cosine}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -232,6 +255,105 @@ class GumbelQuantizer(CodebookLayer):
 
     def get_config(self):
         return {**super().get_config(), "kl_weight": self.kl_weight, "temperature": self.initial_temperature}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class FiniteScalarQuantizer(CodebookLayer):
+    """Finite scalar quantization (Mentzer et al. 2023, "Finite Scalar Quantization: VQ-VAE Made
+    Simple"), a departure from the reference: no codebook to learn, so none to collapse.
+
+    Input:  z, (..., dim).
+    Output: [codes (...) int32, code vectors (..., dim)].
+    A 1x1 projection takes z to d = len(levels) channels; channel i is bounded to levels[i] values
+    by tanh (the paper's bound, with its half-level offset for even levels), rounded to integers
+    with a straight-through gradient, scaled to [-1, 1] and projected back to dim. The code is the
+    mixed-radix number of the rounded channels (channel 0 the least significant digit), in
+    [0, prod(levels)): the prior and sampling use it as they use VQ codes, and `lookup` turns it
+    back into the same code vector. The gradient reaches the encoder through the rounding.
+    """
+
+    BOUND_EPSILON = 1e-3  # the paper's: keeps tanh's range inside the outer levels
+
+    def __init__(self, levels, seed=None, **kwargs):
+        self.levels = [int(level) for level in levels]
+        super().__init__(int(np.prod(self.levels)), seed, **kwargs)
+        levels = np.asarray(self.levels, np.float64)
+        self._half_width = (levels // 2).astype(np.float32)  # rounded values lie in [-half_width, ...]
+        self._half_range = ((levels - 1) * (1 - self.BOUND_EPSILON) / 2).astype(np.float32)
+        self._offset = np.where(levels % 2 == 0, 0.5, 0.0).astype(np.float32)
+        self._shift = np.tan(self._offset / self._half_range).astype(np.float32)
+        self._radix = np.cumprod([1] + self.levels[:-1]).astype(np.float32)  # exact below 2^24 codes
+
+    def build(self, input_shape):
+        dim, d = input_shape[-1], len(self.levels)
+        self.project_in_kernel = self.add_weight(name="project_in_kernel", shape=(dim, d), initializer="glorot_uniform")
+        self.project_in_bias = self.add_weight(name="project_in_bias", shape=(d,), initializer="zeros")
+        self.project_out_kernel = self.add_weight(name="project_out_kernel", shape=(d, dim),
+                                                  initializer="glorot_uniform")
+        self.project_out_bias = self.add_weight(name="project_out_bias", shape=(dim,), initializer="zeros")
+
+    def bound(self, h):
+        """(..., d) -> (..., d) in (-half_range - offset, half_range - offset): levels[i] integers round to."""
+        return ops.tanh(h + self._shift) * self._half_range - self._offset
+
+    def rounded_channels(self, z):
+        """z (..., dim) -> rounded channels (..., d), integers in [-half_width, levels - 1 - half_width]."""
+        bounded = self.bound(ops.matmul(z, self.project_in_kernel) + self.project_in_bias)
+        return bounded + ops.stop_gradient(ops.round(bounded) - bounded)  # straight-through rounding
+
+    def project_out(self, rounded):
+        return ops.matmul(rounded / self._half_width, self.project_out_kernel) + self.project_out_bias
+
+    def call(self, z, training=None):
+        rounded = self.rounded_channels(z)  # (`quantize` is a Keras Layer method)
+        codes = ops.cast(ops.sum((ops.stop_gradient(rounded) + self._half_width) * self._radix, axis=-1), "int32")
+        if training:
+            self.track_usage(codes)
+        return [codes, self.project_out(rounded)]
+
+    def lookup(self, codes):
+        """Code vectors of integer codes: (...) -> (..., dim), the digits of each code projected out."""
+        codes = ops.expand_dims(ops.cast(codes, "float32"), -1)
+        digits = ops.mod(ops.floor(codes / self._radix), np.asarray(self.levels, np.float32))
+        return self.project_out(digits - self._half_width)
+
+    def get_config(self):
+        config = {**super().get_config(), "levels": self.levels}
+        config.pop("num_codes")  # the product of the levels
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class RotationTrick(keras.layers.Layer):
+    """The rotation trick (Fifty et al. 2024, "Restructuring Vector Quantization with the Rotation
+    Trick"), a departure from the reference's straight-through copy.
+
+    Inputs: [z, e], both (..., dim): encoder outputs and their code vectors.
+    Output: e's values. Gradient to z: lambda R^T g for the incoming gradient g, where
+    lambda = |e| / |z| and R = I - 2 r r^T + 2 q u^T is the rotation taking u = z/|z| onto
+    q = e/|e| (r = (u + q)/|u + q|), both treated as constants: z reaches e by lambda R z. So
+    the gradient keeps the angle between z and the direction the decoder asks it to move in
+    relative to its code, instead of being copied unchanged.
+    Computed in float32 under any dtype policy.
+    """
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+
+    def call(self, inputs):
+        z, e = inputs
+        z_norm = ops.sqrt(ops.sum(ops.square(z), axis=-1, keepdims=True))
+        e_norm = ops.sqrt(ops.sum(ops.square(e), axis=-1, keepdims=True))
+        u, q = ops.stop_gradient(l2_normalize(z)), ops.stop_gradient(l2_normalize(e))
+        r = ops.stop_gradient(l2_normalize(u + q))
+        scale = ops.stop_gradient(e_norm / ops.maximum(z_norm, 1e-12))
+        dot = lambda a, b: ops.sum(a * b, axis=-1, keepdims=True)  # noqa: E731
+        rotated = scale * (z - 2 * dot(z, r) * r + 2 * dot(z, u) * q)  # lambda R z, linear in z
+        return rotated + ops.stop_gradient(e - rotated)  # e's value exactly (lambda R z is e up to rounding)
+
+    def compute_output_shape(self, input_shapes):
+        return input_shapes[1]
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

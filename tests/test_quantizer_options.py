@@ -1,0 +1,251 @@
+"""FSQ, the rotation trick and the cosine codebook, against NumPy, and end to end."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import vq_vae_keras as vqk
+from vq_vae_keras.quantizers import FiniteScalarQuantizer, RotationTrick
+
+from conftest import TINY_FLAGS, call_main, run_cli, tiny_config, write_images
+
+LEVELS = [3, 4, 5, 2]  # odd and even levels: the half-level offset matters for 4 and 2
+
+
+def _fsq(levels=LEVELS, dim=6, seed=0):
+    layer = FiniteScalarQuantizer(levels)
+    layer.build((None, dim))
+    rng = np.random.default_rng(seed)
+    for weight in layer.weights:  # random biases too, so that a missed bias shows
+        weight.assign(rng.normal(size=weight.shape).astype(np.float32))
+    return layer
+
+
+def _fsq_numpy(layer, z):
+    """The paper's bound and rounding, and our mixed-radix code and projection back, in NumPy."""
+    w_in, b_in, w_out, b_out = (w.numpy().astype(np.float64) for w in layer.weights)
+    levels = np.array(layer.levels)
+    half_l = (levels - 1) * (1 - 1e-3) / 2
+    offset = np.where(levels % 2 == 0, 0.5, 0.0)
+    bounded = np.tanh(z @ w_in + b_in + np.tan(offset / half_l)) * half_l - offset
+    rounded = np.round(bounded)
+    digits = (rounded + levels // 2).astype(int)
+    codes = np.ravel_multi_index(tuple(np.moveaxis(digits, -1, 0)), levels, order="F")  # digit 0 least significant
+    return bounded, rounded, codes, (rounded / (levels // 2)) @ w_out + b_out
+
+
+def test_fsq_bound_rounding_and_codes_match_numpy():
+    layer = _fsq()
+    z = (3 * np.random.default_rng(1).normal(size=(4, 5, 5, 6))).astype(np.float32)  # saturates some channels
+    codes, vectors = (np.asarray(t) for t in layer(z))
+    bounded, rounded, expected_codes, expected_vectors = _fsq_numpy(layer, z.astype(np.float64))
+    np.testing.assert_allclose(np.asarray(layer.bound(z @ layer.weights[0].numpy() + layer.weights[1].numpy())),
+                               bounded, atol=1e-5)
+    levels = np.array(LEVELS)
+    assert (rounded >= -(levels // 2)).all() and (rounded <= levels - 1 - levels // 2).all()
+    for i, level in enumerate(LEVELS):  # every channel takes exactly its number of values
+        assert len(np.unique(rounded[..., i])) == level
+    assert codes.dtype == np.int32 and codes.shape == (4, 5, 5)
+    np.testing.assert_array_equal(codes, expected_codes)
+    np.testing.assert_allclose(vectors, expected_vectors, atol=1e-4)
+
+
+def test_fsq_codes_cover_the_mixed_radix_range_and_round_trip_through_lookup():
+    layer = _fsq()
+    n = int(np.prod(LEVELS))
+    assert layer.num_codes == n == 120
+    z = (4 * np.random.default_rng(2).normal(size=(2000, 6))).astype(np.float32)
+    codes, vectors = (np.asarray(t) for t in layer(z))
+    np.testing.assert_allclose(np.asarray(layer.lookup(codes)), vectors, atol=1e-5)  # codes -> vectors
+    every = np.asarray(layer.lookup(np.arange(n)))
+    w_out, b_out = (w.numpy() for w in layer.weights[2:])
+    digits = np.stack(np.unravel_index(np.arange(n), LEVELS, order="F"), -1)  # NumPy's mixed radix
+    np.testing.assert_allclose(every, (digits - np.array(LEVELS) // 2) / (np.array(LEVELS) // 2) @ w_out + b_out,
+                               atol=1e-5)
+    # vectors -> codes: with identity projections, a point inside each code's rounding cell (its
+    # value pulled 20% towards the bound's centre, then the bound's tanh inverted) gives that code.
+    square = FiniteScalarQuantizer(LEVELS)
+    square.build((None, len(LEVELS)))
+    square.set_weights([np.eye(4), np.zeros(4), np.eye(4), np.zeros(4)])
+    codes = np.asarray(square(np.random.default_rng(3).uniform(-4, 4, (20000, 4)).astype(np.float32))[0])
+    assert codes.min() == 0 and codes.max() == n - 1 and len(np.unique(codes)) == n  # the whole range, no more
+    levels = np.array(LEVELS)
+    half_l, offset = (levels - 1) * (1 - 1e-3) / 2, np.where(levels % 2 == 0, 0.5, 0.0)
+    rounded = np.asarray(square.lookup(np.arange(n))) * (levels // 2)
+    pre = np.arctanh(0.8 * (rounded + offset) / half_l) - np.tan(offset / half_l)
+    np.testing.assert_array_equal(np.asarray(square(pre.astype(np.float32))[0]), np.arange(n))
+
+
+def test_fsq_gradient_reaches_the_encoder_and_needs_no_codebook_loss():
+    config = tiny_config(quantizer="fsq", fsq_levels=[2, 4], num_codes=8)
+    vqvae = vqk.build_vqvae(config)
+    assert isinstance(vqvae.vq_layer, FiniteScalarQuantizer)
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+    model = vqvae.train_model
+    with tf.GradientTape() as tape:
+        model(x, training=True)
+        loss = tf.add_n(model.losses)
+    grads = tape.gradient(loss, vqvae.encoder.trainable_variables + vqvae.vq_layer.trainable_variables)
+    assert all(g is not None and float(tf.reduce_max(tf.abs(g))) > 0 for g in grads)
+    mse_x = float(np.mean((x - model(x, training=True)) ** 2))
+    assert float(loss) == pytest.approx(mse_x, rel=1e-4)  # no commitment or codebook term
+
+
+def _rotation_numpy(z, e, g):
+    """lambda R^T g per row, R = I - 2 r r^T + 2 q u^T (Fifty et al. 2024, eq. 4), by explicit matrices."""
+    grads = []
+    for z_i, e_i, g_i in zip(z, e, g):
+        u, q = z_i / np.linalg.norm(z_i), e_i / np.linalg.norm(e_i)
+        r = (u + q) / np.linalg.norm(u + q)
+        rotation = np.eye(len(z_i)) - 2 * np.outer(r, r) + 2 * np.outer(q, u)
+        scale = np.linalg.norm(e_i) / np.linalg.norm(z_i)
+        np.testing.assert_allclose(scale * rotation @ z_i, e_i, atol=1e-10)  # it does map z onto e
+        np.testing.assert_allclose(rotation.T @ rotation, np.eye(len(z_i)), atol=1e-10)  # a rotation
+        grads.append(scale * rotation.T @ g_i)
+    return np.array(grads)
+
+
+def test_rotation_trick_forward_is_e_and_gradient_is_the_rotation_formula():
+    rng = np.random.default_rng(0)
+    z, e, g = (rng.normal(size=(5, 4)) for _ in range(3))
+    z_t, e_t = tf.constant(z, tf.float32), tf.constant(e, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch([z_t, e_t])
+        out = RotationTrick()([z_t, e_t])
+        loss = tf.reduce_sum(out * tf.constant(g, tf.float32))
+    grad_z, grad_e = tape.gradient(loss, [z_t, e_t])
+    np.testing.assert_array_equal(out.numpy(), e.astype(np.float32))
+    np.testing.assert_allclose(grad_z.numpy(), _rotation_numpy(z, e, g), rtol=1e-4, atol=1e-5)
+    assert grad_e is None or float(tf.reduce_max(tf.abs(grad_e))) == 0  # e reaches the loss through the losses only
+    assert not np.allclose(grad_z.numpy(), g, atol=1e-2)  # not the straight-through copy
+
+
+def test_rotation_trick_model_gives_plain_vq_values():
+    plain = vqk.build_vqvae(tiny_config())
+    rotated = vqk.build_vqvae(tiny_config(rotation_trick=True))
+    rotated.train_model.set_weights(plain.train_model.get_weights())
+    assert any(isinstance(layer, RotationTrick) for layer in rotated.train_model.layers)
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_allclose(rotated.train_model(x, training=False), plain.train_model(x, training=False), atol=1e-6)
+
+
+def test_cosine_nearest_code_matches_numpy_brute_force():
+    layer = vqk.VectorQuantizer(16, cosine=True)
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(3, 5, 5, 6)).astype(np.float32) * rng.uniform(0.1, 10, (3, 5, 5, 1)).astype(np.float32)
+    layer.build(z.shape)
+    layer.codebook.assign(rng.normal(size=(16, 6)) * rng.uniform(0.1, 10, (16, 1)))  # norms differ: cosine matters
+    codes, vectors = (np.asarray(t) for t in layer(z))
+    codebook = layer.codebook.numpy()
+    cosine = np.einsum("...d,kd->...k", z, codebook) / np.linalg.norm(z, axis=-1, keepdims=True) / np.linalg.norm(codebook, axis=-1)
+    np.testing.assert_array_equal(codes, cosine.argmax(-1))
+    assert (codes != (((z[..., None, :] - codebook) ** 2).sum(-1)).argmin(-1)).any()  # not the Euclidean choice
+    np.testing.assert_allclose(vectors, codebook[codes] / np.linalg.norm(codebook[codes], axis=-1, keepdims=True),
+                               atol=1e-6)
+
+
+def test_cosine_codebook_model_feeds_unit_vectors_with_ema_restarts_and_kmeans(tmp_path):
+    config = tiny_config(cosine_codebook=True, quantizer="ema", restart_dead=1, kmeans_init=True, jit_compile=False)
+    images = np.random.default_rng(0).uniform(-1, 1, (16, 16, 16, 3)).astype(np.float32)
+    vqvae = vqk.train_vqvae(config, str(tmp_path / "run"), steps=3, data=images)
+    z = vqvae.encode(images)
+    np.testing.assert_allclose(np.linalg.norm(z, axis=-1), 1, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(vqvae.quantize(z)[1], axis=-1), 1, atol=1e-5)
+
+
+OPTIONS = {
+    "fsq": dict(quantizer="fsq", fsq_levels=[2, 4], num_codes=8),
+    "rotation": dict(rotation_trick=True),
+    "cosine": dict(cosine_codebook=True, quantizer="ema", restart_dead=2),
+}
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_each_option_saves_reloads_and_samples_in_process(option, tmp_path):
+    # mixed precision: the quantization stays float32. No XLA: its compile time is most of this test.
+    config = tiny_config(**OPTIONS[option], precision="mixed_bfloat16", jit_compile=False)
+    images = np.random.default_rng(0).uniform(-1, 1, (8, 16, 16, 3)).astype(np.float32)
+    run = str(tmp_path / "run")
+    vqvae = vqk.train_vqvae(config, run, steps=2, data=images)
+    assert vqvae.vq_layer.compute_dtype == "float32"
+    saved = json.load(open(os.path.join(run, "config.json")))
+    assert {k: saved[k] for k in OPTIONS[option]} == OPTIONS[option]
+    loaded = vqk.load_run(run)
+    whole = keras.saving.load_model(os.path.join(run, "vqvae.keras"), safe_mode=True)
+    np.testing.assert_allclose(whole(images, training=False), loaded.vqvae.train_model(images, training=False), atol=1e-6)
+    codes, vectors = loaded.vqvae.quantize(loaded.vqvae.encode(images))
+    np.testing.assert_allclose(loaded.vqvae.codes_to_vectors(codes), vectors, atol=1e-5)
+    drawn = np.random.default_rng(0).integers(0, config.num_codes, (2, *config.grid_shape))  # as a prior draws
+    assert np.isfinite(loaded.vqvae.decode(loaded.vqvae.codes_to_vectors(drawn))).all()
+
+
+def test_old_config_without_the_new_fields_loads_as_the_reference(tmp_path):
+    record = json.loads(json.dumps(vqk.Config().to_dict()))
+    for name in ("fsq_levels", "rotation_trick", "cosine_codebook"):
+        del record[name]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(record))
+    config = vqk.Config.load(str(path))
+    assert (config.fsq_levels, config.rotation_trick, config.cosine_codebook) == (None, False, False)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(quantizer="fsq"), "fsq_levels are needed"),
+    (dict(quantizer="fsq", fsq_levels=[4, 4]), "num_codes must be the product"),
+    (dict(quantizer="fsq", fsq_levels=[1, 64]), "at least 2"),
+    (dict(quantizer="fsq", fsq_levels=[4, 4, 4], kmeans_init=True), "not fsq"),
+    (dict(fsq_levels=[4, 4, 4]), "apply to quantizer fsq"),
+    (dict(quantizer="gumbel", rotation_trick=True), "rotation_trick applies to the vq and ema"),
+    (dict(quantizer="fsq", fsq_levels=[4, 4, 4], cosine_codebook=True), "cosine_codebook applies"),
+])
+def test_config_rejects_combinations_that_do_not_apply(fields, message):
+    with pytest.raises(vqk.UsageError, match=message):
+        vqk.Config(**fields).validate()
+
+
+def test_fsq_num_codes_is_derived_from_the_levels_on_the_command_line(tmp_path):
+    import train
+
+    data = write_images(tmp_path / "images", count=4, size=16)
+    run = str(tmp_path / "run")
+    flags = ["--img-dim", "16", "--z-dim", "8", "--batch-size", "4"]  # TINY_FLAGS without --num-codes
+    status, _, err = call_main(train.main, ["vqvae", "--data", data, "--run", run, *flags, "--steps", "1", "--no-jit",
+                                            "--quantizer", "fsq", "--fsq-levels", "3,3"])
+    assert status == 0, err
+    assert vqk.Config.load(os.path.join(run, "config.json")).num_codes == 9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option", ["fsq", "rotation", "cosine"])
+def test_each_option_end_to_end_through_the_cli(option, tmp_path):
+    """train.py vqvae -> train.py prior -> sample.py random, then the run and its .keras file
+    reloaded in a fresh process give this process's reconstructions."""
+    flags = {"fsq": ["--quantizer", "fsq", "--fsq-levels", "2,4"], "rotation": ["--rotation-trick"],
+             "cosine": ["--cosine-codebook", "--quantizer", "ema", "--kmeans-init", "--restart-dead", "2"]}[option]
+    data = write_images(tmp_path / "images", count=12)
+    run = str(tmp_path / "run")
+    run_cli("train.py", "vqvae", "--data", data, "--run", run, *TINY_FLAGS, "--steps", "4", "--sample-every", "2", *flags)
+    config = vqk.Config.load(os.path.join(run, "config.json"))
+    config.prior_heads, config.prior_head_dim, config.prior_depth = 2, 4, 2  # tests only: a tiny prior
+    config.save(os.path.join(run, "config.json"))
+    run_cli("train.py", "prior", "--run", run, "--steps", "2", "--batch-size", "4")
+    run_cli("sample.py", "random", "--run", run, "--n", "2", "--seed", "0", "--out", str(tmp_path / "random.png"))
+    assert os.path.getsize(tmp_path / "random.png") > 0
+    images = vqk.load_images(data, 16)
+    np.save(tmp_path / "x.npy", images)
+    script = f"""
+import keras, numpy as np, vq_vae_keras as vqk
+x = np.load({str(tmp_path / 'x.npy')!r})
+whole = keras.saving.load_model({os.path.join(run, 'vqvae.keras')!r}, safe_mode=True)
+np.save({str(tmp_path / 'whole.npy')!r}, whole.predict(x, verbose=0))
+np.save({str(tmp_path / 'recon.npy')!r}, vqk.load_run({run!r}).vqvae.reconstruct(x))
+"""
+    run_cli("-c", script)
+    here = vqk.load_run(run)
+    np.testing.assert_allclose(np.load(tmp_path / "recon.npy"), here.vqvae.reconstruct(images), atol=1e-6)
+    np.testing.assert_allclose(np.load(tmp_path / "whole.npy"), here.vqvae.train_model.predict(images, verbose=0),
+                               atol=1e-6)
