@@ -95,6 +95,8 @@ def main(argv=None):
             raise UsageError(f"--top-k must be at most num_codes = {run.config.num_codes}, got {args.top_k}")
         classes = None
         if args.classes:
+            if len(args.classes) > args.n:
+                raise UsageError(f"--class given {len(args.classes)} times, but the grid has only {args.n} rows (--n)")
             if run.config.classes is None:
                 raise UsageError(f"--class: the prior of {args.run} is not class-conditional (train.py prior --classes)")
             unknown = [name for name in args.classes if name not in run.config.classes]

@@ -122,6 +122,8 @@ def strategy_for(args, jit_field):
     if args.distribute == "none":
         if args.cpu_replicas is not None:
             raise UsageError("--cpu-replicas applies to --distribute mirrored")
+        if getattr(args, "sync_batchnorm", None):
+            raise UsageError("--sync-batchnorm applies to --distribute mirrored|multiworker (one device sees its whole batch)")
         return None
     if getattr(args, jit_field):
         raise UsageError("--jit: XLA does not compile a distributed training step; leave --jit out with --distribute")

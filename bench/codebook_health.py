@@ -115,7 +115,8 @@ def main():
     unknown = [n for n in names if n not in OPTIONS]
     if unknown:
         parser.error(f"unknown options: {', '.join(unknown)}")
-    settings = (f"{os.path.abspath(args.data) if args.data else 'shapes'} steps {args.steps} img {args.img_dim} "
+    settings = (f"{os.path.abspath(args.data) if args.data else 'shapes'} held-out "
+                f"{os.path.abspath(args.held_out) if args.held_out else 'shapes'} steps {args.steps} img {args.img_dim} "
                 f"z {args.z_dim} codes {args.num_codes} batch {args.batch_size}")
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -64,3 +64,5 @@ def test_predict_whole_batches_equals_the_model_on_any_count():
     assert codes.shape == (5, 4, 4)
     np.testing.assert_array_equal(codes, expected_codes)
     np.testing.assert_allclose(vectors, expected_vectors, rtol=1e-6)
+    empty_codes, empty_vectors = predict_whole_batches(vqvae.quantizer, z[:0], 4)  # no images: empty outputs
+    assert empty_codes.shape == (0, 4, 4) and empty_vectors.shape == (0, 4, 4, 4)

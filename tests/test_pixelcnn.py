@@ -179,3 +179,11 @@ def test_train_prior_learns_and_the_run_reloads_in_a_fresh_process(tmp_path):
               "np.testing.assert_allclose(run.prior.predict(codes_to_tokens(codes)[:, :-1], verbose=0),"
               " np.load(sys.argv[2]), atol=1e-6)\n")
     run_cli("-c", script, run, str(tmp_path / "expected.npy"))
+
+
+def test_a_pixelcnn_too_shallow_for_its_code_map_is_refused():
+    """depth * (kernel // 2) < width - 1 leaves a blind spot (the test above fails on such a model):
+    the config refuses it, naming the fields to raise."""
+    with pytest.raises(vqk.UsageError, match="raise pixelcnn_depth or pixelcnn_kernel"):
+        vqk.Config(**{**PIXELCNN, "pixelcnn_depth": 3}).validate()
+    vqk.Config(**{**PIXELCNN, "pixelcnn_depth": 3, "prior": "attention"}).validate()  # only the PixelCNN's concern

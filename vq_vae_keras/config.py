@@ -146,6 +146,10 @@ class Config:
         need(self.prior in PRIORS, f"prior must be one of {', '.join(PRIORS)}, got {self.prior!r}")
         need(self.pixelcnn_kernel >= 3 and self.pixelcnn_kernel % 2 == 1,
              f"pixelcnn_kernel must be odd and at least 3, got {self.pixelcnn_kernel}")
+        if self.prior == "pixelcnn":  # else the last codes of a row never see the codes above-right of them
+            reach, width = self.pixelcnn_depth * (self.pixelcnn_kernel // 2), self.img_dim // 4
+            need(reach >= width - 1, f"pixelcnn_depth * (pixelcnn_kernel // 2) = {reach} must be at least the code "
+                                     f"map's width - 1 = {width - 1}: raise pixelcnn_depth or pixelcnn_kernel")
         if self.classes is not None:
             names = self.classes
             need(len(names) >= 1 and all(isinstance(c, str) and c for c in names),

@@ -160,7 +160,8 @@ def evaluate(run, images_or_folder, batch_size=64, fid=None, inception_weights="
       histogram): over all code positions of all images.
     - prior_nll: the prior's mean negative log-likelihood per code of the images' code maps, in nats;
       prior_bits_per_dim: each image's total code NLL / (img_dim^2 * 3) / ln 2, averaged over images
-      (= prior_nll * h * w / (img_dim^2 * 3) / ln 2). Only when the run has a prior.
+      (= prior_nll * h * w / (img_dim^2 * 3) / ln 2). Only when the run has an unconditional prior
+      (a class-conditional one would need each image's class: left out, with a warning).
     - with fid=N: rfid, the Fréchet Inception distance of the reconstructions to the originals (all
       images), and fid, of N samples from the prior (drawn with seed) to the originals.
     """
@@ -171,6 +172,9 @@ def evaluate(run, images_or_folder, batch_size=64, fid=None, inception_weights="
     if not isinstance(run, LoadedRun):
         run = load_run(run)
     config, vqvae = run.config, run.vqvae
+    scores_prior = run.prior is not None and config.classes is None
+    if run.prior is not None and not scores_prior:
+        warn("the prior is class-conditional: prior_nll and prior_bits_per_dim are left out (they need each image's class)")
     batches, num_batches = _image_batches(images_or_folder, config.img_dim, batch_size)
     inception = InceptionFeatures(inception_weights) if fid else None  # fails here, before the long part
 
@@ -187,7 +191,7 @@ def evaluate(run, images_or_folder, batch_size=64, fid=None, inception_weights="
         per_image["psnr_unquantized"].append(unquantized["psnr"])
         per_image["ssim_unquantized"].append(unquantized["ssim"])
         counts += usage_counts(codes, config.num_codes)
-        if run.prior is not None:
+        if scores_prior:
             nll_sum += prior_nll(run.prior, codes_to_tokens(codes)) * codes.size
         if inception:
             real_features.append(inception(original))
@@ -200,7 +204,7 @@ def evaluate(run, images_or_folder, batch_size=64, fid=None, inception_weights="
     results.update(images=len(per_image["mse"]), **{key: float(v.mean()) for key, v in per_image.items()})
     results.update(codes_used=int((counts > 0).sum()), codes_used_fraction=float((counts > 0).mean()),
                    perplexity=counts_perplexity(counts))
-    if run.prior is not None:
+    if scores_prior:
         h, w = config.grid_shape
         results["prior_nll"] = nll_sum / counts.sum()
         results["prior_bits_per_dim"] = results["prior_nll"] * h * w / (config.img_dim ** 2 * 3) / math.log(2)

@@ -84,7 +84,8 @@ def predict_whole_batches(model, x, batch_size):
     len(x) is (grids of 32 and of 64 images, a short last batch), instead of once per batch shape:
     TensorFlow warns about such retracing, and it costs a compile each time."""
     x = np.asarray(x, np.float32)
-    padded = np.concatenate([x, np.zeros((-len(x) % batch_size, *x.shape[1:]), np.float32)])
+    pad = batch_size if len(x) == 0 else -len(x) % batch_size  # no images: one batch of zeros, cut to 0 rows
+    padded = np.concatenate([x, np.zeros((pad, *x.shape[1:]), np.float32)])
     out = model.predict(padded, batch_size=batch_size, verbose=0)
     return [o[:len(x)] for o in out] if isinstance(out, (list, tuple)) else out[:len(x)]
 

@@ -35,8 +35,7 @@ class CodeUsage(keras.metrics.Metric):
         self.counts = self.add_variable(shape=(num_codes,), initializer="zeros", name="counts")
 
     def update_state(self, codes):
-        flat = ops.reshape(ops.cast(codes, "int32"), (-1,))
-        self.counts.assign_add(ops.sum(ops.one_hot(flat, self.num_codes, dtype=self.dtype), axis=0))
+        self.counts.assign_add(code_counts(codes, self.num_codes, self.dtype))
 
     def result(self):
         return ops.mean(ops.cast(self.counts > 0, self.dtype))
@@ -45,11 +44,17 @@ class CodeUsage(keras.metrics.Metric):
         return {**super().get_config(), "num_codes": self.num_codes}
 
 
+def code_counts(codes, num_codes, dtype="float32"):
+    """(num_codes,) how often each code occurs in codes. A segment sum, not a sum of one-hots: an
+    FSQ codebook of 2^16 codes would make the one-hot of a 32x32 batch gigabytes."""
+    flat = ops.reshape(ops.cast(codes, "int32"), (-1,))
+    return ops.segment_sum(ops.ones_like(flat, dtype=dtype), flat, num_segments=num_codes)
+
+
 def perplexity(codes, num_codes):
     """exp(entropy) of the code histogram (of the global batch under a strategy): num_codes when
     all are used equally, 1 when one is."""
-    flat = ops.reshape(ops.cast(codes, "int32"), (-1,))
-    counts = replica_sum(ops.sum(ops.one_hot(flat, num_codes), axis=0))
+    counts = replica_sum(code_counts(codes, num_codes))
     p = counts / ops.sum(counts)
     return ops.exp(-ops.sum(p * ops.log(ops.maximum(p, 1e-10))))
 
@@ -297,19 +302,21 @@ class FiniteScalarQuantizer(CodebookLayer):
         return ops.tanh(h + self._shift) * self._half_range - self._offset
 
     def rounded_channels(self, z):
-        """z (..., dim) -> rounded channels (..., d), integers in [-half_width, levels - 1 - half_width]."""
+        """z (..., dim) -> (rounded channels, their straight-through version) (..., d): integers in
+        [-half_width, levels - 1 - half_width]; the second has the gradient of the bounded values."""
         bounded = self.bound(ops.matmul(z, self.project_in_kernel) + self.project_in_bias)
-        return bounded + ops.stop_gradient(ops.round(bounded) - bounded)  # straight-through rounding
+        rounded = ops.round(bounded)
+        return rounded, bounded + ops.stop_gradient(rounded - bounded)
 
     def project_out(self, rounded):
         return ops.matmul(rounded / self._half_width, self.project_out_kernel) + self.project_out_bias
 
     def call(self, z, training=None):
-        rounded = self.rounded_channels(z)  # (`quantize` is a Keras Layer method)
+        rounded, straight_through = self.rounded_channels(z)  # (`quantize` is a Keras Layer method)
         codes = ops.cast(ops.sum((ops.stop_gradient(rounded) + self._half_width) * self._radix, axis=-1), "int32")
         if training:
             self.track_usage(codes)
-        return [codes, self.project_out(rounded)]
+        return [codes, self.project_out(straight_through)]
 
     def lookup(self, codes):
         """Code vectors of integer codes: (...) -> (..., dim), the digits of each code projected out."""
@@ -347,7 +354,7 @@ class RotationTrick(keras.layers.Layer):
         e_norm = ops.sqrt(ops.sum(ops.square(e), axis=-1, keepdims=True))
         u, q = ops.stop_gradient(l2_normalize(z)), ops.stop_gradient(l2_normalize(e))
         r = ops.stop_gradient(l2_normalize(u + q))
-        scale = ops.stop_gradient(e_norm / ops.maximum(z_norm, 1e-12))
+        scale = ops.stop_gradient(e_norm / ops.maximum(z_norm, 1e-6))  # bounded: a near-zero z gets no huge gradient
         dot = lambda a, b: ops.sum(a * b, axis=-1, keepdims=True)  # noqa: E731
         rotated = scale * (z - 2 * dot(z, r) * r + 2 * dot(z, u) * q)  # lambda R z, linear in z
         return rotated + ops.stop_gradient(e - rotated)  # e's value exactly (lambda R z is e up to rounding)
