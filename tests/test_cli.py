@@ -9,6 +9,7 @@ import time
 
 import imageio.v3 as iio
 import numpy as np
+import pytest
 
 import vq_vae_keras as vqk
 
@@ -33,6 +34,7 @@ def test_training_writes_the_run_directory(trained_run):
     assert len(open(os.path.join(run, "log.csv")).read().splitlines()) == 1 + 5
 
 
+@pytest.mark.slow
 def test_sample_commands(trained_run, tmp_path):
     run, data = trained_run["run"], trained_run["data"]
     out = {name: str(tmp_path / f"{name}.png") for name in ("recon", "recon1", "interp", "random")}
@@ -90,6 +92,7 @@ np.save({str(tmp_path / 'y.npy')!r}, model.predict(np.load({str(tmp_path / 'x.np
 # Bad input of both commands: tests/test_bad_inputs.py, one row per case.
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
     data = write_images(tmp_path / "images", count=8)
     run = str(tmp_path / "run")
@@ -119,6 +122,7 @@ def test_prior_resume_contradiction_names_the_real_flag(trained_run):
     assert result.stderr.strip().startswith("error: --batch-size 7 contradicts"), result.stderr
 
 
+@pytest.mark.slow
 def test_kill_9_loses_at_most_sample_every_steps(tmp_path):
     data = write_images(tmp_path / "images", count=8)
     run = str(tmp_path / "run")

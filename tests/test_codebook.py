@@ -155,6 +155,7 @@ OPTIONS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", list(OPTIONS))
 def test_each_option_trains_end_to_end_and_reloads(option, tmp_path):
     from conftest import write_images

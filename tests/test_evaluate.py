@@ -197,6 +197,7 @@ def test_evaluate_folder_of_undecodable_images_is_a_usage_error(tiny_run, tmp_pa
 
 # ----------------------------------------------------------------------------- the command line
 
+@pytest.mark.slow
 def test_cli_evaluate_writes_every_key_with_fid(trained_run, tmp_path):
     run, data = trained_run["run"], write_images(tmp_path / "held_out", count=5, seed=7)  # few: Inception is slow
     result = run_cli("sample.py", "evaluate", "--run", run, "--data", data, "--batch-size", "3",

@@ -204,6 +204,7 @@ def test_xla_really_compiles_and_the_same_seed_gives_the_same_weights(image_dir,
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_cli_precision_jit_tensorboard_and_prior_flags(image_dir, tmp_path):
     import json
 
