@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from .prior import PACKAGE, split_class_tokens
+from .prior import PACKAGE, class_vectors, split_class_tokens
 
 
 def gate(x):
@@ -76,7 +76,7 @@ class GatedLayer(keras.layers.Layer):
     def vertical(self, v_pre, classes):
         """The vertical stack's output from its convolution's output (batch, rows, cols, 2C)."""
         if self.num_classes:
-            v_pre = v_pre + self._class_bias(self.vertical_class, classes)
+            v_pre = v_pre + class_vectors(self.vertical_class, classes)[:, None, None, :]
         return gate(v_pre)
 
     def horizontal(self, h_conv, v_pre, h, classes):
@@ -84,14 +84,8 @@ class GatedLayer(keras.layers.Layer):
         the vertical pre-activation at the same positions and the class bias."""
         pre = h_conv + self.link(v_pre)
         if self.num_classes:
-            pre = pre + self._class_bias(self.horizontal_class, classes)
+            pre = pre + class_vectors(self.horizontal_class, classes)[:, None, None, :]
         return h + self.residual(gate(pre))
-
-    @staticmethod
-    def _class_bias(embedding, classes):
-        """(batch,) class ids, -1 for none -> (batch, 1, 1, 2C); zero for none."""
-        known = ops.cast(classes >= 0, embedding.compute_dtype)[:, None]
-        return (embedding(ops.maximum(classes, 0)) * known)[:, None, None, :]
 
     def get_config(self):
         return {**super().get_config(), "width": self.width, "kernel": self.kernel, "num_classes": self.num_classes}

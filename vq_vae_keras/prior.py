@@ -39,6 +39,13 @@ def class_tokens(classes, num_codes):
     return np.asarray(classes, np.int32) + num_codes + 1
 
 
+def class_vectors(embedding, classes):
+    """An Embedding's vectors of class ids (...), -1 for none -> (..., dim), zero for none (the
+    class-free positions of both prior kinds)."""
+    known = ops.cast(classes >= 0, embedding.compute_dtype)[..., None]
+    return embedding(ops.maximum(classes, 0)) * known
+
+
 def split_class_tokens(tokens, num_codes):
     """int tokens (batch, n) -> (tokens with each class token made the start token 0, class ids
     (batch, n): the class of a class token, -1 elsewhere)."""
@@ -201,7 +208,7 @@ class Prior(keras.Model):
         """
         if self.classes:
             tokens, classes = split_class_tokens(tokens, self.num_codes)
-            x = self.token_embedding(tokens) + self._class_embedding(classes)
+            x = self.token_embedding(tokens) + class_vectors(self.class_embedding, classes)
         else:
             x = self.token_embedding(tokens)
         x = self.position_embedding(x, start=index)
@@ -215,11 +222,6 @@ class Prior(keras.Model):
                 new_caches.append(cache)
             x = norm(add([dense(a), x]))
         return self.next_code(x), new_caches
-
-    def _class_embedding(self, classes):
-        """(batch, n) class ids, -1 for none -> (batch, n, dim), zero for none."""
-        known = ops.cast(classes >= 0, self.class_embedding.compute_dtype)[..., None]
-        return self.class_embedding(ops.maximum(classes, 0)) * known
 
     def empty_caches(self, batch, length):
         """Zero caches for `call_with_cache`: one (keys, values) pair per block, each
