@@ -4,9 +4,10 @@
 
 Prints, from one run (every figure a ratio of times measured in this run):
   1. both methods, in full, on the same small grid (--ref-n samples), and their ratio; the
-     sampler's time per position against a compute lower bound measured in the same run: the
-     same matmuls as one position (q/k/v, attention over the mean prefix, Dense, output layer),
-     run as plain batched matmuls in an XLA loop, with nothing else;
+     sampler's time per position (all samples) against two lower bounds measured in the same
+     run: the same matmuls as one position of all the samples (q/k/v, attention over the mean
+     prefix, Dense, output layer), run as plain batched matmuls in an XLA loop with nothing else;
+     and their arithmetic at this machine's matmul peak (a 1024x1024 matmul's rate);
   2. both at the reference size (--n samples, 32x32 grid, 128 px config): the cached sampler's
      first call (compilation included) and second call; the reference's loop (one predict call on
      the whole prefix per position, about 25 min in full on 2 cores) timed at every
@@ -29,6 +30,7 @@ import vq_vae_keras as vqk  # noqa: E402  (first: it quiets TensorFlow's start-u
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from vq_vae_keras.prior import codes_to_tokens  # noqa: E402
+from vq_vae_keras.sampling import compiled_sampler  # noqa: E402
 
 
 def reference_sample(prior, n, grid_shape, seed=0, stride=1):
@@ -56,7 +58,7 @@ def timed(fn):
 
 
 def compute_bound(prior, batch, reps=64):
-    """Seconds per position of the sampler's matmuls alone, for one batch: every block's fused
+    """Seconds per position of the sampler's matmuls alone, for a batch: every block's fused
     q/k/v projection, q.k and p.v over the mean prefix (h*w / 2 keys) and its Dense layer, then
     the output layer; plain batched matmuls in one XLA loop (random weights of the same shapes)."""
     import tensorflow as tf
@@ -83,6 +85,25 @@ def compute_bound(prior, batch, reps=64):
     x = normal(batch, dim)
     run(x, weights, output).numpy()  # compile
     return min(timed(lambda: run(x, weights, output).numpy()) for _ in range(3)) / reps
+
+
+def position_flops(prior, batch):
+    """Multiply-adds x 2 of one position for a batch: q/k/v, attention over the mean prefix,
+    Dense, output layer."""
+    inner, prefix = prior.heads * prior.head_dim, prior.height * prior.width / 2
+    block = 3 * prior.dim * inner + 2 * prefix * inner + inner * prior.dim
+    return 2 * batch * (prior.depth * block + prior.dim * prior.num_codes)
+
+
+def matmul_peak(size=1024, reps=8):
+    """Floating-point operations per second of a large float32 matmul in XLA, both cores."""
+    import tensorflow as tf
+
+    a = tf.random.normal((size, size))
+    square = tf.function(lambda a: tf.reduce_sum(tf.foldl(lambda x, _: x @ a / size, tf.range(reps), a)),
+                         jit_compile=True)
+    square(a).numpy()
+    return 2 * size ** 3 * reps / min(timed(lambda: square(a).numpy()) for _ in range(3))
 
 
 def memory_child():
@@ -118,18 +139,20 @@ def main():
     cached, bound = [], []
     for round_ in range(2):
         cached.append(timed(lambda: vqk.sample_codes(prior, n, small, seed=1 + round_)))
-        bound.append(compute_bound(prior, min(n, 16)))
+        bound.append(compute_bound(prior, n))
         if round_ == 0:
             reference_small = reference_sample(prior, n, small)
     cached_small, bound = min(cached), min(bound)
-    per_position = cached_small / (positions * -(-n // 16))
+    per_position, arithmetic = cached_small / positions, position_flops(prior, n) / matmul_peak()
     print(f"{n} samples on a {small[0]}x{small[1]} grid ({positions} positions), same weights:")
     print(f"  reference full recompute: {reference_small:8.2f} s")
     print(f"  cached sampler:           {cached_small:8.2f} s")
     print(f"  speed-up:                 {reference_small / cached_small:8.1f}x")
     print(f"  cached sampler, 1st call: {first_small:8.2f} s (compilation included)")
-    print(f"  sampler per position (batch of {min(n, 16)}): {per_position * 1e3:.2f} ms = "
-          f"{per_position / bound:.1f}x the compute bound ({bound * 1e3:.2f} ms: its matmuls alone)")
+    print(f"  sampler layout: batches of {compiled_sampler(prior).cpu_batch_size(n)} on {os.cpu_count()} threads")
+    print(f"  sampler per position ({n} samples): {per_position * 1e3:.2f} ms = {per_position / bound:.2f}x its "
+          f"matmuls alone ({bound * 1e3:.2f} ms), {per_position / arithmetic:.1f}x their arithmetic at the "
+          f"matmul peak ({arithmetic * 1e3:.2f} ms)")
 
     full_prior = vqk.build_prior(config)
     cold = timed(lambda: vqk.sample_codes(full_prior, args.n, config.grid_shape, seed=2))

@@ -1,6 +1,9 @@
 """Sampling from the prior: the compiled loop that sample_codes runs draws from the full model's
 distributions, is compiled once, and honours temperature, top-k and top-p; bad options fail clearly."""
 
+import os
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -113,6 +116,40 @@ def test_the_sampler_is_compiled_once_per_prior_and_batch(prior, short_segments)
     sample_codes(model, 2, config.grid_shape, batch_size=2, seed=5)  # another n, same batch
     assert traced() == first
     assert compiled_sampler(model) is compiled_sampler(model)
+
+
+def loop_body_copies(hlo):
+    """The f32 arrays of rank >= 3 that an optimized HLO module copies inside while-loop bodies."""
+    bodies, copies, current = set(re.findall(r"body=%?([\w.\-]+)", hlo)), [], None
+    for line in hlo.splitlines():
+        header = re.match(r"^%?([\w.\-]+) \(.*\{$", line)
+        if header or line.startswith("}"):
+            current = header.group(1) if header else None
+        elif current in bodies:
+            copies += re.findall(r"= (f32\[\d+(?:,\d+){2,}\])\S* copy\(", line)
+    return bodies, copies
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_compiled_loop_updates_the_caches_in_place(prior, short_segments, batch):
+    """XLA's optimized program for the function sample_codes runs: its segment loops copy no
+    cache (each copy of a cache at every position read and wrote the whole cache; the layout of
+    the caches decides whether XLA can write in place). A check on the program, not a timing."""
+    config, model = prior
+    sampler = compiled_sampler(model)
+    args = (tf.zeros((batch,), tf.int32), tf.constant([0, 0], tf.int64), tf.constant(1.0), tf.constant(8),
+            tf.constant(1.0))
+    hlo = sampler.function.experimental_get_compiler_ir(*args)(stage="optimized_hlo")
+    bodies, copies = loop_body_copies(hlo)
+    assert len(bodies) >= len(sampling.segments(36)) == 3
+    assert copies == []
+
+
+def test_the_cpu_batch_size_keeps_long_maps_to_one_sample():
+    """Maps of 256+ positions: one sample per batch; shorter: each thread an equal share."""
+    small, large = (build_prior(tiny_config(img_dim=img_dim)) for img_dim in (32, 64))  # 8x8, 16x16
+    assert compiled_sampler(large).cpu_batch_size(64) == 1
+    assert compiled_sampler(small).cpu_batch_size(64) == -(-64 // (os.cpu_count() or 1))
 
 
 def test_sampling_is_reproducible_with_a_seed(prior):
