@@ -79,11 +79,23 @@ class Sampler:
         caches = prior.empty_caches(batch, 0)
         codes = tf.zeros((batch, self.length), tf.int32)
 
-        def body(i, token, caches, codes):
+        # One position, traced once for all the segments: the caches' length is left open here,
+        # and each loop's XLA compilation sees its own (at 32x32 tracing took 1.9 s per loop, 0.7 s once).
+        open_length = [(tf.TensorSpec((*keys.shape[:2], None), keys.dtype),
+                        tf.TensorSpec((values.shape[0], None, values.shape[2]), values.dtype)) for keys, values in caches]
+
+        @tf.function(autograph=False, input_signature=[tf.TensorSpec((), tf.int32), tf.TensorSpec((batch,), tf.int32),
+                                                       open_length, tf.TensorSpec(codes.shape, tf.int32)])
+        def position(i, token, caches, codes):
             logits, caches = prior.call_with_cache(token[:, None], caches, i)
             code = draw(logits[:, 0], temperature, top_k, top_p, tf.stack([seed[0], seed[1] + tf.cast(i, tf.int64)]))
-            codes = ops.slice_update(codes, [0, i], code[:, None])
-            return i + 1, code + 1, caches, codes
+            return i + 1, code + 1, caches, ops.slice_update(codes, [0, i], code[:, None])
+
+        def body(i, token, caches, codes):
+            i, token, new_caches, codes = position(i, token, caches, codes)
+            for new, old in zip(tf.nest.flatten(new_caches), tf.nest.flatten(caches)):
+                new.set_shape(old.shape)
+            return i, token, new_caches, codes
 
         for start, stop in segments(self.length):
             more = [0, stop - start]  # keys (batch * heads, dim, length), values (batch * heads, length, dim)
