@@ -67,9 +67,9 @@ class Sampler:
 
     def cpu_batch_size(self, n):
         """Samples per batch on a CPU: one for maps of 256 positions or more (one sample's caches
-        stay in the processor's cache), else an equal share per thread (short maps are bound by
-        per-step overhead, which a batch shares)."""
-        return 1 if self.length >= 256 else -(-n // (os.cpu_count() or 1))
+        stay in the processor's cache), else 16 (short maps are bound by per-step overhead, which a
+        batch shares). Not a share of the cores: a seed gives the same codes on every CPU."""
+        return 1 if self.length >= 256 else 16
 
     def _draw(self, token, seed, temperature, top_k, top_p):
         """(batch, length) codes after the start tokens (batch,): one while_loop per segment, the
