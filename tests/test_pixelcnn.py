@@ -2,6 +2,7 @@
 the full model's distributions (compiled once), class conditioning, training and reloading."""
 
 import os
+import re
 
 import keras
 import numpy as np
@@ -138,6 +139,23 @@ def test_the_sampler_is_compiled_once_and_reads_new_weights():
     probs = model.predict(codes_to_tokens(greedy)[:, :-1], verbose=0)
     np.testing.assert_array_equal(probs.argmax(-1), greedy.reshape(2, -1))
     assert compiled_sampler(model).tracing_count() == 1
+
+
+def test_one_program_serves_every_row():
+    """The row is a runtime argument of the compiled row function, not a compile-time constant:
+    XLA's program is the same for rows 1 and 2 (with tf.slice at the row, XLA folded the row in
+    and compiled once per row: 32 compilations for a 32x32 map's first call)."""
+    keras.utils.set_random_seed(3)
+    config = tiny_config(**{**PIXELCNN, "img_dim": 16})
+    model = vqk.build_prior(config)
+    sample_codes(model, 2, config.grid_shape, seed=0, batch_size=2)
+    reach, h, w = model.kernel // 2, model.height, model.width
+    stacks = [tf.zeros((2, reach + h + 1, 2 * reach + w, model.channels)) for _ in range(model.depth)]
+    rest = (tf.zeros((2, h * w), tf.int32), tf.constant([-1, -1]), tf.constant((0, 0), tf.int64), tf.constant(1.0),
+            tf.constant(config.num_codes), tf.constant(1.0))
+    function = compiled_sampler(model).function
+    programs = [function.experimental_get_compiler_ir(tf.constant(row), stacks, *rest)(stage="hlo") for row in (1, 2)]
+    assert re.sub(r"HloModule \S+", "", programs[0]) == re.sub(r"HloModule \S+", "", programs[1])
 
 
 def test_class_conditioning_biases_every_position_and_greedy_samples_follow_the_class():

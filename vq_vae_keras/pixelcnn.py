@@ -147,6 +147,13 @@ def compiled_sampler(model):
     return _samplers[model]
 
 
+def window(x, start, size, axis):
+    """`size` entries of x along axis from start, a tensor: a gather, so that one compiled program
+    serves every start (tf.slice asks XLA for its start as a compile-time constant: one
+    compilation per row)."""
+    return ops.take(x, start + ops.arange(size), axis=axis)
+
+
 class PixelCNNSampler:
     """Draws code maps row by row: one XLA-compiled function per row (traced once per batch size,
     the row, seed and options are tensors), with a loop over the row's positions inside.
@@ -172,7 +179,7 @@ class PixelCNNSampler:
         model = self._model()
         with self.lock:
             if self.function is None:
-                self.function = tf.function(self._draw_row, jit_compile=True)
+                self.function = tf.function(self._draw_row, jit_compile=True, autograph=False)
         reach, h, w = model.kernel // 2, model.height, model.width
         shape = (batch, reach + h + 1, 2 * reach + w, model.channels)
         stacks = [tf.zeros(shape, model.compute_dtype) for _ in range(model.depth)]
@@ -193,7 +200,7 @@ class PixelCNNSampler:
         # The vertical stack at this row, layer by layer, from the k//2 + 1 padded rows ending at it.
         stacks, links = list(stacks), []
         for i, layer in enumerate(model.gated):
-            v_pre = layer.vertical_conv(tf.slice(stacks[i], [0, row, 0, 0], [batch, reach + 1, -1, channels]))
+            v_pre = layer.vertical_conv(window(stacks[i], row, reach + 1, axis=1))
             links.append(v_pre)  # (batch, 1, w, 2C)
             if i + 1 < model.depth:
                 stacks[i + 1] = ops.slice_update(stacks[i + 1], [0, row + reach, reach, 0], layer.vertical(v_pre, classes))
@@ -203,9 +210,9 @@ class PixelCNNSampler:
         def body(col, lines, first_stack, codes):
             lines = list(lines)
             for i, layer in enumerate(model.gated):
-                h_conv = layer.horizontal_conv(tf.slice(lines[i], [0, 0, col, 0], [batch, 1, reach + 1, channels]))
-                link = tf.slice(links[i], [0, 0, col, 0], [batch, 1, 1, 2 * channels])
-                here = tf.slice(lines[i], [0, 0, col + reach, 0], [batch, 1, 1, channels])
+                h_conv = layer.horizontal_conv(window(lines[i], col, reach + 1, axis=2))
+                link = window(links[i], col, 1, axis=2)
+                here = window(lines[i], col + reach, 1, axis=2)
                 out = layer.horizontal(h_conv, link, here, classes)
                 if i + 1 < model.depth:
                     lines[i + 1] = ops.slice_update(lines[i + 1], [0, 0, col + reach, 0], out)
