@@ -153,6 +153,19 @@ def test_the_cpu_batch_size_keeps_long_maps_to_one_sample():
     assert [compiled_sampler(small).cpu_batch_size(n) for n in (1, 16, 64)] == [16, 16, 16]
 
 
+def test_one_program_serves_every_seed_and_option(prior):
+    """Seeds, temperature, top-k and top-p are runtime arguments of the compiled function, not
+    compile-time constants that XLA would fold in and compile again for each value (tracing once
+    does not show that: the PixelCNN's row did exactly this)."""
+    config, model = prior
+    function = compiled_sampler(model).function
+    programs = [function.experimental_get_compiler_ir(
+        tf.zeros((2,), tf.int32), tf.constant(seed, tf.int64), tf.constant(temperature), tf.constant(top_k),
+        tf.constant(top_p))(stage="hlo") for seed, temperature, top_k, top_p in [((0, 0), 1.0, 8, 1.0),
+                                                                                 ((5, 72), 0.5, 3, 0.7)]]
+    assert re.sub(r"HloModule \S+", "", programs[0]) == re.sub(r"HloModule \S+", "", programs[1])
+
+
 def test_sampling_is_reproducible_with_a_seed(prior):
     config, model = prior
     # batch_size 2: three batches on parallel threads, the last padded
