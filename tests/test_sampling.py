@@ -139,7 +139,7 @@ def test_the_compiled_loop_updates_the_caches_in_place(prior, short_segments, ba
     sampler = compiled_sampler(build_prior(config))  # a fresh prior: traced here, with 3 segments
     args = (tf.zeros((batch,), tf.int32), tf.constant([0, 0], tf.int64), tf.constant(1.0), tf.constant(8),
             tf.constant(1.0))
-    hlo = sampler.function.experimental_get_compiler_ir(*args)(stage="optimized_hlo", device_name="/device:CPU:0")
+    hlo = sampler.function.experimental_get_compiler_ir(*args)(stage="optimized_hlo", platform_name="CPU")
     bodies, copies = loop_body_copies(hlo)
     assert len(bodies) >= len(sampling.segments(36)) == 3
     assert copies == []
