@@ -150,7 +150,8 @@ def test_one_program_serves_every_row():
     model = vqk.build_prior(config)
     sample_codes(model, 2, config.grid_shape, seed=0, batch_size=2)
     reach, h, w = model.kernel // 2, model.height, model.width
-    stacks = [tf.zeros((2, reach + h + 1, 2 * reach + w, model.channels)) for _ in range(model.depth)]
+    stacks = [tf.zeros((2, reach + h + 1, 2 * reach + w, model.channels), model.compute_dtype)
+              for _ in range(model.depth)]
     rest = (tf.zeros((2, h * w), tf.int32), tf.constant([-1, -1]), tf.constant((0, 0), tf.int64), tf.constant(1.0),
             tf.constant(config.num_codes), tf.constant(1.0))
     function = compiled_sampler(model).function

@@ -155,8 +155,9 @@ def window(x, start, size, axis):
 
 
 class PixelCNNSampler:
-    """Draws code maps row by row: one XLA-compiled function per row (traced once per batch size,
-    the row, seed and options are tensors), with a loop over the row's positions inside.
+    """Draws code maps row by row: one XLA-compiled function serves every row (traced and compiled
+    once per batch size: the row, seed and options are tensors), with a loop over the row's
+    positions inside.
 
     State between rows: each layer's vertical-stack input, padded as the full model pads it,
     (batch, k//2 + h + 1, k//2 + w + k//2, C): the rows drawn so far and zeros elsewhere (the
