@@ -163,6 +163,8 @@ class PixelCNNSampler:
     (batch, k//2 + h + 1, k//2 + w + k//2, C): the rows drawn so far and zeros elsewhere (the
     last row is scratch space for the write after the final row)."""
 
+    cpu_batch_size = 16  # samples per batch on a CPU (not tuned further)
+
     def __init__(self, model):
         self._model = weakref.ref(model)
         self.function = None
@@ -170,10 +172,6 @@ class PixelCNNSampler:
 
     def tracing_count(self):
         return self.function.experimental_get_tracing_count() if self.function is not None else 0
-
-    def cpu_batch_size(self, n):
-        """Samples per batch on a CPU (16: not tuned further)."""
-        return 16
 
     def sample(self, batch, seed, temperature, top_k, top_p, classes=None):
         """(batch, h*w) int32 codes; seed a pair of ints; classes (batch,) ints or None."""

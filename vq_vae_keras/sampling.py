@@ -60,16 +60,14 @@ class Sampler:
     def __init__(self, prior):
         self._prior = weakref.ref(prior)  # the sampler must not keep its prior alive
         self.length = prior.height * prior.width
+        # Samples per batch on a CPU: one for maps of 256 positions or more (one sample's caches
+        # stay in the processor's cache), else 16 (short maps are bound by per-step overhead, which
+        # a batch shares). Not a share of the cores: a seed gives the same codes on every CPU.
+        self.cpu_batch_size = 1 if self.length >= 256 else 16
         self.function = tf.function(self._draw, jit_compile=True, autograph=False)
 
     def tracing_count(self):
         return self.function.experimental_get_tracing_count()
-
-    def cpu_batch_size(self, n):
-        """Samples per batch on a CPU: one for maps of 256 positions or more (one sample's caches
-        stay in the processor's cache), else 16 (short maps are bound by per-step overhead, which a
-        batch shares). Not a share of the cores: a seed gives the same codes on every CPU."""
-        return 1 if self.length >= 256 else 16
 
     def _draw(self, token, seed, temperature, top_k, top_p):
         """(batch, length) codes after the start tokens (batch,): one while_loop per segment, the
@@ -184,6 +182,12 @@ def sample_classes(prior, n, classes):
     return np.array(ids, np.int32)
 
 
+def default_batch_size(sampler, n):
+    """Samples per batch when sample_codes is given none: all n at once on a GPU, the sampler's
+    `cpu_batch_size` on a CPU (never more than n)."""
+    return n if tf.config.list_logical_devices("GPU") else min(sampler.cpu_batch_size, n)
+
+
 def sample_codes(prior, n, grid_shape, temperature=1.0, top_k=None, seed=None, top_p=None, batch_size=None,
                  progress=False, classes=None):
     """n code maps (n, h, w) int32 drawn from the prior, position by position.
@@ -193,8 +197,8 @@ def sample_codes(prior, n, grid_shape, temperature=1.0, top_k=None, seed=None, t
     classes (class-conditional priors): a class name or id for all samples, or one per sample;
     None: every class in turn, in equal consecutive blocks.
     Samples run in batches of batch_size, in parallel on the CPU cores; the last is padded so that
-    all share one compiled loop. Default: all n at once on a GPU; on a CPU, the sampler's
-    `cpu_batch_size(n)`.
+    all share one compiled loop. Default (`default_batch_size`): all n at once on a GPU; on a CPU
+    one sample per batch for maps of 256 positions or more, else 16.
     """
     check_sampling_options(prior, n, grid_shape, temperature, top_k, top_p)
     h, w = grid_shape
@@ -202,9 +206,7 @@ def sample_codes(prior, n, grid_shape, temperature=1.0, top_k=None, seed=None, t
     sampler = pixelcnn_sampler(prior) if isinstance(prior, PixelCNN) else compiled_sampler(prior)
     length = h * w
     seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else int(seed)
-    if batch_size is None:
-        batch_size = n if tf.config.list_logical_devices("GPU") else sampler.cpu_batch_size(n)
-    batch = min(batch_size, n)
+    batch = default_batch_size(sampler, n) if batch_size is None else min(batch_size, n)
     bar = tqdm(total=n * h * w, desc="sampling", unit="code", disable=not progress)
 
     def one_batch(index):
