@@ -1,5 +1,17 @@
-"""The one error type that the command line turns into a one-line message and exit status 2."""
+"""The errors the command line turns into one line on stderr (never a traceback)."""
 
 
 class UsageError(ValueError):
-    """Bad usage or bad input: a flag out of range, a missing run, a folder with no images, ..."""
+    """Bad usage or bad input: a flag out of range, a missing run, a folder with no images, ...
+    The command line prints it and exits with status 2. `field` names the Config field (or the
+    argument) at fault where there is one, so the command line can name its flag."""
+
+    def __init__(self, message, field=None):
+        super().__init__(message)
+        self.field = field
+
+
+class WriteFailed(OSError):
+    """A file could not be written (disk full, no permission, a file where a folder should be).
+    The message says which file and whether the run can resume; the command line prints it and
+    exits with status 1. What was written before stays as it was (writes are atomic)."""
