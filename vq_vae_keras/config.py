@@ -48,22 +48,23 @@ class Config:
     prior_lr: float = 1e-3
     val_split: float = 0.0  # codes held out for val_nll; 0: train on every code map, as the reference
     prior_seed: Optional[int] = None  # None: the run's seed
-    # prior kind and class conditioning (issue 16): departures, off by default
+    # prior kind and class conditioning: departures, off by default
     prior: str = "attention"  # "attention" (the reference's PixelAtt) or "pixelcnn" (gated PixelCNN)
     pixelcnn_width: int = 128  # channels of both stacks
     pixelcnn_depth: int = 16  # gated layers; depth * (kernel // 2) >= w - 1: the last code of a 32x32 map sees all
     pixelcnn_kernel: int = 5  # odd: vertical convolutions k//2+1 x k, horizontal 1 x k//2+1
     classes: Optional[list] = None  # class names (first-level subfolders of data): a conditional prior
     # run
-    data: Optional[str] = None
+    data: Optional[str] = None  # the VQ-VAE's image folder; None: trained on arrays or a dataset from Python
+    prior_data: Optional[str] = None  # images the prior's code maps come from; None: data, the VQ-VAE's
     seed: int = 0
     sample_every: int = 100
-    # speed (issue 11): results within float noise of the reference, except as README says
+    # speed: results within float noise of the reference, except as README says
     precision: str = "float32"  # "float32", "mixed_bfloat16" or "mixed_float16"
     jit_compile: bool = True  # XLA for the VQ-VAE's training step (measured faster on CPU; float noise)
     prior_jit_compile: bool = False  # XLA for the prior's (not measured faster on CPU at the demo's size)
     sample_every_epochs: int = 1  # prior: sample grid every N epochs; 0: never
-    # scaling (issue 13)
+    # several devices
     sync_batchnorm: bool = False  # under a strategy: BatchNorm statistics of the global batch, not each replica's
 
     @property
@@ -91,71 +92,78 @@ class Config:
             kind = next(k for k in kinds if k in annotation)
             types, words = kinds[kind]
             if not isinstance(value, types) or (isinstance(value, bool) and kind != "bool"):
-                raise UsageError(f"{field.name} must be {words}, got {value!r}")
+                raise UsageError(f"{field.name} must be {words}, got {value!r}", field.name)
             if kind == "float" and not math.isfinite(value):
-                raise UsageError(f"{field.name} must be finite, got {value}")
+                raise UsageError(f"{field.name} must be finite, got {value}", field.name)
 
     def validate(self) -> "Config":
-        def need(ok, message):
+        def need(ok, message, field=None):
             if not ok:
-                raise UsageError(message)
+                raise UsageError(message, field=field)
 
         self._check_types()
         need(self.img_dim >= 16 and self.img_dim % 4 == 0,
-             f"img_dim must be a multiple of 4 and at least 16, got {self.img_dim}")
+             f"img_dim must be a multiple of 4 and at least 16, got {self.img_dim}", "img_dim")
         for name in ("z_dim", "batch_size", "prior_heads", "prior_head_dim", "prior_depth",
                      "prior_batch_size", "sample_every", "pixelcnn_width", "pixelcnn_depth"):
-            need(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
-        need(self.num_codes >= 2, f"num_codes must be at least 2, got {self.num_codes}")
-        need(self.lr > 0 and self.prior_lr > 0, "learning rates must be positive")
-        need(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
-        need(0 <= self.val_split < 1, f"val_split must be in [0, 1), got {self.val_split}")
-        need(self.quantizer in QUANTIZERS, f"quantizer must be one of {', '.join(QUANTIZERS)}, got {self.quantizer!r}")
-        need(0 < self.ema_decay < 1, f"ema_decay must be in (0, 1), got {self.ema_decay}")
-        need(self.ema_epsilon > 0, f"ema_epsilon must be > 0, got {self.ema_epsilon}")
-        need(self.restart_dead >= 0, f"restart_dead must be >= 0, got {self.restart_dead}")
-        need(self.seed >= 0 and (self.prior_seed is None or self.prior_seed >= 0), "seeds must be >= 0")
+            need(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}", name)
+        need(self.num_codes >= 2, f"num_codes must be at least 2, got {self.num_codes}", "num_codes")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr}", "lr")
+        need(self.prior_lr > 0, f"prior_lr must be > 0, got {self.prior_lr}", "prior_lr")
+        need(self.beta >= 0, f"beta must be >= 0, got {self.beta}", "beta")
+        need(0 <= self.val_split < 1, f"val_split must be in [0, 1), got {self.val_split}", "val_split")
+        need(self.quantizer in QUANTIZERS, f"quantizer must be one of {', '.join(QUANTIZERS)}, got {self.quantizer!r}", "quantizer")
+        need(0 < self.ema_decay < 1, f"ema_decay must be in (0, 1), got {self.ema_decay}", "ema_decay")
+        need(self.ema_epsilon > 0, f"ema_epsilon must be > 0, got {self.ema_epsilon}", "ema_epsilon")
+        need(self.restart_dead >= 0, f"restart_dead must be >= 0, got {self.restart_dead}", "restart_dead")
+        need(self.seed >= 0, f"seed must be >= 0, got {self.seed}", "seed")
+        need(self.prior_seed is None or self.prior_seed >= 0, f"prior_seed must be >= 0, got {self.prior_seed}", "prior_seed")
         gumbel = self.quantizer == "gumbel"
         need(not (gumbel and (self.restart_dead or self.kmeans_init)),
-             "restart_dead and kmeans_init apply to the vq and ema quantizers, not gumbel")
+             "restart_dead and kmeans_init apply to the vq and ema quantizers, not gumbel",
+             "restart_dead" if self.restart_dead else "kmeans_init")
         fsq = self.quantizer == "fsq"
         need(not (fsq and (self.restart_dead or self.kmeans_init)),
-             "restart_dead and kmeans_init apply to the vq and ema quantizers, not fsq (it has no codebook)")
+             "restart_dead and kmeans_init apply to the vq and ema quantizers, not fsq (it has no codebook)",
+             "restart_dead" if self.restart_dead else "kmeans_init")
         for name in ("rotation_trick", "cosine_codebook"):
             need(not (getattr(self, name) and self.quantizer in ("gumbel", "fsq")),
-                 f"{name} applies to the vq and ema quantizers, not {self.quantizer}")
+                 f"{name} applies to the vq and ema quantizers, not {self.quantizer}", name)
         if fsq:
             levels = self.fsq_levels
-            need(levels is not None, "fsq_levels are needed with quantizer fsq (--quantizer fsq needs --fsq-levels), e.g. [4, 4, 4] for 64 codes")
+            need(levels is not None, "fsq_levels are needed with quantizer fsq (--quantizer fsq needs --fsq-levels), e.g. [4, 4, 4] for 64 codes",
+                 "fsq_levels")
             need(len(levels) >= 1 and all(isinstance(n, int) and not isinstance(n, bool) and n >= 2 for n in levels),
-                 f"fsq_levels must be integers of at least 2, got {levels}")
+                 f"fsq_levels must be integers of at least 2, got {levels}", "fsq_levels")
             need(math.prod(levels) <= MAX_FSQ_CODES,
-                 f"fsq_levels give {math.prod(levels)} codes, more than {MAX_FSQ_CODES}")
+                 f"fsq_levels give {math.prod(levels)} codes, more than {MAX_FSQ_CODES}", "fsq_levels")
             need(math.prod(levels) == self.num_codes,
-                 f"num_codes must be the product of fsq_levels {levels} ({math.prod(levels)}), got {self.num_codes}")
+                 f"num_codes must be the product of fsq_levels {levels} ({math.prod(levels)}), got {self.num_codes}", "num_codes")
         else:
-            need(self.fsq_levels is None, f"fsq_levels apply to quantizer fsq, not {self.quantizer}")
-        need(self.gumbel_temperature > 0 and self.gumbel_temperature_end > 0, "Gumbel temperatures must be > 0")
-        need(self.gumbel_anneal_steps >= 1, f"gumbel_anneal_steps must be at least 1, got {self.gumbel_anneal_steps}")
+            need(self.fsq_levels is None, f"fsq_levels apply to quantizer fsq, not {self.quantizer}", "fsq_levels")
+        need(self.gumbel_temperature > 0, f"gumbel_temperature must be > 0, got {self.gumbel_temperature}", "gumbel_temperature")
+        need(self.gumbel_temperature_end > 0, f"gumbel_temperature_end must be > 0, got {self.gumbel_temperature_end}",
+             "gumbel_temperature_end")
+        need(self.gumbel_anneal_steps >= 1, f"gumbel_anneal_steps must be at least 1, got {self.gumbel_anneal_steps}", "gumbel_anneal_steps")
         need(self.gumbel_schedule in SCHEDULES,
-             f"gumbel_schedule must be one of {', '.join(SCHEDULES)}, got {self.gumbel_schedule!r}")
-        need(self.gumbel_kl_weight >= 0, f"gumbel_kl_weight must be >= 0, got {self.gumbel_kl_weight}")
-        need(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+             f"gumbel_schedule must be one of {', '.join(SCHEDULES)}, got {self.gumbel_schedule!r}", "gumbel_schedule")
+        need(self.gumbel_kl_weight >= 0, f"gumbel_kl_weight must be >= 0, got {self.gumbel_kl_weight}", "gumbel_kl_weight")
+        need(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}", "precision")
         for name in ("jit_compile", "prior_jit_compile", "sync_batchnorm"):
-            need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
-        need(self.prior in PRIORS, f"prior must be one of {', '.join(PRIORS)}, got {self.prior!r}")
+            need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}", name)
+        need(self.prior in PRIORS, f"prior must be one of {', '.join(PRIORS)}, got {self.prior!r}", "prior")
         need(self.pixelcnn_kernel >= 3 and self.pixelcnn_kernel % 2 == 1,
-             f"pixelcnn_kernel must be odd and at least 3, got {self.pixelcnn_kernel}")
+             f"pixelcnn_kernel must be odd and at least 3, got {self.pixelcnn_kernel}", "pixelcnn_kernel")
         if self.prior == "pixelcnn":  # else the last codes of a row never see the codes above-right of them
             reach, width = self.pixelcnn_depth * (self.pixelcnn_kernel // 2), self.img_dim // 4
             need(reach >= width - 1, f"pixelcnn_depth * (pixelcnn_kernel // 2) = {reach} must be at least the code "
-                                     f"map's width - 1 = {width - 1}: raise pixelcnn_depth or pixelcnn_kernel")
+                                     f"map's width - 1 = {width - 1}: raise pixelcnn_depth or pixelcnn_kernel", "pixelcnn_depth")
         if self.classes is not None:
             names = self.classes
             need(len(names) >= 1 and all(isinstance(c, str) and c for c in names),
-                 f"classes must be a list of class names, got {names!r}")
-            need(len(set(names)) == len(names), f"classes must not repeat a name, got {names!r}")
-        need(self.sample_every_epochs >= 0, f"sample_every_epochs must be >= 0, got {self.sample_every_epochs}")
+                 f"classes must be a list of class names, got {names!r}", "classes")
+            need(len(set(names)) == len(names), f"classes must not repeat a name, got {names!r}", "classes")
+        need(self.sample_every_epochs >= 0, f"sample_every_epochs must be >= 0, got {self.sample_every_epochs}", "sample_every_epochs")
         return self
 
     def gumbel_temperature_at(self, step) -> float:
