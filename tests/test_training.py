@@ -244,3 +244,49 @@ def test_python_api_does_not_overwrite_a_run_unless_asked(image_dir, tmp_path):
     assert {name: open(os.path.join(run, name), "rb").read() for name in before} == before
     train_vqvae(tiny_config(data=image_dir, lr=3e-3), run, steps=1, overwrite=True)
     assert vqk.Config.load(os.path.join(run, "config.json")).lr == 3e-3
+
+
+def test_prior_after_an_array_run_trains_on_those_images_not_a_folder_the_config_named(image_dir, tmp_path):
+    """config.data named a folder before; the VQ-VAE trained on an array. The run must not claim
+    that folder, and the prior must not encode it: it needs the images, and learns their codes."""
+    from test_fit import images
+
+    from vq_vae_keras.training import train_prior
+
+    pictures = images(10)
+    run = str(tmp_path / "run")
+    config = tiny_config(data=image_dir, sample_every=100, sample_every_epochs=0)
+    train_vqvae(config, run, steps=2, data=pictures)
+    assert vqk.Config.load(os.path.join(run, "config.json")).data is None
+    with pytest.raises(vqk.UsageError, match="data=") as error:
+        train_prior(config, run, steps=1)
+    assert "--data" not in str(error.value).split("(")[0]  # an API error speaks of data=, the flag only aside
+    train_prior(config, run, steps=2, data=pictures)
+    codes = np.load(os.path.join(run, "codes.npy"))
+    loaded = vqk.load_run(run)
+    expected = loaded.vqvae.quantize(loaded.vqvae.encode(pictures))[0]
+    np.testing.assert_array_equal(codes, expected)
+
+
+def test_a_strategy_turns_xla_off_from_python_as_from_the_cli(image_dir, tmp_path):
+    """One rule for the API and train.py: a default Config (XLA on) trains under a strategy, without XLA."""
+    config = tiny_config(data=image_dir, sample_every=100)
+    assert config.jit_compile is True
+    vqvae = train_vqvae(config, str(tmp_path / "run"), steps=2, strategy=vqk.make_strategy("mirrored"))
+    assert vqvae.train_model.jit_compile is False
+    assert vqk.Config.load(str(tmp_path / "run" / "config.json")).jit_compile is False
+
+
+def test_resume_past_the_steps_asked_for_changes_nothing(image_dir, tmp_path, capsys):
+    run = str(tmp_path / "run")
+    config = tiny_config(data=image_dir, sample_every=2)
+    train_vqvae(config, run, steps=4)
+    before = {name: os.stat(os.path.join(run, name)).st_mtime_ns for name in os.listdir(run)
+              if os.path.isfile(os.path.join(run, name))}
+    capsys.readouterr()
+    train_vqvae(vqk.Config.load(os.path.join(run, "config.json")), run, steps=2, resume=True)
+    out = capsys.readouterr().out
+    assert "already at step 4, past the 2 asked for" in out and "resuming" not in out
+    after = {name: os.stat(os.path.join(run, name)).st_mtime_ns for name in before}
+    assert after == before
+    assert [r["step"] for r in read_log(run)] == ["1", "2", "3", "4"]

@@ -26,7 +26,7 @@ from .callbacks import (Every, GumbelAnneal, NanGuard, NonFiniteLoss, Reconstruc
                         StepLog, StopOnSignal, TensorBoardWriter, TqdmProgress, save_state)
 from .codebook import kmeans, summary
 from .config import Config
-from .data import ImageArray, ImageFolder, epoch_batches, index_dataset, load_images
+from .data import ImageArray, ImageFolder, epoch_batches, index_dataset, load_images, warn
 from .distribute import is_chief
 from .errors import UsageError
 from .io import load_checkpoint, save_model, save_npy, save_png
@@ -61,12 +61,23 @@ def resolve_total_steps(steps, epochs, steps_per_epoch):
     return (REFERENCE_EPOCHS if epochs is None else epochs) * steps_per_epoch
 
 
-def check_strategy(strategy, jit_compile, what):
-    """XLA cannot compile Keras's distributed step: Keras compiles the whole step, strategy.run
-    included, and XLA refuses a function whose variables live on several devices."""
-    if strategy is not None and jit_compile:
-        raise UsageError(f"{what}: XLA (jit_compile) does not compile a distributed training step; "
-                         "turn it off (--no-jit) to train under a strategy")
+def xla_off_under(strategy, config, field):
+    """The one rule for XLA and tf.distribute, the same from train.py and from Python: under a
+    strategy the training step runs without XLA (config.<field> is set False, and recorded so).
+    Keras compiles the whole step, strategy.run included, and XLA refuses a function whose
+    variables live on several devices."""
+    if strategy is not None and getattr(config, field):
+        warn(f"{field}: XLA does not compile a distributed training step; training without it")
+        setattr(config, field, False)
+
+
+def already_done(start, total, what):
+    """A resumed run at or past its last step: say so and train nothing."""
+    if start < total:
+        return False
+    print(f"the {what} is already at step {start}" + (f", past the {total} asked for" if start > total else "")
+          + ": nothing to train (ask for more steps to go on)")
+    return True
 
 
 def strategy_scope(strategy):
@@ -183,17 +194,23 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     eval_data: held-out images (a folder or an array) scored every eval_every steps and at the end:
       psnr, ssim and codes_used rows in RUN/eval_log.csv (and TensorBoard scalars).
     overwrite: without resume, a run_dir that already holds a run is an error unless this is True.
-    strategy: a tf.distribute strategy (distribute.make_strategy), None for one device; needs
-      config.jit_compile False. config.batch_size stays the global batch.
+    strategy: a tf.distribute strategy (distribute.make_strategy), None for one device; the step
+      then runs without XLA (config.jit_compile is set False). config.batch_size stays the global batch.
+    config.data records the folder trained on (None after arrays or a dataset: train_prior then
+    needs its images as data=).
     """
     from .evaluation import EvaluateEvery
 
-    check_strategy(strategy, config.jit_compile, "jit_compile")
+    xla_off_under(strategy, config, "jit_compile")
     run = RunDir(run_dir)
     if is_chief(strategy) and not resume and not overwrite and os.path.exists(run.config):
         raise UsageError(f"{run_dir} already holds a run; resume=True continues it, overwrite=True replaces it")
-    if data is None or isinstance(data, (str, os.PathLike)):
-        data = config.data = str(data) if data is not None else config.data
+    if data is None:
+        data = config.data
+    if isinstance(data, (str, os.PathLike)):
+        data = config.data = str(data)
+    else:  # an array or a dataset: no folder to record, and config.data must not name another one
+        config.data = None
     source, dataset, steps_per_epoch = training_images(data, config, cache)
     total = resolve_total_steps(steps, epochs, steps_per_epoch)
     if isinstance(eval_data, (str, os.PathLike)):  # read before anything is written: a bad folder changes nothing
@@ -209,6 +226,8 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     start = 0
     if resume:  # every worker reads the chief's checkpoint
         start = load_checkpoint(run.vqvae_checkpoint, model, model.optimizer)["step"]
+        if already_done(start, total, "VQ-VAE"):
+            return vqvae
         print(f"resuming from step {start} of {total}")
     elif config.kmeans_init:
         kmeans_initialise(vqvae, source, config)
@@ -267,21 +286,34 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, 
 
 # ---------------------------------------------------------------- prior
 
-def prior_codes(config: Config, run: RunDir, resume, classes=False, write_to=None):
+def prior_codes(config: Config, run: RunDir, resume, classes=False, write_to=None, data=None):
     """(codes (N, h, w), labels (N,) or None): RUN/codes.npy, and for a class-conditional prior
     (classes, or config.classes already set) RUN/labels.npy, each image's class. Reused on
-    --resume, else every training image is encoded, its class read from its subfolder
-    (config.classes gets the names) and both saved (into write_to if given: a worker other than
-    the chief)."""
+    resume, else every image of `data` (an array, a folder, or None: config.prior_data, else
+    config.data) is encoded, its class read from its subfolder (config.classes gets the names)
+    and both saved (into write_to if given: a worker other than the chief)."""
     from .prior import check_codes, encode_folder
 
     conditional = classes or config.classes is not None
     if resume and os.path.isfile(run.codes):
         codes = check_codes(_load_npy(run.codes), config, run.codes)
         return codes, (check_labels(_load_npy(run.labels), config, len(codes), run.labels) if conditional else None)
-    if not config.data:
-        raise UsageError("no image folder: give --data (the run's config.json names none)")
-    folder = ImageFolder(config.data, config.img_dim)
+    if data is None:
+        data = config.prior_data or config.data
+    if data is None:
+        raise UsageError("no images to encode for the prior: the VQ-VAE was not trained on a folder, so pass "
+                         "the images as data= (an array or a folder; train.py prior: --data DIR)", field="prior_data")
+    if isinstance(data, (str, os.PathLike)):
+        folder = ImageFolder(str(data), config.img_dim)
+        if str(data) != config.data:  # the VQ-VAE's folder stays recorded in config.data
+            config.prior_data = str(data)
+    elif conditional:
+        raise UsageError("classes: a class-conditional prior reads each image's class from its subfolder; "
+                         "pass a folder as data=", field="classes")
+    else:
+        folder = ImageArray(data)
+    if folder.img_dim != config.img_dim:
+        raise UsageError(f"images are {folder.img_dim} px, the config says img_dim {config.img_dim}")
     if conditional:
         config.classes, labels = folder.class_labels()
     codes = encode_folder(load_vqvae(config, run), folder, config.batch_size)
@@ -334,24 +366,27 @@ def token_dataset(tokens, batch_size, seed, start_step=0):
 
 
 def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False, callbacks=(), deterministic=False,
-                tensorboard=False, overwrite=False, classes=False, strategy=None):
+                tensorboard=False, overwrite=False, classes=False, strategy=None, data=None):
     """Train (or resume) the prior of a run directory on its VQ-VAE's codes. Returns the prior.
+    data: the images whose codes it learns: an array in [-1, 1], a folder (recorded as
+      config.prior_data where it is not the VQ-VAE's), or None: config.prior_data, else
+      config.data (the VQ-VAE's folder). On resume the saved RUN/codes.npy is used.
     callbacks, deterministic, tensorboard, overwrite and strategy as for train_vqvae (a run that
-    already has a prior; config.prior_jit_compile off under a strategy; config.prior_batch_size is
-    the global batch); a grid of samples every config.sample_every_epochs epochs (0: never).
+    already has a prior; XLA off under a strategy; config.prior_batch_size is the global batch);
+    a grid of samples every config.sample_every_epochs epochs (0: never).
     config.prior picks the kind (attention or pixelcnn). classes: a class-conditional prior, each
-    image's class its first-level subfolder of config.data (names saved as config.classes)."""
+    image's class its first-level subfolder of the folder (names saved as config.classes)."""
     from .grids import codes_grid
     from .prior import START_TOKEN, build_prior, class_tokens, codes_to_tokens, prior_nll
     from .sampling import sample_codes
 
-    check_strategy(strategy, config.prior_jit_compile, "prior_jit_compile")
+    xla_off_under(strategy, config, "prior_jit_compile")
     run = RunDir(run_dir)
     if is_chief(strategy) and not resume and not overwrite and run.prior_files():
         raise UsageError(f"{run_dir} already has a prior; resume=True continues it, overwrite=True replaces it")
     seed = config.seed if config.prior_seed is None else config.prior_seed
     writes = writable_run(run, strategy)
-    codes, labels = prior_codes(config, run, resume, classes, writes)
+    codes, labels = prior_codes(config, run, resume, classes, writes, data)
     first = START_TOKEN if labels is None else class_tokens(labels, config.num_codes)  # the class is the start
     train_tokens, val_tokens = split_validation(codes_to_tokens(codes, first), config.val_split, seed)
     batch_size = config.prior_batch_size
@@ -370,6 +405,8 @@ def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     start = 0
     if resume:
         start = load_checkpoint(run.prior_checkpoint, prior, prior.optimizer)["step"]
+        if already_done(start, total, "prior"):
+            return prior
         print(f"resuming the prior from step {start} of {total}")
     config.save(writes.config)
     board = TensorBoardWriter(writes.path("tensorboard", "prior")) if tensorboard else None
