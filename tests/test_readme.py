@@ -60,7 +60,7 @@ def test_every_pip_line_is_one_the_tests_cover():
 
 @pytest.mark.slow
 def test_readme_blocks_run_as_written(tmp_path):
-    write_images(tmp_path / "my_images", count=12, size=40)
+    write_images(tmp_path / "my_images", count=40, size=40)  # the grids show 32
     env = {**os.environ, "PYTHONPATH": ROOT}
     for number, (kind, block) in enumerate(readme_blocks()):
         if kind == "python":

@@ -25,7 +25,7 @@ class Config:
     num_codes: int = 64
     batch_size: int = 64
     lr: float = 1e-3
-    beta: float = 0.25  # weight of the commitment term mse_z
+    beta: float = 0.25  # weight of the commitment term mse_z (unused by fsq, which has none)
     # codebook health: every option off by default, which is the reference
     quantizer: str = "vq"  # "vq" (the reference), "ema" (EMA codebook), "gumbel" (Gumbel-softmax), "fsq"
     fsq_levels: Optional[list] = None  # fsq: levels per channel, e.g. [4, 4, 4]; num_codes = their product
