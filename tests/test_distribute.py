@@ -131,6 +131,49 @@ def test_mirrored_without_sync_batchnorm_is_close(compared):
         np.testing.assert_array_equal(a, b, err_msg=name)
 
 
+# The logged rows themselves, `loss` included: 2 replicas against 1 device, 10 deterministic steps
+# without XLA. Each case adds a loss with add_loss (the objective; the Gumbel quantizer's KL too).
+LOGGED = r"""
+import json, sys
+import numpy as np
+from vq_vae_keras.distribute import make_strategy
+strategy = make_strategy("mirrored", cpu_replicas=2)
+import vq_vae_keras as vqk
+from vq_vae_keras.callbacks import read_csv
+sys.path.insert(0, "tests")
+from conftest import tiny_config
+
+images = np.random.default_rng(0).uniform(-1, 1, (8, 16, 16, 3)).astype("float32")
+out = {}
+for name, overrides in {"vq": {}, "gumbel": dict(quantizer="gumbel")}.items():
+    for where, s in (("one", None), ("mirrored", strategy)):
+        run = f"{sys.argv[1]}/{name}-{where}"
+        config = tiny_config(jit_compile=False, sync_batchnorm=True, **overrides)
+        vqk.train_vqvae(config, run, steps=10, data=images, strategy=s, deterministic=True)
+        out[f"{name}-{where}"] = read_csv(run + "/log.csv")
+print("RESULT" + json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("case", ["vq", "gumbel"])
+def test_mirrored_logs_the_loss_one_device_logs(logged, case):
+    """Every logged value, `loss` first (NanGuard, the progress bar and EarlyStopping read it):
+    it once took in the other replica's add_loss terms (+50% here)."""
+    one, mirrored = logged[f"{case}-one"], logged[f"{case}-mirrored"]
+    assert len(one) == len(mirrored) == 10 and "loss" in one[0]
+    for row_one, row_mirrored in zip(one, mirrored):
+        assert row_one.keys() == row_mirrored.keys()
+        for key in row_one:
+            if key not in ("step", "epoch"):
+                assert relative(float(row_one[key]), float(row_mirrored[key])) < 1e-4, (key, row_one, row_mirrored)
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory):
+    result = run_cli("-c", LOGGED, str(tmp_path_factory.mktemp("logged")), timeout=600)
+    return json.loads(result.stdout.split("RESULT", 1)[1])
+
+
 def mirrored_flags():
     return ["--distribute", "mirrored", "--cpu-replicas", "2"]
 

@@ -9,6 +9,7 @@ facts the rest of the package asks of it (is this the chief? are there several r
 
 import json
 import os
+import threading
 
 import tensorflow as tf
 from keras import ops
@@ -96,3 +97,26 @@ def replica_rows(n):
     before = ops.arange(context.num_replicas_in_sync) < context.replica_id_in_sync_group
     return ops.sum(ops.where(before, sizes, 0)), ops.sum(sizes)
 
+
+
+class ReplicaLocalLosses:
+    """Mixin for a Keras layer that calls add_loss: its added losses are kept per thread.
+
+    MirroredStrategy traces each replica's step in a thread of its own, and Keras keeps a layer's
+    added losses in one list on the layer: a replica's total, and so the logged `loss`, then took in
+    other replicas' terms too. (Gradients were right: each replica's tape records only its own
+    thread's operations.) One device: one thread, Keras's behaviour unchanged."""
+
+    def _thread_state(self):
+        return vars(self).setdefault("_losses_by_thread", threading.local())  # vars(): not tracked by Keras
+
+    @property
+    def _losses(self):
+        state = self._thread_state()
+        if not hasattr(state, "losses"):
+            state.losses = []
+        return state.losses
+
+    @_losses.setter
+    def _losses(self, value):
+        self._thread_state().losses = value

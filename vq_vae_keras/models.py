@@ -11,6 +11,7 @@ import numpy as np
 from keras import layers, ops
 
 from .config import Config
+from .distribute import ReplicaLocalLosses
 from .quantizers import (PACKAGE, CodebookLayer, FiniteScalarQuantizer, GumbelQuantizer, RotationTrick, StraightThrough,
                          VectorQuantizer)
 
@@ -127,7 +128,7 @@ class VQVAE:
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class VQVAEObjective(keras.layers.Layer):
+class VQVAEObjective(ReplicaLocalLosses, keras.layers.Layer):
     """The whole VQ-VAE objective, added with add_loss as the reference did, so that
     `train_model.compile(optimizer=...); train_model.fit(images)` trains every term.
 

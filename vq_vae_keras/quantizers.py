@@ -15,7 +15,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from .distribute import replica_rows, replica_sum
+from .distribute import ReplicaLocalLosses, replica_rows, replica_sum
 
 PACKAGE = "vq_vae_keras"
 
@@ -35,7 +35,9 @@ class CodeUsage(keras.metrics.Metric):
         self.counts = self.add_variable(shape=(num_codes,), initializer="zeros", name="counts")
 
     def update_state(self, codes):
-        self.counts.assign_add(code_counts(codes, self.num_codes, self.dtype))
+        # The global batch's counts: Keras averages each replica's result(), and the mean of the
+        # replicas' used fractions is not the fraction any replica's codes used.
+        self.counts.assign_add(replica_sum(code_counts(codes, self.num_codes, self.dtype)))
 
     def result(self):
         return ops.mean(ops.cast(self.counts > 0, self.dtype))
@@ -207,7 +209,7 @@ class VectorQuantizer(CodebookLayer):
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class GumbelQuantizer(CodebookLayer):
+class GumbelQuantizer(ReplicaLocalLosses, CodebookLayer):
     """Gumbel-softmax relaxation over a codebook (the dVAE of DALL-E), a departure from the reference.
 
     Input:  z, (..., dim).
