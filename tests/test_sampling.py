@@ -48,22 +48,18 @@ def restricted_logits(logits, temperature, top_k, top_p):
     return np.where(keep, logits, -np.inf)
 
 
-@pytest.mark.parametrize("options", [dict(), dict(temperature=0.6, top_k=5), dict(top_p=0.7, temperature=1.3)])
-def test_the_compiled_loop_draws_from_the_full_model(prior, short_segments, options):
-    """Each code sample_codes draws is the Gumbel-max draw that the FULL model's logits (teacher
-    forced on the drawn prefix, restricted in NumPy) give with the same noise: so the cached,
-    compiled loop has the full model's distributions at every position, not only their argmax."""
-    config, model = prior
-    n, length, seed = 4, 36, 11
-    codes = sample_codes(model, n, config.grid_shape, seed=seed, batch_size=2, **options)
+def assert_replayed(model, codes, seed, batch_size, temperature=1.0, top_k=8, top_p=1.0):
+    """Each code drawn is the Gumbel-max draw that the FULL model's logits (teacher forced on the
+    drawn prefix, restricted in NumPy) give with the sampler's noise."""
+    n, length = len(codes), codes[0].size
     probs = model.predict(codes_to_tokens(codes)[:, :-1], verbose=0).astype(np.float64)
-    temperature, top_k, top_p = options.get("temperature", 1.0), options.get("top_k", 8), options.get("top_p", 1.0)
     # the sampler's noise: XLA's random numbers differ from the eager kernel's, so compile it too
-    compiled_noise = tf.function(lambda s: tf.random.stateless_uniform((2, 8), s, minval=np.finfo(np.float32).tiny,
-                                                                       maxval=1.0), jit_compile=True)
+    compiled_noise = tf.function(lambda s: tf.random.stateless_uniform((batch_size, 8), s,
+                                                                       minval=np.finfo(np.float32).tiny, maxval=1.0),
+                                 jit_compile=True)
     margins = []
     for j in range(n):
-        batch, row = divmod(j, 2)
+        batch, row = divmod(j, batch_size)
         for i in range(length):
             # the sampler's noise stream: (seed, batch index * length + position), one row per sample
             uniform = compiled_noise(tf.constant([seed, batch * length + i], tf.int64)).numpy()[row]
@@ -72,6 +68,16 @@ def test_the_compiled_loop_draws_from_the_full_model(prior, short_segments, opti
             if best[0] - best[1] > 1e-4:  # not a near-tie that float rounding may flip
                 margins.append(int(np.argmax(scores) == codes[j].flat[i]))
     assert len(margins) > 0.95 * n * length and all(margins)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(temperature=0.6, top_k=5), dict(top_p=0.7, temperature=1.3)])
+def test_the_compiled_loop_draws_from_the_full_model(prior, short_segments, options):
+    """Each code sample_codes draws is the Gumbel-max draw that the full model's logits give with
+    the same noise: so the cached, compiled loop has the full model's distributions at every
+    position, not only their argmax."""
+    config, model = prior
+    codes = sample_codes(model, 4, config.grid_shape, seed=11, batch_size=2, **options)
+    assert_replayed(model, codes, 11, 2, **options)
 
 
 def test_greedy_equals_the_full_model_argmax_on_several_grids(short_segments):
@@ -209,8 +215,13 @@ def test_top_p_never_draws_outside_the_nucleus_and_p_1_is_plain_sampling(prior):
     for j in range(6):
         for i in range(36):
             assert nucleus(probs[j, i] / probs[j, i].sum(), 0.5 - 1e-5)[flat[j, i]], (j, i)
-    np.testing.assert_array_equal(sample_codes(model, 4, config.grid_shape, top_p=1.0, seed=4),
-                                  sample_codes(model, 4, config.grid_shape, seed=4))
+    # P = 1: the plain Gumbel-max draw from the full softmax (no code cut), not merely what
+    # top_p=None gives (that becomes 1.0 before the sampler); codes outside the 0.5 nucleus come up.
+    plain = sample_codes(model, 6, config.grid_shape, top_p=1.0, seed=3, batch_size=3)
+    assert_replayed(model, plain, 3, 3)
+    probs = model.predict(codes_to_tokens(plain)[:, :-1], verbose=0).astype(np.float64)
+    outside = [not nucleus(probs[j, i] / probs[j, i].sum(), 0.5)[plain[j].flat[i]] for j in range(6) for i in range(36)]
+    assert sum(outside) > 20
 
 
 def test_top_k_never_draws_outside_the_k_best(prior):
@@ -230,6 +241,9 @@ BAD_OPTIONS = {
     "top_p 0": dict(top_p=0.0), "top_p above 1": dict(top_p=1.5), "top_p negative": dict(top_p=-0.1),
     "top_p nan": dict(top_p=float("nan")), "top_p inf": dict(top_p=float("inf")),
     "grid mismatch": dict(grid_shape=(5, 5)),
+    "seed nan": dict(seed=float("nan")), "seed float": dict(seed=1.5), "seed negative": dict(seed=-1),
+    "seed text": dict(seed="3"), "seed bool": dict(seed=True),
+    "batch_size 0": dict(batch_size=0), "batch_size float": dict(batch_size=2.0),
 }
 
 

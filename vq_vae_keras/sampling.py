@@ -140,21 +140,28 @@ def draw(logits, temperature, top_k, top_p, seed):
     return tf.cast(tf.argmax(logits - tf.math.log(-tf.math.log(uniform)), axis=-1), tf.int32)
 
 
-def check_sampling_options(prior, n, grid_shape, temperature, top_k, top_p):
+def is_int(x):
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def check_sampling_options(prior, n, grid_shape, temperature, top_k, top_p, seed=None, batch_size=None):
     """UsageError (a ValueError) naming the first bad argument of `sample_codes`."""
     if not isinstance(prior, (Prior, PixelCNN)):
         raise UsageError(f"sample_codes needs a prior made by build_prior, got {type(prior).__name__}")
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise UsageError(f"n must be an integer >= 1, got {n!r}")
+    if not is_int(n) or n < 1:
+        raise UsageError(f"n must be an integer >= 1, got {n!r}", "n")
+    if seed is not None and not (is_int(seed) and 0 <= seed < 2**63):
+        raise UsageError(f"seed must be None or an integer >= 0, got {seed!r}", "seed")
+    if batch_size is not None and not (is_int(batch_size) and batch_size >= 1):
+        raise UsageError(f"batch_size must be None or an integer >= 1, got {batch_size!r}", "batch_size")
     if not (isinstance(temperature, (int, float, np.number)) and math.isfinite(temperature) and temperature > 0):
-        raise UsageError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
-                              or not 1 <= top_k <= prior.num_codes):
-        raise UsageError(f"top_k must be an integer in [1, {prior.num_codes}], got {top_k!r}")
+        raise UsageError(f"temperature must be a finite number > 0, got {temperature!r}", "temperature")
+    if top_k is not None and not (is_int(top_k) and 1 <= top_k <= prior.num_codes):
+        raise UsageError(f"top_k must be an integer in [1, {prior.num_codes}], got {top_k!r}", "top_k")
     if top_p is not None and not (isinstance(top_p, (int, float, np.number)) and 0 < top_p <= 1):
-        raise UsageError(f"top_p must be in (0, 1], got {top_p!r}")
-    if tuple(grid_shape) != (prior.height, prior.width):
-        raise UsageError(f"grid {tuple(grid_shape)} does not match the prior's {prior.height}x{prior.width}")
+        raise UsageError(f"top_p must be in (0, 1], got {top_p!r}", "top_p")
+    if not isinstance(grid_shape, (tuple, list)) or tuple(grid_shape) != (prior.height, prior.width):
+        raise UsageError(f"grid_shape {grid_shape!r} does not match the prior's {prior.height}x{prior.width}", "grid_shape")
 
 
 def sample_classes(prior, n, classes):
@@ -200,7 +207,7 @@ def sample_codes(prior, n, grid_shape, temperature=1.0, top_k=None, seed=None, t
     all share one compiled loop. Default (`default_batch_size`): all n at once on a GPU; on a CPU
     one sample per batch for maps of 256 positions or more, else 16.
     """
-    check_sampling_options(prior, n, grid_shape, temperature, top_k, top_p)
+    check_sampling_options(prior, n, grid_shape, temperature, top_k, top_p, seed, batch_size)
     h, w = grid_shape
     ids = sample_classes(prior, n, classes)
     sampler = pixelcnn_sampler(prior) if isinstance(prior, PixelCNN) else compiled_sampler(prior)
