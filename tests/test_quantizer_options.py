@@ -95,15 +95,16 @@ def test_fsq_gradient_reaches_the_encoder_and_needs_no_codebook_loss():
     assert float(loss) == pytest.approx(mse_x, rel=1e-4)  # no commitment or codebook term
 
 
-def _rotation_numpy(z, e, g):
-    """lambda R^T g per row, R = I - 2 r r^T + 2 q u^T (Fifty et al. 2024, eq. 4), by explicit matrices."""
+def _rotation_numpy(z, e, g, max_gain=np.inf):
+    """lambda R^T g per row, R = I - 2 r r^T + 2 q u^T (Fifty et al. 2024, eq. 4), by explicit
+    matrices; lambda = |e| / |z|, at most max_gain."""
     grads = []
     for z_i, e_i, g_i in zip(z, e, g):
         u, q = z_i / np.linalg.norm(z_i), e_i / np.linalg.norm(e_i)
         r = (u + q) / np.linalg.norm(u + q)
         rotation = np.eye(len(z_i)) - 2 * np.outer(r, r) + 2 * np.outer(q, u)
-        scale = np.linalg.norm(e_i) / np.linalg.norm(z_i)
-        np.testing.assert_allclose(scale * rotation @ z_i, e_i, atol=1e-10)  # it does map z onto e
+        np.testing.assert_allclose(rotation @ u, q, atol=1e-10)  # it does turn z's direction into e's
+        scale = min(np.linalg.norm(e_i) / np.linalg.norm(z_i), max_gain)
         np.testing.assert_allclose(rotation.T @ rotation, np.eye(len(z_i)), atol=1e-10)  # a rotation
         grads.append(scale * rotation.T @ g_i)
     return np.array(grads)
@@ -124,13 +125,51 @@ def test_rotation_trick_forward_is_e_and_gradient_is_the_rotation_formula():
     assert not np.allclose(grad_z.numpy(), g, atol=1e-2)  # not the straight-through copy
 
 
-def test_rotation_trick_model_gives_plain_vq_values():
+def test_rotation_trick_gain_is_capped_for_a_near_zero_z():
+    """|e| / |z| would be 1e8 here; capped at MAX_GAIN, and z of ordinary length keep the paper's gain."""
+    rng = np.random.default_rng(1)
+    z, e, g = rng.normal(size=(3, 4)), rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
+    z[0] *= 1e-8
+    z_t = tf.constant(z, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(z_t)
+        loss = tf.reduce_sum(RotationTrick()([z_t, tf.constant(e, tf.float32)]) * g)
+    grad = tape.gradient(loss, z_t).numpy()
+    assert np.isfinite(grad).all()
+    np.testing.assert_allclose(np.linalg.norm(grad[0]), RotationTrick.MAX_GAIN * np.linalg.norm(g[0]), rtol=1e-4)
+    np.testing.assert_allclose(grad, _rotation_numpy(z, e, g, RotationTrick.MAX_GAIN), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(grad[1:], _rotation_numpy(z[1:], e[1:], g[1:]), rtol=1e-4, atol=1e-5)
+
+
+def test_rotation_trick_model_gives_plain_vq_values_and_the_rotated_gradient_to_the_encoder():
     plain = vqk.build_vqvae(tiny_config())
     rotated = vqk.build_vqvae(tiny_config(rotation_trick=True))
     rotated.train_model.set_weights(plain.train_model.get_weights())
     assert any(isinstance(layer, RotationTrick) for layer in rotated.train_model.layers)
     x = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
     np.testing.assert_allclose(rotated.train_model(x, training=False), plain.train_model(x, training=False), atol=1e-6)
+
+    # The whole model's gradient to the encoder's weights, against the chain rule with NumPy's
+    # rotation: dL/dz = lambda R^T (dmse_x / de) + beta * 2 (z - e) / size (mse_e moves only the codebook).
+    model, encoder = rotated.train_model, rotated.encoder
+    with tf.GradientTape() as tape:
+        model(x, training=True)
+        loss = tf.add_n(model.losses)
+    got = tape.gradient(loss, encoder.trainable_variables)
+    with tf.GradientTape(persistent=True) as tape:
+        z = encoder(x, training=True)
+        e = tf.constant(rotated.vq_layer(z)[1])
+        tape.watch(e)
+        mse_x = tf.reduce_mean(tf.square(x - rotated.decoder(e, training=True)))
+    dim = z.shape[-1]
+    z64, e64 = (np.asarray(t, np.float64).reshape(-1, dim) for t in (z, e))
+    g = np.asarray(tape.gradient(mse_x, e), np.float64).reshape(-1, dim)
+    commitment = 0.25 * 2 * (z64 - e64) / z64.size
+    for through, expected_dz in (("rotation", _rotation_numpy(z64, e64, g)), ("straight-through", g)):
+        output_gradients = tf.constant((expected_dz + commitment).reshape(z.shape), tf.float32)
+        expected = tape.gradient(z, encoder.trainable_variables, output_gradients=output_gradients)
+        close = [np.allclose(a, b, rtol=1e-3, atol=1e-7) for a, b in zip(got, expected)]
+        assert all(close) if through == "rotation" else not any(close[:1]), through  # the first conv's kernel
 
 
 def test_cosine_nearest_code_matches_numpy_brute_force():

@@ -343,8 +343,13 @@ class RotationTrick(keras.layers.Layer):
     q = e/|e| (r = (u + q)/|u + q|), both treated as constants: z reaches e by lambda R z. So
     the gradient keeps the angle between z and the direction the decoder asks it to move in
     relative to its code, instead of being copied unchanged.
+    lambda is capped at MAX_GAIN (R is a rotation: the gradient to z is then at most MAX_GAIN
+    times the incoming one). The paper leaves it unbounded: a z near 0 with a code of ordinary
+    size would get an unbounded step. Only z shorter than |e| / MAX_GAIN are affected.
     Computed in float32 under any dtype policy.
     """
+
+    MAX_GAIN = 100.0
 
     def __init__(self, **kwargs):
         kwargs.setdefault("dtype", "float32")
@@ -354,9 +359,11 @@ class RotationTrick(keras.layers.Layer):
         z, e = inputs
         z_norm = ops.sqrt(ops.sum(ops.square(z), axis=-1, keepdims=True))
         e_norm = ops.sqrt(ops.sum(ops.square(e), axis=-1, keepdims=True))
-        u, q = ops.stop_gradient(l2_normalize(z)), ops.stop_gradient(l2_normalize(e))
+        # Unit vectors for every z that is not 0 in float32 (the default epsilon would shorten u below |z| = 1e-6).
+        tiny = float(np.finfo(np.float32).tiny)
+        u, q = ops.stop_gradient(l2_normalize(z, tiny)), ops.stop_gradient(l2_normalize(e, tiny))
         r = ops.stop_gradient(l2_normalize(u + q))
-        scale = ops.stop_gradient(e_norm / ops.maximum(z_norm, 1e-6))  # bounded: a near-zero z gets no huge gradient
+        scale = ops.stop_gradient(e_norm / ops.maximum(z_norm, ops.maximum(e_norm / self.MAX_GAIN, tiny)))
         dot = lambda a, b: ops.sum(a * b, axis=-1, keepdims=True)  # noqa: E731
         rotated = scale * (z - 2 * dot(z, r) * r + 2 * dot(z, u) * q)  # lambda R z, linear in z
         return rotated + ops.stop_gradient(e - rotated)  # e's value exactly (lambda R z is e up to rounding)
