@@ -25,33 +25,39 @@ def _fsq(levels=LEVELS, dim=6, seed=0):
     return layer
 
 
-def _fsq_numpy(layer, z):
-    """The paper's bound and rounding, and our mixed-radix code and projection back, in NumPy."""
-    w_in, b_in, w_out, b_out = (w.numpy().astype(np.float64) for w in layer.weights)
-    levels = np.array(layer.levels)
-    half_l = (levels - 1) * (1 - 1e-3) / 2
-    offset = np.where(levels % 2 == 0, 0.5, 0.0)
-    bounded = np.tanh(z @ w_in + b_in + np.tan(offset / half_l)) * half_l - offset
-    rounded = np.round(bounded)
-    digits = (rounded + levels // 2).astype(int)
-    codes = np.ravel_multi_index(tuple(np.moveaxis(digits, -1, 0)), levels, order="F")  # digit 0 least significant
-    return bounded, rounded, codes, (rounded / (levels // 2)) @ w_out + b_out
+def test_fsq_bound_rounding_and_codes_match_numbers_worked_out_by_hand():
+    """The paper's bound tanh(h + tan(offset / half_l)) * half_l - offset, half_l = (L - 1)(1 - 1e-3) / 2,
+    offset 1/2 for even L, worked out by hand for L = 5 (half_l 1.998, no offset: values -2..2) and
+    L = 4 (half_l 1.4985, shift tan(0.5 / 1.4985) = 0.346627: values -2..1), with identity projections."""
+    layer = FiniteScalarQuantizer([5, 4])
+    layer.build((None, 2))
+    layer.set_weights([np.eye(2), np.zeros(2), np.eye(2), np.zeros(2)])
+    h = np.array([[-10, -10], [-0.6, -1], [0, 0], [0.3, 0.5], [10, 10]], np.float32)
+    bounded = [[-1.998, -1.9985], [-1.07303, -1.36004], [0, -0.00043], [0.58204, 0.53292], [1.998, 0.9985]]
+    np.testing.assert_allclose(np.asarray(layer.bound(h)), bounded, atol=2e-5)
+    codes, vectors = (np.asarray(t) for t in layer(h))
+    # rounded (-2, -2), (-1, -1), (0, 0), (1, 1), (2, 1); digits + (2, 2); code = d0 + 5 * d1
+    assert codes.dtype == np.int32
+    np.testing.assert_array_equal(codes, [0, 6, 12, 18, 19])
+    # rounded / (L // 2): L = 5 -> {-1, -0.5, 0, 0.5, 1}, L = 4 -> {-1, -0.5, 0, 0.5}
+    np.testing.assert_allclose(vectors, [[-1, -1], [-0.5, -0.5], [0, 0], [0.5, 0.5], [1, 0.5]], atol=1e-6)
 
 
-def test_fsq_bound_rounding_and_codes_match_numpy():
+def test_fsq_projects_in_and_out_around_the_bound():
+    """Random projections and biases: the layer is the identity-projection layer above applied to
+    z @ W_in + b_in, its code vectors mapped by W_out, b_out."""
     layer = _fsq()
+    w_in, b_in, w_out, b_out = (w.numpy() for w in layer.weights)
+    square = FiniteScalarQuantizer(LEVELS)
+    square.build((None, len(LEVELS)))
+    square.set_weights([np.eye(4), np.zeros(4), np.eye(4), np.zeros(4)])
     z = (3 * np.random.default_rng(1).normal(size=(4, 5, 5, 6))).astype(np.float32)  # saturates some channels
     codes, vectors = (np.asarray(t) for t in layer(z))
-    bounded, rounded, expected_codes, expected_vectors = _fsq_numpy(layer, z.astype(np.float64))
-    np.testing.assert_allclose(np.asarray(layer.bound(z @ layer.weights[0].numpy() + layer.weights[1].numpy())),
-                               bounded, atol=1e-5)
-    levels = np.array(LEVELS)
-    assert (rounded >= -(levels // 2)).all() and (rounded <= levels - 1 - levels // 2).all()
+    square_codes, square_vectors = (np.asarray(t) for t in square(z @ w_in + b_in))
+    np.testing.assert_array_equal(codes, square_codes)
+    np.testing.assert_allclose(vectors, square_vectors @ w_out + b_out, atol=1e-4)
     for i, level in enumerate(LEVELS):  # every channel takes exactly its number of values
-        assert len(np.unique(rounded[..., i])) == level
-    assert codes.dtype == np.int32 and codes.shape == (4, 5, 5)
-    np.testing.assert_array_equal(codes, expected_codes)
-    np.testing.assert_allclose(vectors, expected_vectors, atol=1e-4)
+        assert len(np.unique(square_vectors[..., i])) == level
 
 
 def test_fsq_codes_cover_the_mixed_radix_range_and_round_trip_through_lookup():
