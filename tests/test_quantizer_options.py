@@ -193,13 +193,43 @@ def test_cosine_nearest_code_matches_numpy_brute_force():
                                atol=1e-6)
 
 
+class CodebookSteps(keras.callbacks.Callback):
+    """The quantizer's codebook before the first step (after k-means) and after each step."""
+
+    def on_train_begin(self, logs=None):
+        self.layer = self.model.get_layer("vector_quantizer")
+        self.codebooks = [self.layer.codebook.numpy()]
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.codebooks.append(self.layer.codebook.numpy())
+
+
 def test_cosine_codebook_model_feeds_unit_vectors_with_ema_restarts_and_kmeans(tmp_path):
-    config = tiny_config(cosine_codebook=True, quantizer="ema", restart_dead=1, kmeans_init=True, jit_compile=False)
+    """Unit vectors everywhere, and each option at work: k-means, EMA and restarts each leave a
+    mark that the others cannot. 32 codes for 64 positions a batch: some go unused every step."""
+    config = tiny_config(cosine_codebook=True, quantizer="ema", restart_dead=1, kmeans_init=True, jit_compile=False,
+                         num_codes=32)
     images = np.random.default_rng(0).uniform(-1, 1, (16, 16, 16, 3)).astype(np.float32)
-    vqvae = vqk.train_vqvae(config, str(tmp_path / "run"), steps=3, data=images)
+    steps = CodebookSteps()
+    vqvae = vqk.train_vqvae(config, str(tmp_path / "run"), steps=3, data=images, callbacks=[steps])
     z = vqvae.encode(images)
     np.testing.assert_allclose(np.linalg.norm(z, axis=-1), 1, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(vqvae.quantize(z)[1], axis=-1), 1, atol=1e-5)
+    # k-means: centroids of unit vectors, not the uniform init (rows of norm <= 0.05 * sqrt(8) = 0.14).
+    norms = [np.linalg.norm(codebook, axis=-1) for codebook in steps.codebooks]
+    assert norms[0].min() > 0.3
+    # EMA: the counts moved from their start (ones), and the codebook is the smoothed average.
+    layer = vqvae.vq_layer
+    counts, sums = layer.ema_counts.numpy(), layer.ema_sums.numpy()
+    assert np.abs(counts - 1).max() > 0.01
+    total = counts.sum()
+    smoothed = (counts + layer.ema_epsilon) / (total + len(counts) * layer.ema_epsilon) * total
+    np.testing.assert_allclose(layer.codebook.numpy(), sums / smoothed[:, None], rtol=1e-4, atol=1e-6)
+    # Restarts: codes jump onto an encoder output (unit norm), which an EMA step (a weighted mean
+    # of unit vectors and the code's old place) does not do.
+    jumped = [(np.linalg.norm(after - before, axis=-1) > 0.05) & (np.abs(norm - 1) < 1e-5)
+              for before, after, norm in zip(steps.codebooks, steps.codebooks[1:], norms[1:])]
+    assert sum(j.sum() for j in jumped) >= 3, [int(j.sum()) for j in jumped]
 
 
 OPTIONS = {
