@@ -1,21 +1,123 @@
-"""What train.py and sample.py share: argument types, one-line errors, exit statuses."""
+"""What the commands share: flags made from the Config, argument types, one-line errors, exit statuses.
+
+Nothing here imports TensorFlow: `--help` and bad flags are answered in well under a second, and
+TensorFlow is imported only once the arguments have been parsed and checked.
+"""
 
 import argparse
+import dataclasses
+import difflib
 import math
 import os
 import sys
 
-from .errors import UsageError
+from . import config as config_module
+from .config import Config
+from .errors import UsageError, WriteFailed
 
 EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+# The help shows these, so a default is written once: in the Config.
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
+CHOICES = {"quantizer": config_module.QUANTIZERS, "gumbel_schedule": config_module.SCHEDULES,
+           "precision": config_module.PRECISIONS, "prior": config_module.PRIORS}
+
+
+def quiet_tensorflow_logs():
+    """A command's own process: TensorFlow's C++ log lines (an "E0000 ... cuInit" line on every
+    machine without a GPU, XLA notices) stay hidden unless TF_CPP_MIN_LOG_LEVEL or VQK_VERBOSE_TF
+    asks otherwise. Set before TensorFlow is imported, which is when it reads it."""
+    if not os.environ.get("VQK_VERBOSE_TF"):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def import_tensorflow():
+    """Import TensorFlow now, its start-up notices hidden: a command calls this once its
+    arguments are checked, before it imports the modules that need TensorFlow."""
+    from . import _import_tensorflow_quietly
+
+    _import_tensorflow_quietly()
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr and exit status 2."""
+    """argparse, but a bad flag is one line on stderr and exit status 2, abbreviations are not
+    accepted (`--step` must not silently mean `--steps`), and a typo gets the close match."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}{self._suggestion(namespace, extras)}")
+        return namespace
+
+    def _suggestion(self, namespace, extras):
+        """' (did you mean --steps?)' for the first unknown flag close to one of the command's."""
+        parser = self
+        for action in self._actions:  # the chosen sub-command knows the flags that were meant
+            if isinstance(action, argparse._SubParsersAction) and getattr(namespace, action.dest, None):
+                parser = action.choices.get(getattr(namespace, action.dest), self)
+        known = [flag for action in parser._actions for flag in action.option_strings]
+        for word in extras:
+            if word.startswith("--"):
+                close = difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.6)
+                if close:
+                    return f" (did you mean {close[0]}?)"
+        return ""
+
+    def _check_value(self, action, value):
+        if action.choices is not None and value not in action.choices:
+            choices = ", ".join(map(repr, action.choices))
+            close = difflib.get_close_matches(str(value), [str(c) for c in action.choices], n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise argparse.ArgumentError(action, f"invalid choice: {value!r} (choose from {choices}){hint}")
+
+
+def show(value):
+    """A default as the help writes it."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def add_field(parser, field, help, flag=None, default_text=None, **kwargs):
+    """A flag that sets the Config field `field`: its help shows the Config's default (or
+    default_text, for a default that is not a plain value), its choices are the config module's.
+
+    argparse's own default stays None, so a flag that was not given is told apart from one given
+    with the default value (--resume compares only what was given with the saved run)."""
+    flag = flag or "--" + field.replace("_", "-")
+    default = DEFAULTS[field]
+    if default_text is None and default is not None and kwargs.get("action") != "store_true":
+        default_text = show(default)
+    if default_text is not None:
+        help = f"{help} (default: {default_text})"
+    if field in CHOICES:
+        kwargs["choices"] = CHOICES[field]
+    kwargs.setdefault("default", None)
+    action = parser.add_argument(flag, dest=field, help=help, **kwargs)
+    action.config_field = field
+    return action
+
+
+def field_flags(parser):
+    """{Config field: its flag} of every add_field flag of a parser (argument groups included)."""
+    return {action.config_field: action.option_strings[0] for action in parser._actions
+            if hasattr(action, "config_field")}
+
+
+def given_fields(args, parser):
+    """{Config field: the flag's value or None} of every add_field flag of a parser."""
+    return {field: getattr(args, field) for field in field_flags(parser)}
 
 
 def _number(kind, what, low, high=None, open_low=False, open_high=False):
@@ -62,12 +164,18 @@ def not_a_file(text):
 
 
 def output_file(ending):
-    """An argparse type: a file to write, named *ending (its folder is made if missing)."""
+    """An argparse type: a file to write, named *ending, in a folder that exists or can be made
+    (caught here rather than after minutes of work: a file where its folder should be)."""
     def parse(text):
         if os.path.isdir(text) or text.endswith(os.sep):
             raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name ending in {ending}")
         if not text.lower().endswith(ending):
             raise argparse.ArgumentTypeError(f"{text} must end in {ending}")
+        parent = os.path.dirname(os.path.abspath(text))
+        while not os.path.exists(parent):  # the nearest existing folder above: it will hold the new ones
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise argparse.ArgumentTypeError(f"cannot write {text}: {parent} is a file, not a folder")
         return text
     return parse
 
@@ -81,9 +189,9 @@ def validate_flags(config, flags, flag_names=None):
     try:
         return config.validate()
     except UsageError as e:
-        field = str(e).split(" ")[0]
+        field = e.field or str(e).split(" ")[0]  # older messages start with the field's name
         if flags.get(field) is not None:
-            raise UsageError(f"{_flag(field, flag_names)}: {e}") from None
+            raise UsageError(f"{_flag(field, flag_names)}: {e}", field=field) from None
         raise
 
 
@@ -96,22 +204,20 @@ def add_steps_flags(parser, restart=False):
     if restart:
         group.add_argument("--restart", action="store_true",
                            help="delete the run's prior (weights, checkpoint, codes.npy, log, sample grids) "
-                                "and train it anew")
+                                "and train a new one: prior flags not given take their defaults")
 
 
-def config_for_run(run, flags, resume):
+def config_for_run(run, flags, resume, flag_names=None):
     """The Config of a VQ-VAE run: new from flags, or on --resume the saved one, which the flags
     may not contradict (a moved --data folder and --sample-every may change)."""
-    from .config import Config
-
     config_path = os.path.join(run, "config.json")
     if not resume:
         if os.path.exists(config_path):
             raise UsageError(f"{run} already holds a run; add --resume to continue it, or choose another --run")
-        return validate_flags(Config(**{k: v for k, v in flags.items() if v is not None}), flags)
+        return validate_flags(Config(**{k: v for k, v in flags.items() if v is not None}), flags, flag_names)
     if not os.path.isfile(config_path):
         raise UsageError(f"--resume: no run to resume at {run} (no config.json)")
-    return apply_flags(Config.load(config_path), flags, changeable=("data", "sample_every"))
+    return apply_flags(Config.load(config_path), flags, changeable=("data", "sample_every"), flag_names=flag_names)
 
 
 def apply_flags(config, flags, changeable, flag_names=None):
@@ -124,7 +230,8 @@ def apply_flags(config, flags, changeable, flag_names=None):
         if name in changeable:
             setattr(config, name, value)
         elif value != saved:
-            raise UsageError(f"{_flag(name, flag_names)} {value} contradicts the run's saved {name} = {saved}")
+            raise UsageError(f"{_flag(name, flag_names)} {value} contradicts the run's saved {name} = {saved}",
+                             field=name)
     return validate_flags(config, flags, flag_names)
 
 
@@ -136,18 +243,29 @@ def check_options_apply(flags, quantizer):
             raise UsageError(f"--{name.replace('_', '-')} applies to --quantizer {family}, this run uses {quantizer}")
 
 
+def _non_finite_loss(error):
+    """Whether error is training's NonFiniteLoss (looked up only if training was imported: when
+    it was not, nothing could have raised it, and importing it would import TensorFlow)."""
+    training = sys.modules.get(f"{__package__}.training")
+    kind = getattr(training, "NonFiniteLoss", None)
+    return kind is not None and isinstance(error, kind)
+
+
 def run_main(main, argv=None):
     """Run main(argv), turning known failures into a one-line message and an exit status."""
-    from .training import NonFiniteLoss
-
     try:
         main(argv)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
-    except NonFiniteLoss as e:
+    except WriteFailed as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
     except KeyboardInterrupt:
         print("\ninterrupted: checkpoint saved; run the same command with --resume to continue", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:
+        if not _non_finite_loss(e):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_FAILED)
