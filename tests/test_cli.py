@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 
 import vq_vae_keras as vqk
 
-from conftest import ROOT, TINY_FLAGS, run_cli, write_images
+from conftest import ROOT, TINY_FLAGS, call_main, run_cli, write_images
 
 
 def test_training_writes_the_run_directory(trained_run):
@@ -144,3 +145,95 @@ def test_kill_9_loses_at_most_sample_every_steps(tmp_path):
     run_cli("train.py", "vqvae", "--data", data, "--run", run, "--resume", "--steps", str(saved_step + 2))
     rows = open(log).read().splitlines()
     assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, saved_step + 3))
+
+
+# ---- resume and re-run: what the command line keeps, and what it does not
+
+PRIOR_SIZE = ["--prior-heads", "2", "--prior-head-dim", "4", "--prior-depth", "2"]
+
+
+def saved_config(run):
+    with open(os.path.join(run, "config.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path):
+    copy = str(tmp_path / "run")
+    shutil.copytree(trained_run["run"], copy)
+    return copy
+
+
+def test_vqvae_resume_reads_the_image_folder_from_the_run(run_copy, trained_run, tmp_path):
+    import train
+
+    status, _, err = call_main(train.main, ["vqvae", "--run", run_copy, "--resume", "--steps", "6"])
+    assert status == 0, err
+    assert open(os.path.join(run_copy, "log.csv")).read().splitlines()[-1].startswith("6,")
+    # The folder moved: a one-line error that says what to do, then --data where it went.
+    config = saved_config(run_copy)
+    moved = str(tmp_path / "moved")
+    shutil.copytree(trained_run["data"], moved)
+    config["data"] = str(tmp_path / "gone")
+    with open(os.path.join(run_copy, "config.json"), "w") as f:
+        json.dump(config, f)
+    status, _, err = call_main(train.main, ["vqvae", "--run", run_copy, "--resume", "--steps", "7"])
+    assert status == 2 and "is gone; give --data DIR" in err and len(err.strip().splitlines()) == 1, err
+    status, _, err = call_main(train.main, ["vqvae", "--run", run_copy, "--resume", "--steps", "7", "--data", moved])
+    assert status == 0, err
+    assert saved_config(run_copy)["data"] == moved
+
+
+def test_a_new_vqvae_run_still_needs_data(tmp_path):
+    import train
+
+    status, _, err = call_main(train.main, ["vqvae", "--run", str(tmp_path / "run"), "--steps", "1"])
+    assert status == 2 and "the following arguments are required: --data" in err
+
+
+def test_prior_data_is_recorded_beside_the_vqvaes_folder(run_copy, trained_run, tmp_path):
+    import train
+
+    other = write_images(tmp_path / "other", count=8, seed=1)
+    argv = ["prior", "--run", run_copy, "--restart", "--data", other, "--steps", "1", "--batch-size", "4", *PRIOR_SIZE]
+    status, _, err = call_main(train.main, argv)
+    assert status == 0, err
+    config = saved_config(run_copy)
+    assert config["data"] == trained_run["data"] and config["prior_data"] == other
+    assert np.load(os.path.join(run_copy, "codes.npy")).shape == (8, 4, 4)
+
+
+def test_restart_is_a_new_prior_with_the_defaults_of_flags_not_given(run_copy):
+    import train
+
+    base = ["prior", "--run", run_copy, "--restart", "--steps", "1", "--batch-size", "4"]
+    status, _, err = call_main(train.main, [*base, *PRIOR_SIZE, "--val-split", "0.25"])
+    assert status == 0, err
+    assert saved_config(run_copy)["val_split"] == 0.25
+    status, out, err = call_main(train.main, [*base, *PRIOR_SIZE])
+    assert status == 0, err
+    assert saved_config(run_copy)["val_split"] == 0.0 and "val_split 0.25 -> 0.0" in out
+    config = saved_config(run_copy)
+    assert (config["prior_heads"], config["prior_head_dim"], config["prior_depth"]) == (2, 4, 2)
+    # The size of a saved prior is part of it: --resume may not change it.
+    status, _, err = call_main(train.main, ["prior", "--run", run_copy, "--resume", "--steps", "2", "--prior-heads", "4"])
+    assert status == 2 and "--prior-heads 4 contradicts the run's saved prior_heads = 2" in err, err
+
+
+def test_the_seed_is_printed_only_once_something_is_drawn(trained_run):
+    import sample
+
+    status, out, err = call_main(sample.main, ["random", "--run", trained_run["run"], "--top-k", "99"])
+    assert status == 2 and "--top-k" in err and "seed" not in out
+
+
+def test_usage_says_what_it_counts_and_draws_a_chart(trained_run, tmp_path):
+    import sample
+
+    out_png = str(tmp_path / "usage.png")
+    status, out, err = call_main(sample.main, ["usage", "--run", trained_run["run"], "--data", trained_run["data"],
+                                               "--out", out_png])
+    assert status == 0, err
+    assert "codes used in inference over the 16 images of" in out
+    chart = iio.imread(out_png)
+    assert chart.ndim == 3 and chart.shape[1] > 300 and chart.shape[0] > 250
