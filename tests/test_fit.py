@@ -162,19 +162,27 @@ def test_mixed_precision_steps_are_finite_and_codes_match_float32(precision):
     for _ in range(3):
         logs = model.train_on_batch(x, return_dict=True)
         assert all(np.isfinite(v) for v in logs.values())
-    # Codes are picked in float32: near-ties that 8-bit (bfloat16) or 11-bit (float16) distances
-    # |z|^2 + |e|^2 - 2 z.e (about 200 here) get wrong are picked as float64 NumPy picks them.
-    rng = np.random.default_rng(0)
-    codebook = (5 + 0.1 * rng.normal(size=(8, 8))).astype(np.float32)
-    z = 5 + 0.1 * rng.normal(size=(4, 4, 4, 8))
-    z = keras.ops.convert_to_numpy(keras.ops.cast(keras.ops.cast(z, "bfloat16"), "float32"))  # z as the encoder gives it
+    # Codes are picked in float32 on the encoder's own 16-bit output, inside train_model: near-ties
+    # that distances |z|^2 + |e|^2 - 2 z.e (about 80 here) in 8-bit (bfloat16) or 11-bit (float16)
+    # arithmetic get wrong are picked as float64 NumPy picks them. The codebook: 8 of the encoder's
+    # outputs (their mean direction taken out), shrunk to 0.2 and moved 3 out along every axis.
+    low = precision.split("_")[1]
+    objective = model.get_layer("objective")
+    probe = keras.Model(model.input, objective.input[2:])  # z and e as the objective receives them
+    assert probe.outputs[0].dtype == low
+    z = keras.ops.convert_to_numpy(keras.ops.cast(probe(x, training=True)[0], "float32"))
+    w = z.reshape(-1, 8)[::16][:8]
+    w = w - w.mean(-1, keepdims=True)
+    codebook = (3 + 0.2 * w / np.linalg.norm(w, axis=-1, keepdims=True)).astype(np.float32)
     vqvae.vq_layer.codebook.assign(codebook)
+    z, e = (keras.ops.convert_to_numpy(keras.ops.cast(t, "float32")) for t in probe(x, training=True))
     expected = np.argmin(((z[..., None, :].astype(np.float64) - codebook) ** 2).sum(-1), axis=-1)
-    low = z.astype(np.float16)  # the same distances in float16 get some codes wrong: the check has teeth
-    low_codes = np.argmin((low ** 2).sum(-1, keepdims=True) + (codebook.astype(np.float16) ** 2).sum(-1)
-                          - 2 * low @ codebook.astype(np.float16).T, axis=-1)
-    assert (low_codes != expected).any()
-    np.testing.assert_array_equal(vqvae.quantize(z)[0], expected)
+    assert len(np.unique(expected)) >= 4
+    np.testing.assert_array_equal(e, codebook[expected])  # each e is the row of its float64 code
+    z_low, codebook_low = tf.cast(z, low), tf.cast(codebook, low)  # the same distances in 16 bits
+    low_distances = (tf.reduce_sum(z_low ** 2, -1, keepdims=True) + tf.reduce_sum(codebook_low ** 2, -1)
+                     - 2 * tf.einsum("...d,kd->...k", z_low, codebook_low))
+    assert (np.argmin(tf.cast(low_distances, "float32").numpy(), -1) != expected).any()  # the check has teeth
     reference = vqk.build_vqvae(tiny_config())
     # Weights are float32 in every policy: a float32 model loads them.
     reference.train_model.set_weights(model.get_weights())
