@@ -228,3 +228,16 @@ def test_the_run_callbacks_work_in_a_user_fit(tmp_path):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(fresh.optimizer.variables, model.optimizer.variables):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(quantizer="ema"), dict(quantizer="gumbel"),
+                                       dict(quantizer="fsq", fsq_levels=[2, 4], num_codes=8)])
+def test_metric_names_are_the_keys_the_model_logs(overrides):
+    """metric_names(config) is what a training step reports: FSQ and Gumbel report no mse_e or
+    mse_z (no such terms in their objective)."""
+    config = tiny_config(**overrides)
+    model = vqk.models.compile_vqvae(vqk.build_vqvae(config))
+    logs = model.train_on_batch(images(4), return_dict=True)
+    names = vqk.models.metric_names(config)
+    assert sorted(logs) == sorted(names) and names[:2] == ["loss", "mse_x"]
+    assert ("mse_z" in names) == (config.quantizer in ("vq", "ema"))

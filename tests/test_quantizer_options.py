@@ -324,3 +324,14 @@ np.save({str(tmp_path / 'recon.npy')!r}, vqk.load_run({run!r}).vqvae.reconstruct
     np.testing.assert_allclose(np.load(tmp_path / "recon.npy"), here.vqvae.reconstruct(images), atol=1e-6)
     np.testing.assert_allclose(np.load(tmp_path / "whole.npy"), here.vqvae.train_model.predict(images, verbose=0),
                                atol=1e-6)
+
+
+def test_fsq_has_no_seed_and_older_configs_with_one_still_load():
+    layer = FiniteScalarQuantizer(LEVELS, name="fsq_quantizer")
+    config = layer.get_config()
+    assert "seed" not in config and "num_codes" not in config
+    again = FiniteScalarQuantizer.from_config({**config, "seed": 0})  # as files saved before carried it
+    assert again.levels == LEVELS and again.num_codes == 120
+    old_objective = vqk.models.VQVAEObjective.from_config({"name": "objective", "beta": 0.25, "codebook_weight": 1.0,
+                                                           "gumbel": True})
+    assert not old_objective.codebook_terms

@@ -138,17 +138,20 @@ class VQVAEObjective(ReplicaLocalLosses, keras.layers.Layer):
       mse_x = mean((x - x_rec)^2)                  (the decoder and, straight through, the encoder),
       mse_e = mean((stop_gradient(z) - e)^2)       (moves the codebook; weight 0 with the EMA codebook),
       mse_z = mean((stop_gradient(e) - z)^2)       (the commitment term, moves the encoder).
-    With the Gumbel quantizer (gumbel=True) only mse_x is added here: that layer adds its own
-    kl_weight * KL term, the one part of its objective that needs its logits.
-    Computed in float32 under any dtype policy; mse_x, mse_e and mse_z are reported as metrics.
+    codebook_terms=False (the Gumbel and FSQ quantizers): mse_x alone, and mse_e and mse_z are
+    neither added nor reported. (The Gumbel quantizer adds its own kl_weight * KL term, the one
+    part of its objective that needs its logits.)
+    Computed in float32 under any dtype policy; the terms it adds are reported as metrics.
     """
 
-    def __init__(self, beta=0.25, codebook_weight=1.0, gumbel=False, **kwargs):
+    def __init__(self, beta=0.25, codebook_weight=1.0, codebook_terms=True, **kwargs):
+        if "gumbel" in kwargs:  # files saved before FSQ dropped its terms too
+            codebook_terms = not kwargs.pop("gumbel")
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        self.beta, self.codebook_weight, self.gumbel = beta, codebook_weight, gumbel
+        self.beta, self.codebook_weight, self.codebook_terms = beta, codebook_weight, codebook_terms
         self.mse_x = keras.metrics.Mean(name="mse_x")
-        if not gumbel:
+        if codebook_terms:
             self.mse_e = keras.metrics.Mean(name="mse_e")
             self.mse_z = keras.metrics.Mean(name="mse_z")
 
@@ -156,7 +159,7 @@ class VQVAEObjective(ReplicaLocalLosses, keras.layers.Layer):
         x, x_rec, z, e = (ops.cast(t, "float32") for t in inputs)
         mse_x = ops.mean(ops.square(x - x_rec))
         self.mse_x.update_state(mse_x)
-        if self.gumbel:
+        if not self.codebook_terms:
             self.add_loss(mse_x)
             return x_rec
         mse_e = ops.mean(ops.square(ops.stop_gradient(z) - e))
@@ -171,7 +174,7 @@ class VQVAEObjective(ReplicaLocalLosses, keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "beta": self.beta, "codebook_weight": self.codebook_weight,
-                "gumbel": self.gumbel}
+                "codebook_terms": self.codebook_terms}
 
 
 @contextlib.contextmanager
@@ -191,7 +194,7 @@ def build_quantizer(config: Config) -> CodebookLayer:
         return GumbelQuantizer(config.num_codes, config.gumbel_kl_weight, config.gumbel_temperature,
                                seed=config.seed, name="gumbel_quantizer")
     if config.quantizer == "fsq":
-        return FiniteScalarQuantizer(config.fsq_levels, seed=config.seed, name="fsq_quantizer")
+        return FiniteScalarQuantizer(config.fsq_levels, name="fsq_quantizer")
     return VectorQuantizer(config.num_codes, ema_decay=config.ema_decay if config.quantizer == "ema" else None,
                            ema_epsilon=config.ema_epsilon, restart_dead=config.restart_dead, seed=config.seed,
                            cosine=config.cosine_codebook, name="vector_quantizer")
@@ -204,6 +207,18 @@ def decoder_input(config: Config, z, e):
     if config.rotation_trick:
         return RotationTrick(name="rotation_trick")([z, e])
     return StraightThrough(name="straight_through")([z, e])
+
+
+def codebook_terms(config: Config) -> bool:
+    """Whether the objective has mse_e and mse_z: not with the Gumbel or FSQ quantizers."""
+    return config.quantizer not in ("gumbel", "fsq")
+
+
+def metric_names(config: Config) -> list:
+    """The keys of the logs that the config's train_model reports while training, in log order
+    (the training loop adds its own, e.g. the Gumbel temperature)."""
+    terms = ["mse_e", "mse_z"] if codebook_terms(config) else ["kl"] if config.quantizer == "gumbel" else []
+    return ["loss", "mse_x", *terms, "perplexity", "usage"]
 
 
 def build_vqvae(config: Config) -> VQVAE:
@@ -224,11 +239,10 @@ def build_vqvae(config: Config) -> VQVAE:
         _, e = vq_layer(z)
         x_rec = decoder(decoder_input(config, z, e))
         # With EMA the codebook follows the encoder by averages, so mse_e (its gradient) is dropped.
-        # FSQ has no codebook and needs no commitment (its values are bounded): mse_x alone, beta unused
-        # (mse_e and mse_z, the distance between z and its projected-back code vector, are only reported).
-        fsq = config.quantizer == "fsq"
-        objective = VQVAEObjective(0.0 if fsq else config.beta, 0.0 if config.quantizer in ("ema", "fsq") else 1.0,
-                                   config.quantizer == "gumbel", name="objective")
+        # FSQ has no codebook and needs no commitment (its values are bounded), Gumbel has its KL:
+        # mse_x alone for both, beta unused.
+        objective = VQVAEObjective(config.beta, 0.0 if config.quantizer == "ema" else 1.0,
+                                   codebook_terms(config), name="objective")
         train_model = keras.Model(x_in, objective([x_in, x_rec, z, e]), name="vqvae")
     return VQVAE(config, encoder, quantizer, decoder, train_model, vq_layer)
 

@@ -281,9 +281,9 @@ class FiniteScalarQuantizer(CodebookLayer):
 
     BOUND_EPSILON = 1e-3  # the paper's: keeps tanh's range inside the outer levels
 
-    def __init__(self, levels, seed=None, **kwargs):
+    def __init__(self, levels, **kwargs):
         self.levels = [int(level) for level in levels]
-        super().__init__(int(np.prod(self.levels)), seed, **kwargs)
+        super().__init__(int(np.prod(self.levels)), **kwargs)
         levels = np.asarray(self.levels, np.float64)
         self._half_width = (levels // 2).astype(np.float32)  # rounded values lie in [-half_width, ...]
         self._half_range = ((levels - 1) * (1 - self.BOUND_EPSILON) / 2).astype(np.float32)
@@ -328,8 +328,12 @@ class FiniteScalarQuantizer(CodebookLayer):
 
     def get_config(self):
         config = {**super().get_config(), "levels": self.levels}
-        config.pop("num_codes")  # the product of the levels
+        del config["num_codes"], config["seed"]  # the product of the levels; nothing random to seed
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**{k: v for k, v in config.items() if k != "seed"})  # older files carry an unused seed
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
