@@ -167,3 +167,12 @@ def test_training_lowers_validation_nll_below_uniform():
     model.fit(train[:, :-1], train[:, 1:] - 1, batch_size=32, epochs=15, verbose=0)
     after = prior_nll(model, val)
     assert after < math.log(config.num_codes) - 0.3 and after < before
+
+
+@pytest.mark.parametrize("prior", ["attention", "pixelcnn"])
+def test_the_prior_seed_gives_the_initial_weights(prior):
+    first, again, other = (build_prior(tiny_config(prior=prior, seed=seed, pixelcnn_width=8, pixelcnn_depth=2))
+                           .get_weights() for seed in (3, 3, 4))
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(first, other))

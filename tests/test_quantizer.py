@@ -117,3 +117,18 @@ def test_perplexity_against_numpy():
     np.testing.assert_allclose(float(perplexity(codes, 6)), expected, rtol=1e-6)
     np.testing.assert_allclose(float(perplexity(np.arange(6), 6)), 6.0, rtol=1e-6)
     np.testing.assert_allclose(float(perplexity(np.zeros(9, int), 6)), 1.0, rtol=1e-6)
+
+
+def test_config_seed_gives_the_initial_weights_without_touching_global_state():
+    """Same seed, same weights, in one process and without deterministic=True; another seed,
+    other weights. Python's random state is left where it was."""
+    import random
+
+    state = random.getstate()
+    first, again, other = (vqk.build_vqvae(tiny_config(seed=seed)).train_model.get_weights() for seed in (0, 0, 1))
+    assert random.getstate() == state
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)
+    random_ones = [i for i, w in enumerate(first) if w.std() > 0]  # kernels and codebook, not zeros/ones
+    assert len(random_ones) >= 5 and all(not np.array_equal(first[i], other[i]) for i in random_ones)
+    assert len({first[i].flat[0] for i in random_ones}) == len(random_ones)  # a seed of its own per layer

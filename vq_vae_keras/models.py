@@ -4,6 +4,7 @@ Reference names: e_model -> encoder, q_model -> quantizer, g_model -> decoder, t
 """
 
 import contextlib
+import random
 from dataclasses import dataclass
 
 import keras
@@ -188,6 +189,22 @@ def dtype_policy(name):
         keras.config.set_dtype_policy(previous)
 
 
+@contextlib.contextmanager
+def seeded_initializers(seed):
+    """Layers made inside draw their initial weights from `seed`: the same seed, the same weights.
+
+    Keras gives each initializer made without a seed (glorot_uniform, uniform, ...) one of its own,
+    drawn from Python's `random` as the layer makes it; that draw is seeded here and Python's
+    random state put back afterwards, so nothing else in the process changes. The initializers
+    and their distributions are Keras's defaults, as in the reference; each layer gets its own seed."""
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
+
+
 def build_quantizer(config: Config) -> CodebookLayer:
     """The reference's VectorQuantizer, or the quantizer the config's codebook options ask for."""
     if config.quantizer == "gumbel":
@@ -224,9 +241,9 @@ def metric_names(config: Config) -> list:
 def build_vqvae(config: Config) -> VQVAE:
     """The four models of the reference under config.precision (float32, mixed_bfloat16 or
     mixed_float16); the quantizer and the objective stay float32, weights are float32 in every
-    policy, so weights saved in one precision load in any."""
+    policy, so weights saved in one precision load in any. The initial weights follow config.seed."""
     config.validate()
-    with dtype_policy(config.precision):
+    with dtype_policy(config.precision), seeded_initializers(config.seed):
         encoder = build_encoder(config)
         decoder = build_decoder(config)
 

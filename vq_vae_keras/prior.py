@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .config import Config
 from .errors import UsageError
+from .models import seeded_initializers
 
 PACKAGE = "vq_vae_keras"
 START_TOKEN = 0
@@ -249,15 +250,17 @@ class Prior(keras.Model):
 
 def build_prior(config: Config) -> keras.Model:
     """The config's prior (attention, the reference, or pixelcnn): int tokens (batch, length <= h*w)
-    -> (batch, length, num_codes) next-code probabilities."""
+    -> (batch, length, num_codes) next-code probabilities. The initial weights follow the prior's
+    seed (config.prior_seed, else config.seed)."""
     config.validate()
-    if config.prior == "pixelcnn":
-        from .pixelcnn import build_pixelcnn
+    with seeded_initializers(config.seed if config.prior_seed is None else config.prior_seed):
+        if config.prior == "pixelcnn":
+            from .pixelcnn import build_pixelcnn
 
-        return build_pixelcnn(config)
-    h, w = config.grid_shape
-    return Prior(h, w, config.num_codes, config.prior_dim, config.prior_heads, config.prior_head_dim,
-                 config.prior_depth, config.classes)
+            return build_pixelcnn(config)
+        h, w = config.grid_shape
+        return Prior(h, w, config.num_codes, config.prior_dim, config.prior_heads, config.prior_head_dim,
+                     config.prior_depth, config.classes)
 
 
 def prior_nll(prior, tokens, batch_size=32):
