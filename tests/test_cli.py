@@ -216,7 +216,8 @@ def test_restart_is_a_new_prior_with_the_defaults_of_flags_not_given(run_copy):
     config = saved_config(run_copy)
     assert (config["prior_heads"], config["prior_head_dim"], config["prior_depth"]) == (2, 4, 2)
     # The size of a saved prior is part of it: --resume may not change it.
-    status, _, err = call_main(train.main, ["prior", "--run", run_copy, "--resume", "--steps", "2", "--prior-heads", "4"])
+    argv = ["prior", "--run", run_copy, "--resume", "--steps", "2", "--prior-heads", "4"]
+    status, _, err = call_main(train.main, argv)
     assert status == 2 and "--prior-heads 4 contradicts the run's saved prior_heads = 2" in err, err
 
 

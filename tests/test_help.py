@@ -67,7 +67,8 @@ def test_every_parser_refuses_abbreviations():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["vqvae", "--data", ROOT, "--run", "r", "--stpes", "3"], "unrecognized arguments: --stpes 3 (did you mean --steps?)"),
+    (["vqvae", "--data", ROOT, "--run", "r", "--stpes", "3"],
+     "unrecognized arguments: --stpes 3 (did you mean --steps?)"),
     (["vqvae", "--data", ROOT, "--run", "r", "--step", "3"], "(did you mean --steps?)"),
     (["vqvae", "--data", ROOT, "--run", "r", "--num-code", "8"], "(did you mean --num-codes?)"),
     (["prior", "--run", ROOT, "--prior-head", "4"], "(did you mean --prior-heads?)"),

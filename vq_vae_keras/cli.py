@@ -89,9 +89,11 @@ def show(value):
     return str(value)
 
 
-def add_field(parser, field, help, flag=None, default_text=None, **kwargs):
+def add_field(parser, field, help, flag=None, default_text=None, only=None, **kwargs):
     """A flag that sets the Config field `field`: its help shows the Config's default (or
     default_text, for a default that is not a plain value), its choices are the config module's.
+    only=(other field, value): the flag means something only where that field has that value
+    (--ema-decay: only=("quantizer", "ema")); given elsewhere it is an error (check_flags_apply).
 
     argparse's own default stays None, so a flag that was not given is told apart from one given
     with the default value (--resume compares only what was given with the saved run)."""
@@ -105,7 +107,7 @@ def add_field(parser, field, help, flag=None, default_text=None, **kwargs):
         kwargs["choices"] = CHOICES[field]
     kwargs.setdefault("default", None)
     action = parser.add_argument(flag, dest=field, help=help, **kwargs)
-    action.config_field = field
+    action.config_field, action.only = field, only
     return action
 
 
@@ -235,20 +237,23 @@ def apply_flags(config, flags, changeable, flag_names=None):
     return validate_flags(config, flags, flag_names)
 
 
-def check_options_apply(flags, quantizer):
-    """A quantizer-specific flag given with another quantizer is a mistake worth an error."""
-    for name, value in flags.items():
-        family = name.split("_")[0]
-        if value is not None and family in ("ema", "gumbel", "fsq") and family != quantizer:
-            raise UsageError(f"--{name.replace('_', '-')} applies to --quantizer {family}, this run uses {quantizer}")
+def check_flags_apply(args, parser, config):
+    """A flag given for another quantizer (or prior kind) than the run's is a mistake worth an error."""
+    for action in parser._actions:
+        only = getattr(action, "only", None)
+        if only and getattr(args, action.dest) is not None:
+            field, value = only
+            if getattr(config, field) != value:
+                raise UsageError(f"{action.option_strings[0]} applies to --{field.replace('_', '-')} {value}, "
+                                 f"this run uses {getattr(config, field)}", field=action.dest)
 
 
 def _non_finite_loss(error):
-    """Whether error is training's NonFiniteLoss (looked up only if training was imported: when
-    it was not, nothing could have raised it, and importing it would import TensorFlow)."""
-    training = sys.modules.get(f"{__package__}.training")
-    kind = getattr(training, "NonFiniteLoss", None)
-    return kind is not None and isinstance(error, kind)
+    """Whether error is the training loop's NonFiniteLoss (looked up only where its module was
+    imported: where it was not, nothing raised it, and importing it would import TensorFlow)."""
+    modules = [sys.modules.get(f"{__package__}.{name}") for name in ("callbacks", "training")]
+    kinds = [getattr(module, "NonFiniteLoss", None) for module in modules]
+    return any(kind is not None and isinstance(error, kind) for kind in kinds)
 
 
 def run_main(main, argv=None):

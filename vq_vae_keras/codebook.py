@@ -54,13 +54,19 @@ def counts_perplexity(counts):
     return float(np.exp(-(p * np.log(p)).sum())) if len(p) else 0.0
 
 
+# What training's codebook line counts: the training-mode assignments of the batches since the last
+# sample step (`sample.py usage` counts inference over a folder's images; the two can differ).
+TRAINING_COUNTED = "in training mode over these steps' batches"
+
+
 def summary(counts, counted=None):
     """One line: codes used, perplexity, the most used code's share. counted says what the counts
     are of, after "codes used": e.g. "in inference over the 420 images of DIR" or "in training
     mode over these steps' batches" (the two differ: a reader must know which one this is)."""
     p = counts / max(counts.sum(), 1)
     used = f"{int((counts > 0).sum())} of {len(counts)} codes used" + (f" {counted}" if counted else "")
-    return f"{used}, perplexity {counts_perplexity(counts):.1f}, most used code {int(counts.argmax())} at {100 * p.max():.1f}%"
+    return (f"{used}, perplexity {counts_perplexity(counts):.1f}, "
+            f"most used code {int(counts.argmax())} at {100 * p.max():.1f}%")
 
 
 def histogram_text(counts, width=40):

@@ -12,7 +12,7 @@ import math
 import os
 import sys
 
-from ..cli import (DEFAULTS, ArgumentParser, add_field, add_steps_flags, apply_flags, check_options_apply,
+from ..cli import (DEFAULTS, ArgumentParser, add_field, add_steps_flags, apply_flags, check_flags_apply,
                    config_for_run, field_flags, folder, given_fields, import_tensorflow, nonnegative_float,
                    nonnegative_int, not_a_file, output_file, positive_float, positive_int, quiet_tensorflow_logs,
                    run_main, seed_int, unit_interval, validate_flags)
@@ -58,16 +58,19 @@ def build_parser(prog="train.py"):
                                         "straight-through copy", action="store_true")
     add_field(health, "cosine_codebook", "vq, ema: l2-normalise z and the code vectors (nearest code by cosine "
                                          "similarity)", action="store_true")
-    add_field(health, "ema_decay", "ema: decay of the moving averages", type=unit_interval)
+    ema, gumbel = ("quantizer", "ema"), ("quantizer", "gumbel")  # flags only these quantizers use
+    add_field(health, "ema_decay", "ema: decay of the moving averages", type=unit_interval, only=ema)
     add_field(health, "restart_dead", "vq, ema: move a code unused for N steps to a random encoder output of the "
                                       "batch; 0: never", type=nonnegative_int, metavar="N")
     add_field(health, "kmeans_init", "vq, ema: initialise the codebook by k-means on the first batch's encoder "
                                      "outputs", action="store_true")
-    add_field(health, "gumbel_temperature", "gumbel: start temperature", type=positive_float)
-    add_field(health, "gumbel_temperature_end", "gumbel: end temperature", type=positive_float)
-    add_field(health, "gumbel_anneal_steps", "gumbel: steps from start to end temperature", type=positive_int)
-    add_field(health, "gumbel_schedule", "gumbel: how the temperature goes from start to end")
-    add_field(health, "gumbel_kl_weight", "gumbel: weight of the KL divergence to uniform", type=nonnegative_float)
+    add_field(health, "gumbel_temperature", "gumbel: start temperature", type=positive_float, only=gumbel)
+    add_field(health, "gumbel_temperature_end", "gumbel: end temperature", type=positive_float, only=gumbel)
+    add_field(health, "gumbel_anneal_steps", "gumbel: steps from start to end temperature", type=positive_int,
+              only=gumbel)
+    add_field(health, "gumbel_schedule", "gumbel: how the temperature goes from start to end", only=gumbel)
+    add_field(health, "gumbel_kl_weight", "gumbel: weight of the KL divergence to uniform", type=nonnegative_float,
+              only=gumbel)
     vq.add_argument("--cache", nargs="?", const="memory", type=cache_file, metavar="FILE.npz",
                     help="decode and resize the images once, keep them in memory (and in FILE.npz if given, "
                          "reused by later runs); same results (default: only folders whose decoded images "
@@ -109,9 +112,12 @@ def build_parser(prog="train.py"):
     add_field(size, "prior_depth", "attention blocks", type=positive_int)
     kinds = prior.add_argument_group("prior kind and classes (departures from the reference, off by default)")
     add_field(kinds, "prior", "attention: the reference's PixelAtt; pixelcnn: a gated PixelCNN")
-    add_field(kinds, "pixelcnn_width", "pixelcnn: channels of both stacks", type=positive_int, metavar="C")
-    add_field(kinds, "pixelcnn_depth", "pixelcnn: gated layers", type=positive_int, metavar="L")
-    add_field(kinds, "pixelcnn_kernel", "pixelcnn: odd kernel size >= 3", type=positive_int, metavar="K")
+    add_field(kinds, "pixelcnn_width", "pixelcnn: channels of both stacks", type=positive_int, metavar="C",
+              only=("prior", "pixelcnn"))
+    add_field(kinds, "pixelcnn_depth", "pixelcnn: gated layers", type=positive_int, metavar="L",
+              only=("prior", "pixelcnn"))
+    add_field(kinds, "pixelcnn_kernel", "pixelcnn: odd kernel size >= 3", type=positive_int, metavar="K",
+              only=("prior", "pixelcnn"))
     kinds.add_argument("--classes", action="store_true",
                        help="class-conditional prior: each image's class is its first-level subfolder of the images")
     add_distribute_flags(prior)
@@ -191,7 +197,7 @@ def train_vqvae_command(args):
         config = config_for_run(args.run, flags, args.resume, names)
     else:  # another worker: the chief may have written the run's config.json already
         config = validate_flags(Config(**{k: v for k, v in flags.items() if v is not None}), flags, names)
-    check_options_apply(flags, config.quantizer)
+    check_flags_apply(args, parser, config)
     if config.quantizer == "fsq" and args.beta is not None:
         raise UsageError("--beta (the commitment weight) does not apply to --quantizer fsq: it has no commitment term")
     if args.data is None and not (config.data and os.path.isdir(config.data)):
@@ -231,11 +237,9 @@ def train_prior_command(args):
     reset = restart_defaults(config, flags) if args.restart else []
     if not args.resume:
         config.classes = None  # a new prior: conditional only with --classes
-    config = apply_flags(config, flags, changeable=("prior_data", "sample_every_epochs") if args.resume else tuple(flags),
-                         flag_names=names)
-    pixelcnn_flags = [name for name in flags if name.startswith("pixelcnn") and flags[name] is not None]
-    if pixelcnn_flags and config.prior != "pixelcnn":
-        raise UsageError(f"--{pixelcnn_flags[0].replace('_', '-')} applies to --prior pixelcnn, this prior is {config.prior}")
+    changeable = ("prior_data", "sample_every_epochs") if args.resume else tuple(flags)
+    config = apply_flags(config, flags, changeable=changeable, flag_names=names)
+    check_flags_apply(args, parser, config)
     images = config.prior_data or config.data
     if not args.resume and not (images and os.path.isdir(images)):  # --data itself was checked
         raise UsageError(f"the run's image folder {images} is gone; give --data DIR" if images else
