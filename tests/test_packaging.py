@@ -88,3 +88,32 @@ def test_a_fresh_venv_installs_the_checkout_and_runs_it_from_elsewhere(tmp_path)
     assert "vqk-train vqvae --data DIR" in run(str(venv / "bin" / "vqk-train"), "--help")
     assert "usage: train.py" in run(python, "-m", "vq_vae_keras.commands.train", "--help")
     assert "usage: sample.py" in run(python, "-m", "vq_vae_keras.commands.sample", "--help")
+
+
+def test_every_public_name_resolves():
+    import vq_vae_keras as vqk
+
+    assert all(getattr(vqk, name) is not None for name in vqk.__all__)
+    assert set(vqk.__all__) <= set(dir(vqk))
+    with pytest.raises(AttributeError):
+        vqk.no_such_name
+
+
+def python_in_a_fresh_process(code):
+    result = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r})\n{code}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.split()
+
+
+def test_importing_the_package_and_its_config_leaves_tensorflow_out():
+    code = "import vq_vae_keras as vqk; vqk.Config().validate(); vqk.UsageError; print('tensorflow' in sys.modules)"
+    assert python_in_a_fresh_process(code) == ["False"]
+
+
+@pytest.mark.parametrize("order", ["import vq_vae_keras, keras", "import keras, vq_vae_keras"])
+def test_keras_finds_the_package_layers_once_both_are_imported(order):
+    """What keras.saving.load_model("RUN/vqvae.keras") needs, in either order of the imports."""
+    code = (f"{order}\nfrom keras.saving import get_registered_object as get\n"
+            "print(*[get(f'vq_vae_keras>{name}') is not None for name in ('VectorQuantizer', 'PixelCNN', 'VQVAEObjective')])")
+    assert python_in_a_fresh_process(code) == ["True", "True", "True"]

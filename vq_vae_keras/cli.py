@@ -105,6 +105,8 @@ def add_field(parser, field, help, flag=None, default_text=None, only=None, **kw
         help = f"{help} (default: {default_text})"
     if field in CHOICES:
         kwargs["choices"] = CHOICES[field]
+    elif "action" not in kwargs:  # named by its flag, as argparse would: --batch-size BATCH_SIZE
+        kwargs.setdefault("metavar", flag.lstrip("-").upper().replace("-", "_"))
     kwargs.setdefault("default", None)
     action = parser.add_argument(flag, dest=field, help=help, **kwargs)
     action.config_field, action.only = field, only
