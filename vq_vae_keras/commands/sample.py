@@ -21,7 +21,7 @@ from ..errors import UsageError
 def description(prog):
     command = f"python {prog}" if prog.endswith(".py") else prog
     lines = {"recon": "recon  --run RUN --data DIR [--no-quantize]", "interp": "interp --run RUN --data DIR",
-             "random": "random --run RUN [--temperature T] [--top-k K] [--top-p P] [--class NAME ...]",
+             "random": "random --run RUN [--temperature T] [--top-k K] [...]",
              "usage": "usage  --run RUN --data DIR", "evaluate": "evaluate --run RUN --data DIR [--fid N]"}
     width = max(map(len, lines.values()))
     return __doc__.format(**{k: f"    {command} {v.ljust(width)}" for k, v in lines.items()})
