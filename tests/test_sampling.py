@@ -244,6 +244,7 @@ BAD_OPTIONS = {
     "seed nan": dict(seed=float("nan")), "seed float": dict(seed=1.5), "seed negative": dict(seed=-1),
     "seed text": dict(seed="3"), "seed bool": dict(seed=True),
     "batch_size 0": dict(batch_size=0), "batch_size float": dict(batch_size=2.0),
+    "temperature bool": dict(temperature=True), "top_p bool": dict(top_p=True),
 }
 
 

@@ -144,6 +144,10 @@ def is_int(x):
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
+def is_number(x):
+    return isinstance(x, (int, float, np.number)) and not isinstance(x, bool)
+
+
 def check_sampling_options(prior, n, grid_shape, temperature, top_k, top_p, seed=None, batch_size=None):
     """UsageError (a ValueError) naming the first bad argument of `sample_codes`."""
     if not isinstance(prior, (Prior, PixelCNN)):
@@ -154,11 +158,11 @@ def check_sampling_options(prior, n, grid_shape, temperature, top_k, top_p, seed
         raise UsageError(f"seed must be None or an integer >= 0, got {seed!r}", "seed")
     if batch_size is not None and not (is_int(batch_size) and batch_size >= 1):
         raise UsageError(f"batch_size must be None or an integer >= 1, got {batch_size!r}", "batch_size")
-    if not (isinstance(temperature, (int, float, np.number)) and math.isfinite(temperature) and temperature > 0):
+    if not (is_number(temperature) and math.isfinite(temperature) and temperature > 0):
         raise UsageError(f"temperature must be a finite number > 0, got {temperature!r}", "temperature")
     if top_k is not None and not (is_int(top_k) and 1 <= top_k <= prior.num_codes):
         raise UsageError(f"top_k must be an integer in [1, {prior.num_codes}], got {top_k!r}", "top_k")
-    if top_p is not None and not (isinstance(top_p, (int, float, np.number)) and 0 < top_p <= 1):
+    if top_p is not None and not (is_number(top_p) and 0 < top_p <= 1):
         raise UsageError(f"top_p must be in (0, 1], got {top_p!r}", "top_p")
     if not isinstance(grid_shape, (tuple, list)) or tuple(grid_shape) != (prior.height, prior.width):
         raise UsageError(f"grid_shape {grid_shape!r} does not match the prior's {prior.height}x{prior.width}", "grid_shape")
