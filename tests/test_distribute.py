@@ -65,7 +65,7 @@ print("RESULT" + json.dumps(out))
 # Conv biases right before a BatchNorm have an analytic gradient of zero: theirs is float noise,
 # which Adam turns into steps of lr. They differ between any two summation orders.
 BEFORE_BN = ("encoder/conv1/bias", "encoder/conv2/bias", "decoder/deconv1/bias")
-LOSSES = ("mse_x", "mse_e", "mse_z", "perplexity")
+LOSSES = ("loss", "mse_x", "mse_e", "mse_z", "perplexity", "usage")
 
 
 @pytest.fixture(scope="module")
@@ -200,12 +200,14 @@ def test_cli_mirrored_both_stages_train_and_resume(tmp_path):
     assert vqk.load_run(run).prior is not None
 
 
-def test_jit_with_a_strategy_is_refused():
-    import vq_vae_keras as vqk
-    from vq_vae_keras.training import check_strategy
+def test_jit_is_turned_off_under_a_strategy_only():
+    from conftest import tiny_config
+    from vq_vae_keras.training import xla_off_under
 
-    with pytest.raises(vqk.UsageError, match="XLA"):
-        check_strategy(object(), True, "jit_compile")
+    one, several = tiny_config(jit_compile=True), tiny_config(jit_compile=True)
+    xla_off_under(None, one, "jit_compile")
+    xla_off_under(object(), several, "jit_compile")
+    assert one.jit_compile and not several.jit_compile
 
 
 # ---------------------------------------------------------------- two local workers

@@ -98,13 +98,12 @@ def replica_rows(n):
     return ops.sum(ops.where(before, sizes, 0)), ops.sum(sizes)
 
 
-
 class ReplicaLocalLosses:
     """Mixin for a Keras layer that calls add_loss: its added losses are kept per thread.
 
     MirroredStrategy traces each replica's step in a thread of its own, and Keras keeps a layer's
-    added losses in one list on the layer: a replica's total, and so the logged `loss`, then took in
-    other replicas' terms too. (Gradients were right: each replica's tape records only its own
+    added losses in one list on the layer (`Layer._losses`, the same from Keras 3.9 to 3.15): a
+    replica's total, and so the logged `loss`, then took in other replicas' terms too. (Gradients were right: each replica's tape records only its own
     thread's operations.) One device: one thread, Keras's behaviour unchanged."""
 
     def _thread_state(self):

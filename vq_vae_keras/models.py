@@ -194,7 +194,7 @@ def seeded_initializers(seed):
     """Layers made inside draw their initial weights from `seed`: the same seed, the same weights.
 
     Keras gives each initializer made without a seed (glorot_uniform, uniform, ...) one of its own,
-    drawn from Python's `random` as the layer makes it; that draw is seeded here and Python's
+    drawn from Python's `random` as the layer makes it (Keras 3.9 to 3.15); that draw is seeded here and Python's
     random state put back afterwards, so nothing else in the process changes. The initializers
     and their distributions are Keras's defaults, as in the reference; each layer gets its own seed."""
     state = random.getstate()
