@@ -1,6 +1,7 @@
 """The vector quantizer, the straight-through wiring and the architecture, against NumPy."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import vq_vae_keras as vqk
@@ -132,3 +133,12 @@ def test_config_seed_gives_the_initial_weights_without_touching_global_state():
     random_ones = [i for i, w in enumerate(first) if w.std() > 0]  # kernels and codebook, not zeros/ones
     assert len(random_ones) >= 5 and all(not np.array_equal(first[i], other[i]) for i in random_ones)
     assert len({first[i].flat[0] for i in random_ones}) == len(random_ones)  # a seed of its own per layer
+
+
+@pytest.mark.parametrize("batch_size", [0, 1.5, "8", True])
+def test_batched_helpers_check_their_batch_size(batch_size):
+    from vq_vae_keras.errors import UsageError
+
+    vqvae = vqk.build_vqvae(tiny_config())
+    with pytest.raises(UsageError, match="batch_size must be an integer >= 1"):
+        vqvae.reconstruct(np.zeros((2, 16, 16, 3), np.float32), batch_size=batch_size)

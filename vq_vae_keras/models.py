@@ -13,6 +13,7 @@ from keras import layers, ops
 
 from .config import Config
 from .distribute import ReplicaLocalLosses
+from .errors import UsageError
 from .quantizers import (PACKAGE, CodebookLayer, FiniteScalarQuantizer, GumbelQuantizer, RotationTrick, StraightThrough,
                          VectorQuantizer)
 
@@ -85,6 +86,8 @@ def predict_whole_batches(model, x, batch_size):
     and the outputs cut back to len(x). Each model then compiles its predict step once, whatever
     len(x) is (grids of 32 and of 64 images, a short last batch), instead of once per batch shape:
     TensorFlow warns about such retracing, and it costs a compile each time."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise UsageError(f"batch_size must be an integer >= 1, got {batch_size!r}", "batch_size")
     x = np.asarray(x, np.float32)
     pad = batch_size if len(x) == 0 else -len(x) % batch_size  # no images: one batch of zeros, cut to 0 rows
     padded = np.concatenate([x, np.zeros((pad, *x.shape[1:]), np.float32)])
