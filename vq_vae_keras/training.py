@@ -24,18 +24,16 @@ from tqdm.auto import tqdm
 
 from .callbacks import (Every, GumbelAnneal, NanGuard, NonFiniteLoss, ReconstructionGrids, ResetMetrics,  # noqa: F401
                         StepLog, StopOnSignal, TensorBoardWriter, TqdmProgress, save_state)
-from .codebook import kmeans, summary
+from .codebook import TRAINING_COUNTED, kmeans, summary
 from .config import Config
 from .data import ImageArray, ImageFolder, epoch_batches, index_dataset, load_images, warn
 from .distribute import is_chief
 from .errors import UsageError
 from .io import load_checkpoint, save_model, save_npy, save_png
-from .models import build_vqvae, compile_vqvae
+from .models import build_vqvae, compile_vqvae, metric_names
 from .run import RunDir, load_vqvae
 
 REFERENCE_EPOCHS = 1000
-VQVAE_KEYS = ["loss", "mse_x", "mse_e", "mse_z", "perplexity", "usage"]
-GUMBEL_KEYS = ["loss", "mse_x", "kl", "temperature", "perplexity", "usage"]
 PRIOR_KEYS = ["loss", "accuracy"]
 EVAL_EVERY = 1000  # steps between held-out evaluations (--eval-every)
 AUTO_CACHE_BYTES = 256 * 2 ** 20  # cache="auto": decoded folders up to this size are kept in memory
@@ -235,7 +233,9 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     os.makedirs(run.samples, exist_ok=True)
     config.save(run.config)
 
-    keys = GUMBEL_KEYS if config.quantizer == "gumbel" else VQVAE_KEYS
+    keys = metric_names(config)
+    if config.quantizer == "gumbel":  # the loop's own column, beside the term it weighs
+        keys.insert(keys.index("kl") + 1, "temperature")
     board = TensorBoardWriter(run.path("tensorboard", "vqvae")) if tensorboard else None
     log = StepLog(run.log, keys, steps_per_epoch, start, resume, board)
     grids = ReconstructionGrids(vqvae, lambda step: source.random_images(32, np.random.default_rng([config.seed, step])),
@@ -278,7 +278,7 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, 
         if board is not None:
             board.close()
         if "counts" in window:
-            tqdm.write(f"codebook, steps {window['first']}-{window['last']}: {summary(window['counts'])}")
+            tqdm.write(f"codebook, steps {window['first']}-{window['last']}: {summary(window['counts'], counted=TRAINING_COUNTED)}")
         if not is_chief(strategy):
             shutil.rmtree(run.root, ignore_errors=True)
     return vqvae
