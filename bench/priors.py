@@ -30,7 +30,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from vq_vae_keras.data import ImageFolder, epoch_batches, make_demo_images  # noqa: E402
-from vq_vae_keras.prior import codes_to_tokens, encode_folder, prior_nll  # noqa: E402
+from vq_vae_keras.prior import codes_to_tokens, prior_nll  # noqa: E402
 
 KINDS = ("attention", "pixelcnn")
 
@@ -67,7 +67,7 @@ def code_maps(args):
     data = args.data or make_demo_images(os.path.join(work, "shapes"), count=600, size=args.img_dim)
     config = vqk.Config(img_dim=args.img_dim, data=data, sample_every=10 ** 9)
     vqvae = vqk.train_vqvae(config, os.path.join(work, "run"), steps=args.vqvae_steps)
-    return encode_folder(vqvae, ImageFolder(data, args.img_dim), 64)
+    return vqvae.encode_folder(ImageFolder(data, args.img_dim), 64)
 
 
 def main():

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 from keras import layers, ops
+from tqdm.auto import tqdm
 
 from .config import Config
 from .distribute import ReplicaLocalLosses
@@ -122,6 +123,18 @@ class VQVAE:
     def codes_to_vectors(self, codes):
         """Integer code maps (N, h, w) -> code vectors (N, h, w, z_dim) from the codebook."""
         return keras.ops.convert_to_numpy(self.vq_layer.lookup(np.asarray(codes, np.int32)))
+
+    def encode_folder(self, folder, batch_size=64):
+        """Code maps (N, h, w) int32 of every usable image of an ImageFolder (or ImageArray), in
+        batches, with a progress bar: what the prior learns from."""
+        codes = []
+        for i in tqdm(range(0, len(folder), batch_size), desc="encoding", unit="batch"):
+            images = folder.read_batch(range(i, min(i + batch_size, len(folder))))
+            if images is not None:
+                codes.append(self.quantize(self.encode(images, batch_size), batch_size)[0])
+        if not codes:
+            raise UsageError(f"no readable images in {getattr(folder, 'folder', 'the images')}")
+        return np.concatenate(codes).astype(np.int32)
 
     def reconstruct(self, images, quantize=True, batch_size=64):
         """encoder -> (quantizer ->) decoder, as the reference's test_ae_2 (test_ae_1 without quantize)."""

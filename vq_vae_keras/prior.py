@@ -11,7 +11,6 @@ One forward pass, two ways to run it (as KerasHub's causal models do): on a whol
 import keras
 import numpy as np
 from keras import layers, ops
-from tqdm.auto import tqdm
 
 from .config import Config
 from .errors import UsageError
@@ -273,15 +272,3 @@ def prior_nll(prior, tokens, batch_size=32):
         total += float(-np.log(np.maximum(p, 1e-12)).sum())
         count += p.size
     return total / max(count, 1)
-
-
-def encode_folder(vqvae, folder, batch_size=64):
-    """Code maps (N, h, w) of every usable image of an ImageFolder, in batches, with a progress bar."""
-    codes = []
-    for i in tqdm(range(0, len(folder), batch_size), desc="encoding", unit="batch"):
-        images = folder.read_batch(range(i, min(i + batch_size, len(folder))))
-        if images is not None:
-            codes.append(vqvae.quantize(vqvae.encode(images, batch_size), batch_size)[0])
-    if not codes:
-        raise UsageError(f"no readable images in {folder.folder}")
-    return np.concatenate(codes).astype(np.int32)

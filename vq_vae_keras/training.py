@@ -292,7 +292,7 @@ def prior_codes(config: Config, run: RunDir, resume, classes=False, write_to=Non
     resume, else every image of `data` (an array, a folder, or None: config.prior_data, else
     config.data) is encoded, its class read from its subfolder (config.classes gets the names)
     and both saved (into write_to if given: a worker other than the chief)."""
-    from .prior import check_codes, encode_folder
+    from .prior import check_codes
 
     conditional = classes or config.classes is not None
     if resume and os.path.isfile(run.codes):
@@ -316,7 +316,7 @@ def prior_codes(config: Config, run: RunDir, resume, classes=False, write_to=Non
         raise UsageError(f"images are {folder.img_dim} px, the config says img_dim {config.img_dim}")
     if conditional:
         config.classes, labels = folder.class_labels()
-    codes = encode_folder(load_vqvae(config, run), folder, config.batch_size)
+    codes = load_vqvae(config, run).encode_folder(folder, config.batch_size)
     if conditional:
         labels = labels[folder.usable()]  # the unreadable images are not in codes either
         save_npy((write_to or run).labels, labels)

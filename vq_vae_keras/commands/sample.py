@@ -140,10 +140,9 @@ def usage(run, run_dir, data, out):
     from ..codebook import histogram_image, histogram_text, summary, usage_counts
     from ..data import ImageFolder
     from ..io import save_png
-    from ..prior import encode_folder
 
     folder = ImageFolder(data, run.config.img_dim)
-    counts = usage_counts(encode_folder(run.vqvae, folder, run.config.batch_size), run.config.num_codes)
+    counts = usage_counts(run.vqvae.encode_folder(folder, run.config.batch_size), run.config.num_codes)
     # What is counted: each image's codes in inference mode (training's last line counts the
     # training-mode assignments of its last window's batches, which can differ).
     what = f"in inference over the {len(folder)} images of {data}"
