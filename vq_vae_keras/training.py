@@ -188,8 +188,8 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     callbacks: Keras callbacks appended to the run's own (grids, checkpoints, log, progress).
     deterministic: also seed Python/NumPy/TensorFlow from config.seed and turn on TensorFlow's op
       determinism, process-wide (train.py does), so that a run repeats exactly. Without it the
-      initial weights and the data order still follow config.seed; dropout-free as this model is,
-      what can then differ between runs is the order of floating-point sums in TensorFlow's ops.
+      initial weights and the data order still follow config.seed, but two runs need not agree
+      bit for bit.
     tensorboard: write RUN/tensorboard/ (scalars every step, grids and code usage at sample steps).
     eval_data: held-out images (a folder or an array) scored every eval_every steps and at the end:
       psnr, ssim and codes_used rows in RUN/eval_log.csv (and TensorBoard scalars).
