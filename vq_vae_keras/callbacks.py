@@ -7,7 +7,9 @@ model state; values Keras already hands to every callback (the logs) are buffere
 each flush. Steps are counted from the optimizer's iteration count at the start of fit (or `start`).
 """
 
+import contextlib
 import csv
+import io
 import math
 import os
 import signal
@@ -21,7 +23,8 @@ from tqdm.auto import tqdm
 from .codebook import histogram_image
 from .grids import reconstruction_grid
 from .data import warn
-from .io import save_checkpoint, save_png, save_weights
+from .errors import UsageError
+from .io import atomic_write_text, resumable, save_checkpoint, save_png, save_weights, write_failed
 from .quantizers import CodeUsage
 
 
@@ -94,8 +97,9 @@ def save_state(model, weights_path, checkpoint_path, step):
     if not all(np.isfinite(w).all() for w in model.get_weights()):
         warn(f"weights are not finite at step {step}; not saving them")
         return False
-    save_weights(model, weights_path)
-    save_checkpoint(checkpoint_path, model, model.optimizer, {"step": step})
+    with resumable(checkpoint_path):
+        save_weights(model, weights_path)
+        save_checkpoint(checkpoint_path, model, model.optimizer, {"step": step})
     return True
 
 
@@ -157,12 +161,61 @@ class TqdmProgress(StepCallback):
         self.bar.update(1)
 
     def on_train_end(self, logs=None):
-        self.bar.close()
+        self.close()
+
+    def close(self):
+        """End the bar's line. Keras skips on_train_end when fit raises: call this then, so that
+        an error message starts on a line of its own."""
+        if getattr(self, "bar", None) is not None:
+            self.bar.close()
 
 
 def read_csv(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def csv_text(fields, rows):
+    """A CSV file's text: header and rows (dicts; keys outside fields ignored)."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
+
+
+def log_rows_until(path, step):
+    """The rows of a CSV log (a column "step") up to step, for a resumed run; [] if there is none.
+    A damaged log (a row cut short by a crash or a full disk, a line of garbage) cannot say what
+    it held: it is kept aside as PATH.damaged with a warning, and the rows before the damage are
+    kept. The log is a record only: training resumes from the checkpoint either way."""
+    if not os.path.isfile(path):
+        return []
+    rows, line = [], 1
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None:  # an empty file: nothing to keep
+                return []
+            if "step" not in reader.fieldnames:
+                raise ValueError("no step column")
+            for row in reader:
+                line = reader.line_num
+                if None in row or None in row.values():
+                    raise ValueError("a row with the wrong number of fields")
+                if int(row["step"]) <= step:
+                    rows.append(row)
+    except (ValueError, UnicodeDecodeError, csv.Error) as e:
+        aside = path + ".damaged"
+        try:
+            os.replace(path, aside)
+        except OSError as moving:
+            raise write_failed(aside, moving) from None
+        warn(f"{path} is damaged at line {line} ({e}); kept as {aside}, a new log starts with the "
+             f"{len(rows)} rows before the damage")
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {os.strerror(e.errno) if e.errno else e}") from None
+    return rows
 
 
 class StepLog(StepCallback):
@@ -175,19 +228,24 @@ class StepLog(StepCallback):
         self.path, self.keys, self.steps_per_epoch = path, list(keys), steps_per_epoch
         self.fields = ["step", "epoch"] + self.keys
         self.tensorboard, self.rows = tensorboard, []
-        kept = [r for r in read_csv(path) if int(r["step"]) <= (start or 0)] if resume and os.path.isfile(path) else []
-        self._write(kept, "w")
+        kept = log_rows_until(path, start or 0) if resume else []
+        atomic_write_text(path, csv_text(self.fields, kept))
 
-    def _write(self, rows, mode):
+    def _append(self, rows):
+        """Rows at the end of the file; a failed write is cut off again, so no half row stays."""
         def text(value):
             return "" if value is None or (isinstance(value, float) and math.isnan(value)) else (
                 f"{value:.6g}" if isinstance(value, float) else value)
 
-        with open(self.path, mode, newline="") as f:
-            writer = csv.DictWriter(f, self.fields, extrasaction="ignore")
-            if mode == "w":
-                writer.writeheader()
-            writer.writerows({k: text(v) for k, v in row.items()} for row in rows)
+        size = os.path.getsize(self.path) if os.path.exists(self.path) else 0
+        try:
+            with open(self.path, "a", newline="") as f:
+                writer = csv.DictWriter(f, self.fields, extrasaction="ignore", lineterminator="\n")
+                writer.writerows({k: text(v) for k, v in row.items()} for row in rows)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, size)
+            raise write_failed(self.path, e) from None
 
     def on_step(self, step, logs):
         self.append(step, logs)
@@ -200,7 +258,7 @@ class StepLog(StepCallback):
     def flush(self):
         if not self.rows:
             return
-        self._write(self.rows, "a")
+        self._append(self.rows)
         if self.tensorboard is not None:
             lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
             for row in self.rows:

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageOps
 from tqdm.auto import tqdm
 
 from .errors import UsageError
-from .io import save_npz
+from .io import save_npz, write_failed
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 _pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1))  # PIL releases the GIL while decoding
@@ -174,11 +174,17 @@ class ImageFolder:
             try:
                 with np.load(file) as archive:
                     if int(archive["img_dim"]) == self.img_dim and np.array_equal(archive["signature"], signature):
-                        self.pixels, self.readable = archive["pixels"], archive["readable"]
+                        pixels, readable = archive["pixels"], archive["readable"]
+                        if pixels.shape != (len(self.paths), self.img_dim, self.img_dim, 3) or \
+                                readable.shape != (len(self.paths),):
+                            raise ValueError(f"pixels of shape {pixels.shape} for {len(self.paths)} images")
+                        self.pixels, self.readable = pixels, readable
                         self.bad = {p for p, ok in zip(self.paths, self.readable) if not ok}
                         return self
-            except Exception as e:
-                raise UsageError(f"cannot read image cache {file}: {e}") from None
+            except Exception as e:  # zip, pickle and key errors, a cut-off file: all mean "not a cache we wrote"
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise UsageError(f"cannot read image cache {file} ({reason}); delete it and it is made anew, "
+                                 "or give another --cache file") from None
         results = list(tqdm(_pool.map(lambda p: _try_read(p, self.img_dim, read_pixels), self.paths),
                             total=len(self.paths), desc="caching", unit="image", disable=not progress))
         self.readable = np.array([pixels is not None for pixels, _ in results])
@@ -311,7 +317,10 @@ def make_demo_images(folder, count=2000, size=64, seed=0):
     """Write `count` PNGs (size x size) of one filled circle, square or triangle on a vertical
     gradient between two background colours: the demo's built-in data set. The same seed writes
     the same files (existing ones are overwritten)."""
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise write_failed(os.path.join(folder, "shape_00000.png"), e) from None
     rng = np.random.default_rng(seed)
     t = np.linspace(0, 1, size)[:, None, None]
     for i in range(count):
@@ -328,5 +337,9 @@ def make_demo_images(folder, count=2000, size=64, seed=0):
             draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=colour)
         else:
             draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
-        img.save(os.path.join(folder, f"shape_{i:05d}.png"))
+        path = os.path.join(folder, f"shape_{i:05d}.png")
+        try:
+            img.save(path)
+        except OSError as e:
+            raise write_failed(path, e) from None
     return folder

@@ -6,8 +6,6 @@ the reference's round((x + 1) / 2 * 255) (as the grids are), then MSE, PSNR and 
 image on the 0..255 scale and averaged over the images.
 """
 
-import csv
-import io
 import math
 import os
 
@@ -16,11 +14,11 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from .callbacks import TensorBoardWriter
+from .callbacks import TensorBoardWriter, csv_text, log_rows_until
 from .codebook import counts_perplexity, usage_counts
 from .data import ImageFolder, load_images, warn
 from .errors import UsageError
-from .io import atomic_write_text, to_uint8
+from .io import atomic_write_text, load_weights, to_uint8
 from .prior import codes_to_tokens, prior_nll
 from .run import LoadedRun, load_run
 from .sampling import sample_codes
@@ -278,10 +276,7 @@ class EvaluateEvery(keras.callbacks.Callback):
         self.writer = None
 
     def _earlier_rows(self, initial_step):
-        if initial_step == 0 or not os.path.isfile(self.csv_path):
-            return []
-        with open(self.csv_path, newline="") as f:
-            return [row for row in csv.DictReader(f) if int(row["step"]) <= initial_step]
+        return log_rows_until(self.csv_path, initial_step) if initial_step else []
 
     def on_train_batch_end(self, batch, logs=None):
         self.step += 1
@@ -296,11 +291,7 @@ class EvaluateEvery(keras.callbacks.Callback):
         scores = evaluate(self.run, self.images, batch_size=self.batch_size, progress=False)
         row = {"step": self.step, **{key: scores[key] for key in self.FIELDS[1:]}}
         self.rows.append(row)
-        text = io.StringIO()
-        writer = csv.DictWriter(text, self.FIELDS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(self.rows)
-        atomic_write_text(self.csv_path, text.getvalue())
+        atomic_write_text(self.csv_path, csv_text(self.FIELDS, self.rows))
         if self.tensorboard_dir:
             self._write_scalars(row)
         self.last = self.step

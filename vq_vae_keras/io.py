@@ -1,40 +1,96 @@
 """Files on disk: atomic writes, image grids, weight files and resumable checkpoints.
 
 Every file is written to a temporary name in the same folder and renamed into place, so a
-kill at any moment leaves the previous version intact.
+kill at any moment leaves the previous version intact. A write that fails (a full disk, no
+permission, a file where a folder should be) raises WriteFailed, naming the file and why.
 """
 
+import contextlib
+import io
 import json
 import os
-import tempfile
+import secrets
 import warnings
 
 import numpy as np
 
-from .errors import UsageError
+from .errors import UsageError, WriteFailed
+
+
+def _blocking_file(folder):
+    """The nearest existing ancestor of folder that is not a folder, or None."""
+    while folder and not os.path.exists(folder):
+        parent = os.path.dirname(folder)
+        folder = None if parent == folder else parent
+    return folder if folder and not os.path.isdir(folder) else None
+
+
+def write_failed(path, error):
+    """WriteFailed for an OSError met while writing path: one sentence, which file and why."""
+    blocking = _blocking_file(os.path.dirname(os.path.abspath(path)))
+    if blocking:
+        reason = f"{blocking} is a file, not a folder"
+    else:
+        # the C library's words for errno ("No space left on device"): h5py's strerror runs to lines
+        reason = os.strerror(error.errno) if error.errno else (str(error).strip() or type(error).__name__)
+        reason = reason.splitlines()[0]
+        reason = reason[:1].lower() + reason[1:]
+    return WriteFailed(f"cannot write {path}: {reason}")
+
+
+def _new_file(folder, suffix):
+    """An empty file of a fresh name in folder, created with mode 0666 less the umask, as open()
+    would create the file itself (mkstemp's private 0600 would stay on it after the rename)."""
+    while True:
+        tmp = os.path.join(folder, f".tmp-{secrets.token_hex(6)}{suffix}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _remove(path):
+    if path is not None:
+        with contextlib.suppress(OSError):
+            os.remove(path)
 
 
 def _atomic(path, write, suffix=""):
-    """Call write(tmp_path), then rename tmp_path over path. suffix keeps an ending some writers need."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
-    os.close(fd)
+    """Call write(tmp_path), then rename tmp_path over path. suffix keeps an ending some writers need.
+    An OSError on the way is a WriteFailed, and path keeps its previous version."""
+    folder, tmp = os.path.dirname(os.path.abspath(path)), None
     try:
+        os.makedirs(folder, exist_ok=True)
+        tmp = _new_file(folder, suffix)
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        return
+    except OSError as e:
+        failed = write_failed(path, e)
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _remove(tmp)
         raise
+    _remove(tmp)
+    # Raised outside the except block: the OSError's traceback (the writer's frames, which may
+    # hold open files) is not kept alive as this exception's context.
+    raise failed
 
 
 def atomic_write_text(path, text):
     def write(tmp):
         with open(tmp, "w") as f:
             f.write(text)
+
+    _atomic(path, write)
+
+
+def write_bytes(path, data):
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
 
     _atomic(path, write)
 
@@ -60,9 +116,29 @@ def save_png(path, grid):
     _atomic(path, lambda tmp: iio.imwrite(tmp, grid, extension=".png"), suffix=".png")
 
 
+def weights_file_bytes(model):
+    """The bytes model.save_weights writes, made in memory by Keras's own writer, or None where
+    this Keras does not have it. HDF5 must not write to disk itself: after a write it could not
+    finish (a full disk) it keeps a half-closed dataset that crashes the process at exit."""
+    try:
+        from keras.src.saving import saving_lib
+
+        buffer = io.BytesIO()
+        store = saving_lib.H5IOStore(buffer, mode="w")
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return None
+    saving_lib._save_state(model, weights_store=store, assets_store=None, inner_path="", visited_saveables=set())
+    store.close()
+    return buffer.getvalue()
+
+
 def save_weights(model, path):
     """model.save_weights, atomically (Keras wants the name to end in .weights.h5)."""
-    _atomic(path, model.save_weights, suffix=".weights.h5")
+    data = weights_file_bytes(model)
+    if data is None:
+        _atomic(path, model.save_weights, suffix=".weights.h5")
+    else:
+        write_bytes(path, data)
 
 
 def save_model(model, path):
@@ -70,10 +146,18 @@ def save_model(model, path):
     _atomic(path, model.save, suffix=".keras")
 
 
+class _Chunks:
+    """A file NumPy writes to through write(), in chunks: its fast path for real files (tofile)
+    reports a full disk as "N requested and M written", with no errno to say why."""
+
+    def __init__(self, file):
+        self.write = file.write
+
+
 def save_npy(path, array):
     def write(tmp):
         with open(tmp, "wb") as f:
-            np.save(f, array)
+            np.save(_Chunks(f), array)
 
     _atomic(path, write)
 
@@ -84,6 +168,25 @@ def save_npz(path, **arrays):
             np.savez(f, **arrays)
 
     _atomic(path, write)
+
+
+@contextlib.contextmanager
+def resumable(checkpoint):
+    """A WriteFailed inside says whether training can resume from checkpoint, and how."""
+    try:
+        yield
+    except WriteFailed as e:
+        if getattr(e, "advised", False):  # said already, by an inner resumable
+            raise
+        if os.path.isfile(checkpoint):
+            advice = f"the last checkpoint ({checkpoint}) is intact: make room and add --resume to continue"
+        else:
+            advice = "no checkpoint was written yet, so the run cannot resume: make room and train it anew"
+        failed = WriteFailed(f"{e}; {advice}")
+        failed.advised = True
+    else:
+        return
+    raise failed
 
 
 def load_weights(model, path, what="weights"):
