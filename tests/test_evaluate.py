@@ -111,16 +111,30 @@ def test_frechet_distance_of_two_gaussians_matches_closed_forms():
 
 
 def test_missing_imagenet_download_is_a_usage_error(monkeypatch):
-    import keras.src.applications.inception_v3 as inception_v3
-
     def offline(*args, **kwargs):
         raise Exception("URL fetch failure on https://storage.googleapis.com/...: None -- [Errno -2] Name or service not known")
 
-    monkeypatch.setattr(inception_v3.file_utils, "get_file", offline)
+    monkeypatch.setattr(keras.utils, "get_file", offline)
     with pytest.raises(vqk.UsageError, match="--inception-weights"):
         InceptionFeatures("imagenet")
     with pytest.raises(vqk.UsageError, match="no Inception weights file"):
         InceptionFeatures("/no/such/file.h5")
+
+
+def test_other_inception_failures_are_not_called_a_missing_download(monkeypatch, tmp_path):
+    """Only the download is reported as "cannot get the weights"; a bug elsewhere stays itself."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in building the model")
+
+    monkeypatch.setattr(keras.utils, "get_file", lambda *args, **kwargs: str(tmp_path / "weights.h5"))
+    monkeypatch.setattr(keras.applications, "InceptionV3", broken)
+    with pytest.raises(RuntimeError, match="a bug in building the model"):
+        InceptionFeatures("imagenet")
+    monkeypatch.undo()
+    damaged = tmp_path / "inception.h5"
+    damaged.write_bytes(b"not an HDF5 file")
+    with pytest.raises(vqk.UsageError, match="cannot load Inception weights from"):
+        InceptionFeatures(str(damaged))
 
 
 # ----------------------------------------------------------------------------- evaluate() on a tiny run
@@ -153,17 +167,33 @@ def test_evaluate_matches_numpy_on_the_production_path(tiny_run):
     assert results["prior_nll"] is None and results["fid"] is None
 
 
-def test_prior_bits_per_dim_by_hand(tiny_run):
-    """A prior whose output ignores its input: probabilities softmax(bias) at every position."""
-    run, images = tiny_run
-    prior = vqk.build_prior(run.config)
-    output = prior.get_layer("next_code")
-    probs = np.random.default_rng(5).dirichlet(np.ones(16)).astype(np.float32)
-    output.set_weights([np.zeros_like(output.kernel.numpy()), np.log(probs)])
-    results = vqk.evaluate(LoadedRun(run.config, run.vqvae, prior), images, batch_size=4, progress=False)
+def table_prior(table):
+    """A stand-in prior whose next-code probabilities are table[position, previous token]: an
+    off-by-one between the prior's outputs and the codes they score picks other entries."""
+    length, tokens, num_codes = table.shape
+    inputs = keras.Input((length,), dtype="int32")
+    index = keras.layers.Lambda(lambda t: t + keras.ops.arange(length, dtype="int32")[None] * tokens,
+                                output_shape=(length,))(inputs)
+    embed = keras.layers.Embedding(length * tokens, num_codes)
+    outputs = keras.layers.Softmax()(embed(index))
+    model = keras.Model(inputs, outputs)
+    embed.set_weights([np.log(table.reshape(length * tokens, num_codes))])
+    return model
 
-    codes = run.vqvae.quantize(run.vqvae.encode(images))[0]  # (10, 4, 4)
-    per_image_nats = -np.log(probs[codes].astype(np.float64)).sum(axis=(1, 2))
+
+def test_prior_bits_per_dim_by_hand(tiny_run):
+    run, images = tiny_run
+    h, w = run.config.grid_shape
+    table = np.random.default_rng(5).dirichlet(np.ones(16), size=(h * w, 17)).astype(np.float32)
+    results = vqk.evaluate(LoadedRun(run.config, run.vqvae, table_prior(table)), images, batch_size=4, progress=False)
+
+    codes = run.vqvae.quantize(run.vqvae.encode(images))[0].reshape(len(images), h * w)  # (10, 16), raster order
+    per_image_nats = np.zeros(len(images))
+    for n, row in enumerate(codes):
+        previous = 0  # the start token
+        for position, code in enumerate(row):
+            per_image_nats[n] -= math.log(table[position, previous, code])
+            previous = code + 1  # code k is token k + 1
     assert results["prior_nll"] == pytest.approx(per_image_nats.sum() / codes.size, rel=1e-5)
     bits_per_dim = per_image_nats / (16 * 16 * 3) / math.log(2)  # img_dim 16, 3 channels
     assert results["prior_bits_per_dim"] == pytest.approx(bits_per_dim.mean(), rel=1e-5)
@@ -180,6 +210,49 @@ def test_evaluate_rejects_bad_arguments(tiny_run):
             vqk.evaluate(run, images, batch_size=bad, progress=False)
     with pytest.raises(vqk.UsageError, match="FID samples"):
         vqk.evaluate(run, images, fid=True, progress=False)
+    for bad in (-1, 1.5, float("nan"), 2 ** 31, "0"):
+        with pytest.raises(vqk.UsageError, match="seed must be an integer"):
+            vqk.evaluate(run, images, seed=bad, progress=False)
+    with pytest.raises(vqk.UsageError, match="inception_weights must be"):
+        vqk.evaluate(run, images, fid=2, inception_weights=3, progress=False)
+    with pytest.raises(vqk.UsageError, match="run must be a run directory"):
+        vqk.evaluate(42, images, progress=False)
+    with pytest.raises(vqk.UsageError, match="images must be a folder or an array of floats"):
+        vqk.evaluate(run, [["a.png"]], progress=False)
+    with pytest.raises(vqk.UsageError, match=r"finite floats in \[-1, 1\]"):
+        vqk.evaluate(run, images * np.nan, progress=False)
+    with pytest.raises(vqk.UsageError, match=r"finite floats in \[-1, 1\]"):
+        vqk.evaluate(run, images * 255, progress=False)
+
+
+class FakeInception:
+    """Stands in for InceptionV3 (slow to build): features that tell images apart."""
+
+    def __init__(self, weights="imagenet", batch_size=32):
+        pass
+
+    def __call__(self, pixels):
+        return np.asarray(pixels, np.float64).reshape(len(pixels), -1)[:, :8]
+
+
+@pytest.mark.parametrize("weights, features", [("none", "random"), (None, "random"), ("imagenet", "imagenet")])
+def test_fids_of_random_features_are_labelled_not_comparable(tiny_run, monkeypatch, weights, features):
+    from vq_vae_keras import evaluation
+
+    run, images = tiny_run
+    monkeypatch.setattr(evaluation, "InceptionFeatures", FakeInception)
+    results = vqk.evaluate(run, images, fid=2, inception_weights=weights, progress=False)
+    assert set(results) == set(KEYS) and results["rfid"] is not None
+    assert results["fid_features"] == features
+    table = evaluation.format_table(results)
+    lines = {line.split()[0]: line for line in table.splitlines()}
+    if features == "random":
+        assert "not comparable" in results["fid_note"]
+        assert "NOT COMPARABLE" in lines["rfid"] and lines["fid_features"].split()[1] == "random"
+        assert table.splitlines()[-1].startswith("note: random Inception weights")
+    else:
+        assert results["fid_note"] is None and "NOT COMPARABLE" not in table and "note:" not in table
+    assert vqk.evaluate(run, images, progress=False)["fid_features"] is None
 
 
 def test_evaluate_folder_of_undecodable_images_is_a_usage_error(tiny_run, tmp_path):
@@ -209,6 +282,8 @@ def test_cli_evaluate_writes_every_key_with_fid(trained_run, tmp_path):
     assert results["images"] == 5 and results["codes_used"] <= 8
     assert 0 <= results["ssim"] <= 1 and results["psnr"] > 0 and results["rfid"] >= 0 and results["fid"] >= 0
     assert "prior_bits_per_dim" in result.stdout and result.stdout.strip().endswith("eval.json")
+    assert results["fid_features"] == "random" and "not comparable" in results["fid_note"]
+    assert "NOT COMPARABLE" in result.stdout
     # the Python API gives the same numbers from the run directory
     again = vqk.evaluate(run, data, batch_size=5, progress=False)
     for key in ("psnr", "ssim", "mse", "psnr_unquantized", "codes_used", "perplexity", "prior_nll"):

@@ -31,7 +31,15 @@ INCEPTION_SIZE = 299
 
 # The keys of evaluate()'s dict and of `sample.py evaluate`'s JSON; None where not computed.
 KEYS = ("images", "psnr", "ssim", "mse", "psnr_unquantized", "ssim_unquantized", "codes_used",
-        "codes_used_fraction", "perplexity", "prior_nll", "prior_bits_per_dim", "rfid", "fid")
+        "codes_used_fraction", "perplexity", "prior_nll", "prior_bits_per_dim", "rfid", "fid",
+        "fid_features", "fid_note")
+# Keras's own download of InceptionV3's ImageNet weights without the top (as keras.applications asks for it).
+IMAGENET_WEIGHTS = ("inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                    "https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/"
+                    "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                    "bcbd6486424b2319ff4ef7d526e38f63")
+RANDOM_FEATURES_NOTE = ("random Inception weights (--inception-weights none): rfid and fid test the pipeline only "
+                        "and are not comparable with any other FID")
 
 
 # ----------------------------------------------------------------------------- per-image scores
@@ -104,17 +112,21 @@ class InceptionFeatures:
         self.batch_size = batch_size
         if weights in (None, "none"):
             weights = None
-        elif weights != "imagenet" and not os.path.isfile(weights):
-            raise UsageError(f"no Inception weights file at {weights}")
-        try:
-            self.model = keras.applications.InceptionV3(include_top=False, pooling="avg", weights=weights,
-                                                         input_shape=(INCEPTION_SIZE, INCEPTION_SIZE, 3))
-        except Exception as e:  # a failed download, or a file that does not fit
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            if weights == "imagenet":
+        elif weights == "imagenet":
+            name, url, md5 = IMAGENET_WEIGHTS
+            try:
+                weights = keras.utils.get_file(name, url, cache_subdir="models", file_hash=md5)
+            except Exception as e:  # get_file's failed download is a bare Exception; a bad hash ValueError
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise UsageError(f"cannot get InceptionV3's ImageNet weights ({reason}); run once on a connected "
                                  "machine, or pass --inception-weights FILE.h5") from None
-            raise UsageError(f"cannot load Inception weights from {weights}: {reason}") from None
+        elif not os.path.isfile(weights):
+            raise UsageError(f"no Inception weights file at {weights}")
+        model = keras.applications.InceptionV3(include_top=False, pooling="avg", weights=None,
+                                               input_shape=(INCEPTION_SIZE, INCEPTION_SIZE, 3))
+        if weights is not None:
+            load_weights(model, weights, "Inception weights")
+        self.model = model
         # One trace for every batch size and image size (tracing InceptionV3 takes seconds).
         self._features = tf.function(self._features_eager, input_signature=[tf.TensorSpec((None, None, None, 3), tf.uint8)])
 
@@ -138,9 +150,14 @@ def _image_batches(images_or_folder, img_dim, batch_size):
         starts = range(0, len(folder), batch_size)
         batches = (folder.read_batch(range(i, min(i + batch_size, len(folder)))) for i in starts)
         return (b for b in batches if b is not None), len(starts)
-    images = np.asarray(images_or_folder, np.float32)
+    try:
+        images = np.asarray(images_or_folder, np.float32)
+    except (TypeError, ValueError):
+        raise UsageError(f"images must be a folder or an array of floats, got {type(images_or_folder).__name__}") from None
     if images.ndim != 4 or images.shape[1:] != (img_dim, img_dim, 3) or not len(images):
         raise UsageError(f"images have shape {images.shape}; this run needs (N, {img_dim}, {img_dim}, 3) in [-1, 1]")
+    if not np.isfinite(images).all() or np.abs(images).max() > 1:
+        raise UsageError("images must be finite floats in [-1, 1] (x / 255 * 2 - 1)")
     starts = range(0, len(images), batch_size)
     return (images[i:i + batch_size] for i in starts), len(starts)
 
@@ -161,12 +178,20 @@ def evaluate(run, images_or_folder, batch_size=64, fid=None, inception_weights="
       (= prior_nll * h * w / (img_dim^2 * 3) / ln 2). Only when the run has an unconditional prior
       (a class-conditional one would need each image's class: left out, with a warning).
     - with fid=N: rfid, the Fréchet Inception distance of the reconstructions to the originals (all
-      images), and fid, of N samples from the prior (drawn with seed) to the originals.
+      images), and fid, of N samples from the prior (drawn with seed) to the originals; fid_features
+      says which Inception features they compare: "imagenet", or "random" (inception_weights "none":
+      the numbers test the pipeline only and compare with nothing; fid_note says so).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise UsageError(f"batch size must be an integer >= 1, got {batch_size!r}")
     if fid is not None and (isinstance(fid, bool) or not (isinstance(fid, (int, np.integer)) and fid >= 2)):
         raise UsageError(f"the number of FID samples must be an integer >= 2, got {fid}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 31:
+        raise UsageError(f"seed must be an integer in [0, {2 ** 31 - 1}], got {seed!r}")
+    if inception_weights is not None and not isinstance(inception_weights, (str, os.PathLike)):
+        raise UsageError(f"inception_weights must be \"imagenet\", \"none\" or a file, got {inception_weights!r}")
+    if not isinstance(run, (LoadedRun, str, os.PathLike)):
+        raise UsageError(f"run must be a run directory or a loaded run (load_run), got {type(run).__name__}")
     if not isinstance(run, LoadedRun):
         run = load_run(run)
     config, vqvae = run.config, run.vqvae
@@ -207,6 +232,9 @@ def evaluate(run, images_or_folder, batch_size=64, fid=None, inception_weights="
         results["prior_nll"] = nll_sum / counts.sum()
         results["prior_bits_per_dim"] = results["prior_nll"] * h * w / (config.img_dim ** 2 * 3) / math.log(2)
     if fid:
+        random_features = inception_weights in (None, "none")
+        results.update(fid_features="random" if random_features else "imagenet",
+                       fid_note=RANDOM_FEATURES_NOTE if random_features else None)
         if results["images"] < 2:
             raise UsageError(f"FID needs at least 2 images, got {results['images']}")
         real = feature_statistics(np.concatenate(real_features))
@@ -235,17 +263,26 @@ DESCRIPTIONS = {
     "prior_bits_per_dim": "bits per pixel-channel",
     "rfid": "Frechet Inception distance, reconstructions vs images",
     "fid": "Frechet Inception distance, prior samples vs images",
+    "fid_features": "the Inception weights rfid and fid are computed with",
 }
 
 
 def format_table(results):
-    """The results as aligned lines: name, value, what it means. Keys not computed are left out."""
+    """The results as aligned lines: name, value, what it means. Keys not computed are left out;
+    FIDs of random Inception features are marked as not comparable, and the note follows."""
+    random_features = results.get("fid_features") == "random"
     lines = []
     for key in KEYS:
         value = results.get(key)
-        if value is not None:
-            text = f"{value:d}" if isinstance(value, int) else f"{value:.4f}"
-            lines.append(f"{key:<20} {text:>12}  {DESCRIPTIONS[key]}")
+        if value is None or key == "fid_note":
+            continue
+        text = value if isinstance(value, str) else f"{value:d}" if isinstance(value, int) else f"{value:.4f}"
+        description = DESCRIPTIONS[key]
+        if random_features and key in ("rfid", "fid"):
+            description += " -- NOT COMPARABLE: random features"
+        lines.append(f"{key:<20} {text:>12}  {description}")
+    if random_features:
+        lines.append(f"note: {RANDOM_FEATURES_NOTE}")
     return "\n".join(lines)
 
 
