@@ -30,7 +30,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from vq_vae_keras.data import ImageFolder, epoch_batches, make_demo_images  # noqa: E402
-from vq_vae_keras.prior import codes_to_tokens, prior_nll  # noqa: E402
+from vq_vae_keras.priors.tokens import codes_to_tokens, prior_nll  # noqa: E402
 
 KINDS = ("attention", "pixelcnn")
 

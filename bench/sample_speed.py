@@ -31,8 +31,8 @@ import vq_vae_keras as vqk  # noqa: E402  (first: it quiets TensorFlow's start-u
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from vq_vae_keras.prior import codes_to_tokens  # noqa: E402
-from vq_vae_keras.sampling import compiled_sampler, default_batch_size  # noqa: E402
+from vq_vae_keras.priors.sampling import default_batch_size  # noqa: E402
+from vq_vae_keras.priors.tokens import codes_to_tokens  # noqa: E402
 
 
 def reference_sample(prior, n, grid_shape, seed=0, stride=1):
@@ -147,7 +147,7 @@ def main():
     print(f"  cached sampler:           {cached_small:8.2f} s")
     print(f"  speed-up:                 {reference_small / cached_small:8.1f}x")
     print(f"  cached sampler, 1st call: {first_small:8.2f} s (compilation included)")
-    batch = default_batch_size(compiled_sampler(prior), n)
+    batch = default_batch_size(prior.sampler(), n)
     gpu = bool(tf.config.list_logical_devices("GPU"))
     print(f"  sampler layout: batches of {batch} on {'the GPU' if gpu else f'{os.cpu_count()} threads'}")
     print(f"  sampler per position ({n} samples): {per_position * 1e3:.2f} ms = {per_position / bound:.2f}x its "

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 import vq_vae_keras as vqk
-from vq_vae_keras.prior import class_tokens, codes_to_tokens
-from vq_vae_keras.sampling import sample_codes
+from vq_vae_keras.priors.sampling import sample_codes
+from vq_vae_keras.priors.tokens import class_tokens, codes_to_tokens
 
 from conftest import TINY_FLAGS, run_cli, tiny_config
 

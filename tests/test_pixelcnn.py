@@ -10,9 +10,9 @@ import pytest
 import tensorflow as tf
 
 import vq_vae_keras as vqk
-from vq_vae_keras.pixelcnn import PixelCNN, compiled_sampler
-from vq_vae_keras.prior import class_tokens, codes_to_tokens, prior_nll
-from vq_vae_keras.sampling import sample_codes
+from vq_vae_keras.priors.pixelcnn import PixelCNN
+from vq_vae_keras.priors.sampling import sample_codes
+from vq_vae_keras.priors.tokens import class_tokens, codes_to_tokens, prior_nll
 
 from conftest import run_cli, tiny_config
 from test_sampling import restricted_logits
@@ -131,14 +131,14 @@ def test_the_sampler_is_compiled_once_and_reads_new_weights():
     config = tiny_config(**{**PIXELCNN, "img_dim": 16})
     model = shaken(vqk.build_prior(config), seed=3)
     sample_codes(model, 2, config.grid_shape, seed=0, batch_size=2)
-    assert compiled_sampler(model).tracing_count() == 1
+    assert model.sampler().tracing_count() == 1
     for options in [dict(seed=1), dict(temperature=0.5), dict(top_k=2), dict(top_p=0.5)]:
         sample_codes(model, 2, config.grid_shape, batch_size=2, **options)
     shaken(model, seed=4)
     greedy = sample_codes(model, 2, config.grid_shape, top_k=1, seed=0, batch_size=2)
     probs = model.predict(codes_to_tokens(greedy)[:, :-1], verbose=0)
     np.testing.assert_array_equal(probs.argmax(-1), greedy.reshape(2, -1))
-    assert compiled_sampler(model).tracing_count() == 1
+    assert model.sampler().tracing_count() == 1
 
 
 def test_one_program_serves_every_row():
@@ -154,7 +154,7 @@ def test_one_program_serves_every_row():
               for _ in range(model.depth)]
     rest = (tf.zeros((2, h * w), tf.int32), tf.constant([-1, -1]), tf.constant((0, 0), tf.int64), tf.constant(1.0),
             tf.constant(config.num_codes), tf.constant(1.0))
-    function = compiled_sampler(model).function
+    function = model.sampler().function
     programs = [function.experimental_get_compiler_ir(tf.constant(row), stacks, *rest)(stage="hlo") for row in (1, 2)]
     assert re.sub(r"HloModule \S+", "", programs[0]) == re.sub(r"HloModule \S+", "", programs[1])
 
@@ -191,7 +191,7 @@ def test_train_prior_learns_and_the_run_reloads_in_a_fresh_process(tmp_path):
     probs = prior.predict(codes_to_tokens(codes[:2])[:, :-1], verbose=0)
     np.save(tmp_path / "expected.npy", probs)
     script = ("import sys, numpy as np, vq_vae_keras as vqk\n"
-              "from vq_vae_keras.prior import codes_to_tokens\n"
+              "from vq_vae_keras.priors.tokens import codes_to_tokens\n"
               "run = vqk.load_run(sys.argv[1])\n"
               "assert type(run.prior).__name__ == 'PixelCNN', type(run.prior)\n"
               "codes = np.load(sys.argv[1] + '/codes.npy')[:2]\n"

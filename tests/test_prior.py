@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 import vq_vae_keras as vqk
-from vq_vae_keras.prior import build_prior, codes_to_tokens, prior_nll, tokens_to_codes
+from vq_vae_keras.priors import attention as attention_module
+from vq_vae_keras.priors import build_prior
+from vq_vae_keras.priors.tokens import codes_to_tokens, prior_nll, tokens_to_codes
 from vq_vae_keras.training import split_validation
 
 from conftest import tiny_config
@@ -57,7 +59,6 @@ def test_mask_is_causal(prior):
 def test_chunked_attention_equals_the_plain_one_with_its_gradients(monkeypatch):
     """Long static sequences take the chunked, recomputed path; values and gradients must not change."""
     import tensorflow as tf
-    from vq_vae_keras import prior as prior_module
 
     keras.utils.set_random_seed(1)
     attention = vqk.CausalSelfAttention(heads=2, head_dim=4)
@@ -73,7 +74,7 @@ def test_chunked_attention_equals_the_plain_one_with_its_gradients(monkeypatch):
         return y.numpy(), [g.numpy() for g in grads]
 
     plain, plain_grads = value_and_grads()
-    monkeypatch.setattr(prior_module, "QUERY_CHUNK", 6)  # 20 positions -> chunks 6, 6, 6, 2
+    monkeypatch.setattr(attention_module, "QUERY_CHUNK", 6)  # 20 positions -> chunks 6, 6, 6, 2
     chunked, chunked_grads = value_and_grads()
     np.testing.assert_allclose(chunked, plain, atol=1e-6)
     for a, b in zip(chunked_grads, plain_grads):
@@ -127,8 +128,6 @@ def test_weight_file_layout_is_unchanged_and_round_trips(prior, tmp_path):
 def test_chunked_prior_training_through_fit_equals_the_unchunked(monkeypatch):
     """A 20x20 grid (400 positions > QUERY_CHUNK) trains through fit on the chunked, recomputed
     attention; with one chunk the losses and the weights after a few steps must be the same."""
-    from vq_vae_keras import prior as prior_module
-
     config = tiny_config(img_dim=80)  # 20x20 codes
     tokens = random_tokens(config, 8, seed=2)[1]
 
@@ -141,11 +140,11 @@ def test_chunked_prior_training_through_fit_equals_the_unchunked(monkeypatch):
 
     remat, chunks = keras.remat, []
     monkeypatch.setattr(keras, "remat", lambda f: chunks.append(f) or remat(f))
-    assert 400 > prior_module.QUERY_CHUNK
+    assert 400 > attention_module.QUERY_CHUNK
     chunked_loss, chunked_weights = train()
     assert chunks  # fit really took the chunked path
     chunks.clear()
-    monkeypatch.setattr(prior_module, "QUERY_CHUNK", 400)
+    monkeypatch.setattr(attention_module, "QUERY_CHUNK", 400)
     plain_loss, plain_weights = train()
     assert not chunks
     np.testing.assert_allclose(chunked_loss, plain_loss, rtol=1e-5)

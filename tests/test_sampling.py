@@ -10,10 +10,11 @@ import pytest
 import tensorflow as tf
 
 import vq_vae_keras as vqk
-from vq_vae_keras import sampling
+from vq_vae_keras.priors import attention
 from vq_vae_keras.errors import UsageError
-from vq_vae_keras.prior import build_prior, codes_to_tokens
-from vq_vae_keras.sampling import compiled_sampler, draw, sample_codes
+from vq_vae_keras.priors import build_prior
+from vq_vae_keras.priors.sampling import draw, sample_codes
+from vq_vae_keras.priors.tokens import codes_to_tokens
 
 from conftest import run_cli, tiny_config
 
@@ -28,8 +29,8 @@ def prior():
 @pytest.fixture
 def short_segments(monkeypatch):
     """Segments of 12 positions (36 -> 3 segments): the caches grow between the loops."""
-    monkeypatch.setattr(sampling, "MIN_SEGMENT", 12)
-    monkeypatch.setattr(sampling, "SEGMENTS", 4)
+    monkeypatch.setattr(attention, "MIN_SEGMENT", 12)
+    monkeypatch.setattr(attention, "SEGMENTS", 4)
 
 
 def nucleus(p, top_p):
@@ -97,13 +98,13 @@ def test_the_cached_sampler_sees_new_weights(short_segments):
     config = tiny_config(img_dim=20)
     model = build_prior(config)
     sample_codes(model, 2, config.grid_shape, top_k=1, seed=0)
-    traces = compiled_sampler(model).tracing_count()
+    traces = model.sampler().tracing_count()
     rng = np.random.default_rng(0)
     model.set_weights([w + rng.normal(0, 0.5, w.shape).astype(w.dtype) for w in model.get_weights()])
     greedy = sample_codes(model, 2, config.grid_shape, top_k=1, seed=0)
     probs = model.predict(codes_to_tokens(greedy)[:, :-1], verbose=0)
     np.testing.assert_array_equal(probs.argmax(-1), greedy.reshape(2, -1))
-    assert compiled_sampler(model).tracing_count() == traces
+    assert model.sampler().tracing_count() == traces
 
 
 def test_the_sampler_is_compiled_once_per_prior_and_batch(prior, short_segments):
@@ -112,16 +113,16 @@ def test_the_sampler_is_compiled_once_per_prior_and_batch(prior, short_segments)
     top-p."""
     config, _ = prior
     model = build_prior(config)  # a fresh prior: nothing compiled yet
-    traced = compiled_sampler(model).tracing_count
+    traced = model.sampler().tracing_count
     assert traced() == 0
     sample_codes(model, 3, config.grid_shape, seed=1, batch_size=2)
     first = traced()
-    assert first == 1 and len(sampling.segments(36)) == 3
+    assert first == 1 and len(attention.segments(36)) == 3
     for options in [dict(seed=2), dict(temperature=0.5), dict(top_k=3), dict(top_p=0.8), dict(top_k=2, top_p=0.3)]:
         sample_codes(model, 3, config.grid_shape, batch_size=2, **options)
     sample_codes(model, 2, config.grid_shape, batch_size=2, seed=5)  # another n, same batch
     assert traced() == first
-    assert compiled_sampler(model) is compiled_sampler(model)
+    assert model.sampler() is model.sampler()
 
 
 def loop_body_copies(hlo):
@@ -142,12 +143,12 @@ def test_the_compiled_loop_updates_the_caches_in_place(prior, short_segments, ba
     cache (each copy of a cache at every position read and wrote the whole cache; the layout of
     the caches decides whether XLA can write in place). A check on the program, not a timing."""
     config, _ = prior
-    sampler = compiled_sampler(build_prior(config))  # a fresh prior: traced here, with 3 segments
+    sampler = build_prior(config).sampler()  # a fresh prior: traced here, with 3 segments
     args = (tf.zeros((batch,), tf.int32), tf.constant([0, 0], tf.int64), tf.constant(1.0), tf.constant(8),
             tf.constant(1.0))
     hlo = sampler.function.experimental_get_compiler_ir(*args)(stage="optimized_hlo", platform_name="CPU")
     bodies, copies = loop_body_copies(hlo)
-    assert len(bodies) >= len(sampling.segments(36)) == 3
+    assert len(bodies) >= len(attention.segments(36)) == 3
     assert copies == []
 
 
@@ -155,8 +156,8 @@ def test_the_cpu_batch_size_keeps_long_maps_to_one_sample():
     """Maps of 256+ positions: one sample per batch (any n, any core count); shorter maps: 16, the
     same on every CPU, so that a seed gives the same codes there."""
     small, large = (build_prior(tiny_config(img_dim=img_dim)) for img_dim in (32, 64))  # 8x8, 16x16
-    assert compiled_sampler(large).cpu_batch_size == 1
-    assert compiled_sampler(small).cpu_batch_size == 16
+    assert large.sampler().cpu_batch_size == 1
+    assert small.sampler().cpu_batch_size == 16
 
 
 def test_one_program_serves_every_seed_and_option(prior):
@@ -164,7 +165,7 @@ def test_one_program_serves_every_seed_and_option(prior):
     compile-time constants that XLA would fold in and compile again for each value (tracing once
     does not show that: the PixelCNN's row did exactly this)."""
     config, model = prior
-    function = compiled_sampler(model).function
+    function = model.sampler().function
     programs = [function.experimental_get_compiler_ir(
         tf.zeros((2,), tf.int32), tf.constant(seed, tf.int64), tf.constant(temperature), tf.constant(top_k),
         tf.constant(top_p))(stage="hlo") for seed, temperature, top_k, top_p in [((0, 0), 1.0, 8, 1.0),

@@ -44,11 +44,11 @@ _LIGHT = {"Config": "config", "UsageError": "errors"}
 _HEAVY = {
     "load_images": "data", "evaluate": "evaluation", "EvaluateEvery": "evaluation",
     "VQVAE": "models", "VQVAEObjective": "models", "build_vqvae": "models",
-    "CausalSelfAttention": "prior", "GridPositionEmbedding": "prior", "build_prior": "prior",
-    "GatedLayer": "pixelcnn", "PixelCNN": "pixelcnn",
+    "CausalSelfAttention": "priors.attention", "GridPositionEmbedding": "priors.attention", "build_prior": "priors",
+    "GatedLayer": "priors.pixelcnn", "PixelCNN": "priors.pixelcnn", "sample_codes": "priors.sampling",
     "FiniteScalarQuantizer": "quantizers", "GumbelQuantizer": "quantizers", "RotationTrick": "quantizers",
     "StraightThrough": "quantizers", "VectorQuantizer": "quantizers",
-    "load_run": "run", "sample_codes": "sampling", "train_prior": "training", "train_vqvae": "training",
+    "load_run": "run", "train_prior": "training", "train_vqvae": "training",
     "make_strategy": "distribute", "callbacks": None,  # None: the name is a module of the package
 }
 

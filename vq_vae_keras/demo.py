@@ -13,7 +13,7 @@ from .config import Config
 from .data import ImageFolder, make_demo_images
 from .grids import codes_grid, interpolation_grid, reconstruction_grid
 from .io import save_png
-from .sampling import sample_codes
+from .priors.sampling import sample_codes
 from .training import train_prior, train_vqvae
 
 # Why these settings: on the earlier data (one or two shapes of any colour on gradients between any

@@ -19,9 +19,9 @@ from .codebook import counts_perplexity, usage_counts
 from .data import ImageFolder, load_images, warn
 from .errors import UsageError
 from .io import atomic_write_text, load_weights, to_uint8
-from .prior import codes_to_tokens, prior_nll
+from .priors.sampling import sample_codes
+from .priors.tokens import codes_to_tokens, prior_nll
 from .run import LoadedRun, load_run
-from .sampling import sample_codes
 
 # An exact reconstruction (MSE 0) has infinite PSNR; it counts as this many dB, so that a mean stays
 # finite. On uint8 images the highest finite PSNR is 10 log10(255^2 * 3 d^2): 95 dB at d = 128.

@@ -63,7 +63,7 @@ def load_run(run, prior=True) -> LoadedRun:
     """Config, VQ-VAE and (if trained) prior of a run directory, weights loaded.
     prior=False skips the prior (`.prior` is None): what needs only the VQ-VAE then works even
     when the prior's file is missing or broken."""
-    from .prior import build_prior
+    from .priors import build_prior
 
     run = RunDir(run)
     config = run.require_config()

@@ -294,7 +294,7 @@ def prior_codes(config: Config, run: RunDir, resume, classes=False, write_to=Non
     resume, else every image of `data` (an array, a folder, or None: config.prior_data, else
     config.data) is encoded, its class read from its subfolder (config.classes gets the names)
     and both saved (into write_to if given: a worker other than the chief)."""
-    from .prior import check_codes
+    from .priors.tokens import check_codes
 
     conditional = classes or config.classes is not None
     if resume and os.path.isfile(run.codes):
@@ -379,8 +379,9 @@ def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     config.prior picks the kind (attention or pixelcnn). classes: a class-conditional prior, each
     image's class its first-level subfolder of the folder (names saved as config.classes)."""
     from .grids import codes_grid
-    from .prior import START_TOKEN, build_prior, class_tokens, codes_to_tokens, prior_nll
-    from .sampling import sample_codes
+    from .priors import build_prior
+    from .priors.sampling import sample_codes
+    from .priors.tokens import START_TOKEN, class_tokens, codes_to_tokens, prior_nll
 
     xla_off_under(strategy, config, "prior_jit_compile")
     run = RunDir(run_dir)

@@ -108,7 +108,7 @@ def main(argv=None, prog="sample.py"):
         images = ImageFolder(args.data, run.config.img_dim).random_images(2 * args.n, rng)
         grid = interpolation_grid(run.vqvae, images[0::2], images[1::2], args.n)
     else:
-        from ..sampling import sample_codes
+        from ..priors.sampling import sample_codes
 
         if run.prior is None:
             raise UsageError(f"{args.run} has no trained prior; run: python train.py prior --run {args.run}")

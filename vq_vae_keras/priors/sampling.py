@@ -1,20 +1,10 @@
-"""Fast autoregressive sampling from the prior with a key/value cache.
+"""Drawing code maps from a prior, position by position: `sample_codes`, and what every prior's
+sampler shares (`Sampler`, the protocol; `draw`, one code per row of logits).
 
-The reference reruns the whole prefix for every new position (O(L^2) work and one predict call
-per position). Here each position costs one token's work: the prior's own layers run through
-`Prior.call_with_cache`, every attention block keeping the keys and values of earlier positions
-in a cache. All positions run inside one XLA-compiled function (caches updated in place, no Python
-between positions), compiled once per prior and batch size and reused by every later call: seeds,
-temperature, top-k and top-p are tensors. The distributions are those of the full model, to float
-rounding.
-
-Sampling is bound by reading the caches, so the sequence is cut into a few segments, one loop
-each, and in each the caches are only as long as the segment's end: a position attends over about
-its prefix rather than over all h*w slots. The loops live in one compiled function: one trace and
-one XLA compilation, about half the time that a function per segment took (more segments would
-read less padding but compile longer). On a CPU, maps of 256 positions or more are sampled one
-per thread at a time: one sample's caches (8 MB at 32x32) stay in the processor's cache, a
-batch's do not (a batch of 4 was 2x slower a sample at 32x32).
+Each prior kind hands out its own compiled sampler (`prior.sampler()`), which runs the prior's
+own layers one position at a time and draws each code with `draw`; so this module knows no prior
+kind. A prior, to `sample_codes`, is anything with `height`, `width`, `num_codes`, `classes`
+(names, or None) and `sampler()`.
 """
 
 import math
@@ -24,94 +14,53 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import tensorflow as tf
-from keras import ops
 from tqdm.auto import tqdm
 
-from .errors import UsageError
-from .pixelcnn import PixelCNN
-from .pixelcnn import compiled_sampler as pixelcnn_sampler
-from .prior import START_TOKEN, Prior, class_tokens
-
-# Segments per sequence, and their least length: more segments attend over less padding, but
-# each adds a loop to compile.
-SEGMENTS = 4
-MIN_SEGMENT = 64
+from ..errors import UsageError
 
 _samplers = weakref.WeakKeyDictionary()
 
 
-def compiled_sampler(prior):
-    """The `Sampler` of a prior, built on first use and kept for the prior's lifetime."""
-    if prior not in _samplers:
-        _samplers[prior] = Sampler(prior)
-    return _samplers[prior]
-
-
-def segments(length):
-    """[(start, stop), ...] covering 0..length: SEGMENTS pieces of at least MIN_SEGMENT positions."""
-    size = max(MIN_SEGMENT, math.ceil(length / SEGMENTS))
-    return [(start, min(start + size, length)) for start in range(0, length, size)]
-
-
 class Sampler:
-    """The compiled sampling function of one prior, traced once per batch size on first use;
-    later calls with any seed or sampling option reuse it."""
+    """The compiled sampler of one prior: `function`, a tf.function of `compiled`, traced once per
+    batch size on first use (seeds and sampling options are tensors: other values reuse it), and
+    `sample`, which runs it.
 
-    def __init__(self, prior):
-        self._prior = weakref.ref(prior)  # the sampler must not keep its prior alive
-        self.length = prior.height * prior.width
-        # Samples per batch on a CPU: one for maps of 256 positions or more (one sample's caches
-        # stay in the processor's cache), else 16 (short maps are bound by per-step overhead, which
-        # a batch shares). Not a share of the cores: a seed gives the same codes on every CPU.
-        self.cpu_batch_size = 1 if self.length >= 256 else 16
-        self.function = tf.function(self._draw, jit_compile=True, autograph=False)
+    One per prior (`of`), kept for the prior's lifetime; it holds the prior weakly, so that a
+    sampler never keeps its prior alive. It reads the prior's variables, so new weights need no
+    new sampler.
+    """
+
+    cpu_batch_size = 16  # samples per batch on a CPU (see default_batch_size)
+
+    def __init__(self, model):
+        self._model = weakref.ref(model)
+        self.function = tf.function(self.compiled, jit_compile=True, autograph=False)
+
+    @classmethod
+    def of(cls, model):
+        """model's sampler of this class, made on first use."""
+        if model not in _samplers:
+            _samplers[model] = cls(model)
+        return _samplers[model]
+
+    @property
+    def model(self):
+        return self._model()
 
     def tracing_count(self):
         return self.function.experimental_get_tracing_count()
 
-    def _draw(self, token, seed, temperature, top_k, top_p):
-        """(batch, length) codes after the start tokens (batch,): one while_loop per segment, the
-        caches grown between them."""
-        prior = self._prior()
-        batch = token.shape[0]
-        caches = prior.empty_caches(batch, 0)
-        codes = tf.zeros((batch, self.length), tf.int32)
-
-        # One position, traced once for all the segments: the caches' length is left open here,
-        # and each loop's XLA compilation sees its own (at 32x32 tracing took 1.9 s per loop, 0.7 s once).
-        open_length = [(tf.TensorSpec((*keys.shape[:2], None), keys.dtype),
-                        tf.TensorSpec((values.shape[0], None, values.shape[2]), values.dtype)) for keys, values in caches]
-
-        @tf.function(autograph=False, input_signature=[tf.TensorSpec((), tf.int32), tf.TensorSpec((batch,), tf.int32),
-                                                       open_length, tf.TensorSpec(codes.shape, tf.int32)])
-        def position(i, token, caches, codes):
-            logits, caches = prior.call_with_cache(token[:, None], caches, i)
-            code = draw(logits[:, 0], temperature, top_k, top_p, tf.stack([seed[0], seed[1] + tf.cast(i, tf.int64)]))
-            return i + 1, code + 1, caches, ops.slice_update(codes, [0, i], code[:, None])
-
-        def body(i, token, caches, codes):
-            i, token, new_caches, codes = position(i, token, caches, codes)
-            for new, old in zip(tf.nest.flatten(new_caches), tf.nest.flatten(caches)):
-                new.set_shape(old.shape)
-            return i, token, new_caches, codes
-
-        for start, stop in segments(self.length):
-            more = [0, stop - start]  # keys (batch * heads, dim, length), values (batch * heads, length, dim)
-            caches = [(tf.pad(keys, [[0, 0], [0, 0], more]), tf.pad(values, [[0, 0], more, [0, 0]]))
-                      for keys, values in caches]
-            state = (tf.constant(start), token, caches, codes)
-            _, token, caches, codes = tf.while_loop(lambda i, *_: i < stop, body, state)
-        return codes
+    def compiled(self, *args):
+        """The XLA-compiled part of `sample`."""
+        raise NotImplementedError
 
     def sample(self, batch, seed, temperature, top_k, top_p, classes=None):
-        """(batch, length) int32 codes; seed is a pair of ints; classes (batch,) ints or None. batch
-        is a Python int: one trace per batch size."""
-        prior = self._prior()
-        start = START_TOKEN if classes is None else class_tokens(classes, prior.num_codes)
-        token = tf.constant(np.broadcast_to(start, (batch,)), tf.int32)
-        options = (tf.constant(seed, tf.int64), tf.constant(temperature, tf.float32), tf.constant(top_k, tf.int32),
-                   tf.constant(top_p, tf.float32))
-        return self.function(token, *options).numpy()
+        """(batch, height * width) int32 codes. batch: a Python int (one trace per batch size);
+        seed: a pair of ints, position p's noise being draw's seed (seed[0], seed[1] + p);
+        top_k: an int (num_codes: no restriction); top_p: a float (1.0: none); classes: (batch,)
+        class ids, or None."""
+        raise NotImplementedError
 
 
 def draw(logits, temperature, top_k, top_p, seed):
@@ -150,7 +99,7 @@ def is_number(x):
 
 def check_sampling_options(prior, n, grid_shape, temperature, top_k, top_p, seed=None, batch_size=None):
     """UsageError (a ValueError) naming the first bad argument of `sample_codes`."""
-    if not isinstance(prior, (Prior, PixelCNN)):
+    if not callable(getattr(prior, "sampler", None)):
         raise UsageError(f"sample_codes needs a prior made by build_prior, got {type(prior).__name__}")
     if not is_int(n) or n < 1:
         raise UsageError(f"n must be an integer >= 1, got {n!r}", "n")
@@ -209,12 +158,12 @@ def sample_codes(prior, n, grid_shape, temperature=1.0, top_k=None, seed=None, t
     None: every class in turn, in equal consecutive blocks.
     Samples run in batches of batch_size, in parallel on the CPU cores; the last is padded so that
     all share one compiled loop. Default (`default_batch_size`): all n at once on a GPU; on a CPU
-    one sample per batch for maps of 256 positions or more, else 16.
+    the prior's sampler's `cpu_batch_size`.
     """
     check_sampling_options(prior, n, grid_shape, temperature, top_k, top_p, seed, batch_size)
     h, w = grid_shape
     ids = sample_classes(prior, n, classes)
-    sampler = pixelcnn_sampler(prior) if isinstance(prior, PixelCNN) else compiled_sampler(prior)
+    sampler = prior.sampler()
     length = h * w
     seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else int(seed)
     batch = default_batch_size(sampler, n) if batch_size is None else min(batch_size, n)

@@ -1,9 +1,10 @@
 """A gated PixelCNN prior over code maps (van den Oord et al. 2016, "Conditional Image Generation
 with PixelCNN Decoders"), the prior of the VQ-VAE paper, as an option to the attention prior.
 
-Same interface as the attention prior (prior.py): int tokens (batch, length <= h*w), token 0 the
-start token (or a class token), code k token k+1 -> (batch, length, num_codes) probabilities of
-the next code; so training, validation NLL, checkpoints and `load_run` treat both alike.
+Same interface as the attention prior (the token protocol of tokens.py): int tokens (batch,
+length <= h*w), token 0 the start token (or a class token), code k token k+1 -> (batch, length,
+num_codes) probabilities of the next code; so training, validation NLL, checkpoints and
+`load_run` treat both alike.
 
 Two stacks, no blind spot. The vertical stack at row r sees only rows above r: its input is the
 embedded code map shifted down one row, and its convolutions (k//2 + 1 rows x k columns) reach
@@ -13,21 +14,19 @@ left, and every layer adds the vertical stack's pre-activation at the same posit
 Each layer gates both stacks with tanh * sigmoid; the horizontal one is residual. Class
 conditioning adds a learned per-class bias to every gate's pre-activation, in both stacks.
 
-Sampling (`PixelCNNSampler`) runs the same layers on small windows instead of whole maps: once per
+Sampling (`RowSampler`) runs the same layers on small windows instead of whole maps: once per
 row, each layer's vertical output for that row from the rows above it; per position, each
 layer's horizontal output at that position from the k//2 + 1 to its left. Exactly the full
 model's computation, at about a (h*w)-th of its cost per code.
 """
-
-import threading
-import weakref
 
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from .prior import PACKAGE, class_vectors, split_class_tokens
+from .sampling import Sampler, draw
+from .tokens import PACKAGE, class_vectors, split_class_tokens
 
 
 def gate(x):
@@ -94,7 +93,7 @@ class GatedLayer(keras.layers.Layer):
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class PixelCNN(keras.Model):
     """The gated PixelCNN prior: int tokens (batch, length <= height * width), 0 = start token (or
-    num_codes + 1 + c for class c, see prior.class_tokens), code k = token k + 1 ->
+    num_codes + 1 + c for class c, see tokens.class_tokens), code k = token k + 1 ->
     (batch, length, num_codes) next-code probabilities."""
 
     def __init__(self, height, width, num_codes, channels=128, depth=16, kernel=5, classes=None, name="prior",
@@ -128,6 +127,10 @@ class PixelCNN(keras.Model):
     def logits(self, h):
         return self.next_code(self.hidden(ops.relu(h)))
 
+    def sampler(self):
+        """This prior's `RowSampler`, made on first use and kept for the prior's lifetime."""
+        return RowSampler.of(self)
+
     def get_config(self):
         return {"height": self.height, "width": self.width, "num_codes": self.num_codes, "channels": self.channels,
                 "depth": self.depth, "kernel": self.kernel, "classes": list(self.classes or ()) or None, "name": self.name}
@@ -137,16 +140,6 @@ class PixelCNN(keras.Model):
         return cls(**config)
 
 
-_samplers = weakref.WeakKeyDictionary()
-
-
-def compiled_sampler(model):
-    """The `PixelCNNSampler` of a PixelCNN, built on first use and kept for the model's lifetime."""
-    if model not in _samplers:
-        _samplers[model] = PixelCNNSampler(model)
-    return _samplers[model]
-
-
 def window(x, start, size, axis):
     """`size` entries of x along axis from start, a tensor: a gather, so that one compiled program
     serves every start (tf.slice asks XLA for its start as a compile-time constant: one
@@ -154,31 +147,17 @@ def window(x, start, size, axis):
     return ops.take(x, start + ops.arange(size), axis=axis)
 
 
-class PixelCNNSampler:
-    """Draws code maps row by row: one XLA-compiled function serves every row (traced and compiled
-    once per batch size: the row, seed and options are tensors), with a loop over the row's
+class RowSampler(Sampler):
+    """The PixelCNN's sampler: draws code maps row by row. One XLA-compiled function (`compiled`)
+    serves every row (the row, seed and options are tensors), with a loop over the row's
     positions inside.
 
     State between rows: each layer's vertical-stack input, padded as the full model pads it,
     (batch, k//2 + h + 1, k//2 + w + k//2, C): the rows drawn so far and zeros elsewhere (the
     last row is scratch space for the write after the final row)."""
 
-    cpu_batch_size = 16  # samples per batch on a CPU (not tuned further)
-
-    def __init__(self, model):
-        self._model = weakref.ref(model)
-        self.function = None
-        self.lock = threading.Lock()
-
-    def tracing_count(self):
-        return self.function.experimental_get_tracing_count() if self.function is not None else 0
-
     def sample(self, batch, seed, temperature, top_k, top_p, classes=None):
-        """(batch, h*w) int32 codes; seed a pair of ints; classes (batch,) ints or None."""
-        model = self._model()
-        with self.lock:
-            if self.function is None:
-                self.function = tf.function(self._draw_row, jit_compile=True, autograph=False)
+        model = self.model
         reach, h, w = model.kernel // 2, model.height, model.width
         shape = (batch, reach + h + 1, 2 * reach + w, model.channels)
         stacks = [tf.zeros(shape, model.compute_dtype) for _ in range(model.depth)]
@@ -190,10 +169,9 @@ class PixelCNNSampler:
             stacks, codes = self.function(tf.constant(row), stacks, codes, classes, *options)
         return codes.numpy()
 
-    def _draw_row(self, row, stacks, codes, classes, seed, temperature, top_k, top_p):
-        from .sampling import draw
-
-        model = self._model()
+    def compiled(self, row, stacks, codes, classes, seed, temperature, top_k, top_p):
+        """One row: (stacks, codes) with the row's codes drawn and written into both."""
+        model = self.model
         reach, w, channels = model.kernel // 2, model.width, model.channels
         batch = tf.shape(codes)[0]
         # The vertical stack at this row, layer by layer, from the k//2 + 1 padded rows ending at it.
@@ -228,8 +206,3 @@ class PixelCNNSampler:
         _, _, stacks[0], codes = tf.while_loop(lambda col, *_: col < w, body, state)
         return stacks, codes
 
-
-def build_pixelcnn(config) -> PixelCNN:
-    h, w = config.grid_shape
-    return PixelCNN(h, w, config.num_codes, config.pixelcnn_width, config.pixelcnn_depth, config.pixelcnn_kernel,
-                    config.classes)

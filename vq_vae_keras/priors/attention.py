@@ -1,70 +1,37 @@
-"""The attention prior over code maps (the reference's c_model, "PixelAtt"), and its layers.
-
-A code map (h, w) is flattened row-major, shifted by +1 and given a start token 0:
-tokens (h*w + 1,). The model reads tokens[:, :-1] and predicts the codes tokens[:, 1:] - 1.
+"""The attention prior over code maps (the reference's c_model, "PixelAtt"), its layers and its
+cached sampler. Tokens in, next-code probabilities out: see tokens.py.
 
 One forward pass, two ways to run it (as KerasHub's causal models do): on a whole sequence
 (training, `Prior.__call__`), and on new positions against a key/value cache per block
 (sampling, `Prior.call_with_cache`). Both go through the same layers' `call`.
+
+Sampling (`CachedSampler`) costs one token's work per position, where the reference reruns the
+whole prefix for every new position. All positions run inside one XLA-compiled function (caches
+updated in place, no Python between positions), compiled once per prior and batch size. The
+distributions are those of the full model, to float rounding.
+
+Sampling is bound by reading the caches, so the sequence is cut into a few segments, one loop
+each, and in each the caches are only as long as the segment's end: a position attends over about
+its prefix rather than over all h*w slots. The loops live in one compiled function, so that they
+share one trace and one XLA compilation (more segments would read less padding but compile
+longer). On a CPU, long maps are sampled one per thread at a time: one sample's caches stay in
+the processor's cache, a batch's do not.
 """
+
+import math
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras import layers, ops
 
-from .config import Config
-from .errors import UsageError
-from .models import seeded_initializers
+from .sampling import Sampler, draw
+from .tokens import PACKAGE, START_TOKEN, class_tokens, class_vectors, split_class_tokens
 
-PACKAGE = "vq_vae_keras"
-START_TOKEN = 0
 # The reference's third-party LayerNormalization used epsilon = K.epsilon() ** 2.
 LAYER_NORM_EPSILON = 1e-14
 # Query positions per attention chunk on long sequences: bounds the scores held per block.
 QUERY_CHUNK = 256
-
-
-def codes_to_tokens(codes, start=START_TOKEN):
-    """(N, h, w) codes -> (N, h*w + 1) int32 tokens: the start token (one for all, or (N,) of
-    them: see class_tokens), then code + 1."""
-    codes = np.asarray(codes, np.int32)
-    flat = codes.reshape(len(codes), -1)
-    first = np.broadcast_to(np.asarray(start, np.int32), (len(codes),))[:, None]
-    return np.concatenate([first, flat + 1], axis=1)
-
-
-def class_tokens(classes, num_codes):
-    """Class ids (N,) -> the start tokens of a class-conditional prior: num_codes + 1 + class.
-    Token 0 stays the unconditional start (no class)."""
-    return np.asarray(classes, np.int32) + num_codes + 1
-
-
-def class_vectors(embedding, classes):
-    """An Embedding's vectors of class ids (...), -1 for none -> (..., dim), zero for none (the
-    class-free positions of both prior kinds)."""
-    known = ops.cast(classes >= 0, embedding.compute_dtype)[..., None]
-    return embedding(ops.maximum(classes, 0)) * known
-
-
-def split_class_tokens(tokens, num_codes):
-    """int tokens (batch, n) -> (tokens with each class token made the start token 0, class ids
-    (batch, n): the class of a class token, -1 elsewhere)."""
-    is_class = tokens > num_codes
-    return ops.where(is_class, START_TOKEN, tokens), ops.where(is_class, tokens - (num_codes + 1), -1)
-
-
-def tokens_to_codes(tokens, grid_shape):
-    """(N, h*w + 1) tokens -> (N, h, w) codes."""
-    return (np.asarray(tokens, np.int32)[:, 1:] - 1).reshape(-1, *grid_shape)
-
-
-def check_codes(codes, config: Config, source="codes"):
-    h, w = config.grid_shape
-    if codes.ndim != 3 or codes.shape[1:] != (h, w) or len(codes) == 0:
-        raise UsageError(f"{source} has shape {codes.shape}, this run needs (N, {h}, {w})")
-    if not np.issubdtype(codes.dtype, np.integer) or codes.min() < 0 or codes.max() >= config.num_codes:
-        raise UsageError(f"{source} must hold integer codes in [0, {config.num_codes})")
-    return codes.astype(np.int32)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -114,7 +81,7 @@ class CausalSelfAttention(keras.layers.Layer):
 
     Inside, heads share one batch axis and keys are transposed, so that q.k and p.v are plain
     batched matmuls. In the compiled sampler this lets XLA update the caches in place: with a
-    (batch, heads) pair of axes it copied every cache at every position, 5x slower at 32x32.
+    (batch, heads) pair of axes it copies every cache at every position.
     """
 
     def __init__(self, heads=8, head_dim=32, **kwargs):
@@ -176,12 +143,15 @@ class CausalSelfAttention(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class Prior(keras.Model):
-    """The reference's c_model, a functional model: int tokens (batch, length <= height * width),
-    0 = start token, code k = token k + 1 -> (batch, length, num_codes) next-code probabilities.
+    """The reference's c_model: int tokens (batch, length <= height * width), 0 = start token,
+    code k = token k + 1 -> (batch, length, num_codes) next-code probabilities.
 
     Each block: causal attention -> Dense(relu) -> add the block's input -> LayerNorm.
     `call_with_cache` runs the same layers on new positions against per-block key/value caches.
-    The layers (and so the weight file's layout) are those of the earlier `build_prior`.
+    A functional model (its graph built in __init__), where PixelCNN subclasses `call`: Keras
+    writes a functional model's weights under its layers in graph order, a subclassed one's under
+    its attribute names (and loads a file of the other layout with only a warning), and the weight
+    files already written are those of the earlier functional `build_prior`.
     With class names (a class-conditional prior, a departure), a learned class embedding is added
     to the start token's: the sequence starts with class c's token num_codes + 1 + c.
     """
@@ -237,6 +207,10 @@ class Prior(keras.Model):
         return [(ops.zeros(keys, self.compute_dtype), ops.zeros(values, self.compute_dtype))
                 for _ in range(self.depth)]
 
+    def sampler(self):
+        """This prior's `CachedSampler`, made on first use and kept for the prior's lifetime."""
+        return CachedSampler.of(self)
+
     def get_config(self):
         return {"height": self.height, "width": self.width, "num_codes": self.num_codes, "dim": self.dim,
                 "heads": self.heads, "head_dim": self.head_dim, "depth": self.depth, "classes": list(self.classes or ()) or None,
@@ -247,28 +221,68 @@ class Prior(keras.Model):
         return cls(**config)
 
 
-def build_prior(config: Config) -> keras.Model:
-    """The config's prior (attention, the reference, or pixelcnn): int tokens (batch, length <= h*w)
-    -> (batch, length, num_codes) next-code probabilities. The initial weights follow the prior's
-    seed (config.prior_seed, else config.seed)."""
-    config.validate()
-    with seeded_initializers(config.seed if config.prior_seed is None else config.prior_seed):
-        if config.prior == "pixelcnn":
-            from .pixelcnn import build_pixelcnn
-
-            return build_pixelcnn(config)
-        h, w = config.grid_shape
-        return Prior(h, w, config.num_codes, config.prior_dim, config.prior_heads, config.prior_head_dim,
-                     config.prior_depth, config.classes)
+# Segments per sequence, and their least length: more segments attend over less padding, but
+# each adds a loop to compile.
+SEGMENTS = 4
+MIN_SEGMENT = 64
 
 
-def prior_nll(prior, tokens, batch_size=32):
-    """Mean negative log-likelihood per code, in nats, of (N, L+1) token sequences."""
-    total, count = 0.0, 0
-    for i in range(0, len(tokens), batch_size):
-        batch = tokens[i:i + batch_size]
-        probs = keras.ops.convert_to_numpy(prior(batch[:, :-1], training=False))
-        p = np.take_along_axis(probs, (batch[:, 1:] - 1)[..., None], axis=-1)
-        total += float(-np.log(np.maximum(p, 1e-12)).sum())
-        count += p.size
-    return total / max(count, 1)
+def segments(length):
+    """[(start, stop), ...] covering 0..length: SEGMENTS pieces of at least MIN_SEGMENT positions."""
+    size = max(MIN_SEGMENT, math.ceil(length / SEGMENTS))
+    return [(start, min(start + size, length)) for start in range(0, length, size)]
+
+
+class CachedSampler(Sampler):
+    """The attention prior's sampler: `compiled` draws a whole sequence, position by position,
+    through `Prior.call_with_cache`."""
+
+    def __init__(self, prior):
+        super().__init__(prior)
+        self.length = prior.height * prior.width
+        # Samples per batch on a CPU: one for maps of 256 positions or more (one sample's caches
+        # stay in the processor's cache), else 16 (short maps are bound by per-step overhead, which
+        # a batch shares). Not a share of the cores: a seed gives the same codes on every CPU.
+        self.cpu_batch_size = 1 if self.length >= 256 else 16
+
+    def compiled(self, token, seed, temperature, top_k, top_p):
+        """(batch, length) codes after the start tokens (batch,): one while_loop per segment, the
+        caches grown between them."""
+        prior = self.model
+        batch = token.shape[0]
+        caches = prior.empty_caches(batch, 0)
+        codes = tf.zeros((batch, self.length), tf.int32)
+
+        # One position, traced once for all the segments (not once per loop): the caches' length
+        # is left open here, and each loop's XLA compilation sees its own.
+        open_length = [(tf.TensorSpec((*keys.shape[:2], None), keys.dtype),
+                        tf.TensorSpec((values.shape[0], None, values.shape[2]), values.dtype)) for keys, values in caches]
+
+        @tf.function(autograph=False, input_signature=[tf.TensorSpec((), tf.int32), tf.TensorSpec((batch,), tf.int32),
+                                                       open_length, tf.TensorSpec(codes.shape, tf.int32)])
+        def position(i, token, caches, codes):
+            logits, caches = prior.call_with_cache(token[:, None], caches, i)
+            code = draw(logits[:, 0], temperature, top_k, top_p, tf.stack([seed[0], seed[1] + tf.cast(i, tf.int64)]))
+            return i + 1, code + 1, caches, ops.slice_update(codes, [0, i], code[:, None])
+
+        def body(i, token, caches, codes):
+            i, token, new_caches, codes = position(i, token, caches, codes)
+            for new, old in zip(tf.nest.flatten(new_caches), tf.nest.flatten(caches)):
+                new.set_shape(old.shape)
+            return i, token, new_caches, codes
+
+        for start, stop in segments(self.length):
+            more = [0, stop - start]  # keys (batch * heads, dim, length), values (batch * heads, length, dim)
+            caches = [(tf.pad(keys, [[0, 0], [0, 0], more]), tf.pad(values, [[0, 0], more, [0, 0]]))
+                      for keys, values in caches]
+            state = (tf.constant(start), token, caches, codes)
+            _, token, caches, codes = tf.while_loop(lambda i, *_: i < stop, body, state)
+        return codes
+
+    def sample(self, batch, seed, temperature, top_k, top_p, classes=None):
+        prior = self.model
+        start = START_TOKEN if classes is None else class_tokens(classes, prior.num_codes)
+        token = tf.constant(np.broadcast_to(start, (batch,)), tf.int32)
+        options = (tf.constant(seed, tf.int64), tf.constant(temperature, tf.float32), tf.constant(top_k, tf.int32),
+                   tf.constant(top_p, tf.float32))
+        return self.function(token, *options).numpy()

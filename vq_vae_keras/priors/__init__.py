@@ -1,0 +1,41 @@
+"""The priors over code maps: the reference's attention prior and a gated PixelCNN.
+
+    tokens.py     the token protocol both read and write, and their likelihood (prior_nll)
+    sampling.py   sample_codes, draw, and Sampler: what a prior's own sampler provides
+    attention.py  the attention prior (Prior), its layers, its cached sampler
+    pixelcnn.py   the gated PixelCNN, its row sampler
+
+Each module imports only those above it in this list; `build_prior` and `compile_prior` (here)
+pick and compile the config's kind.
+"""
+
+import keras
+
+from ..config import Config
+from ..models import seeded_initializers
+from .attention import Prior
+from .pixelcnn import PixelCNN
+
+
+def build_prior(config: Config) -> keras.Model:
+    """The config's prior (attention, the reference, or pixelcnn): int tokens (batch, length <= h*w)
+    -> (batch, length, num_codes) next-code probabilities. The initial weights follow the prior's
+    seed (config.prior_seed, else config.seed)."""
+    config.validate()
+    h, w = config.grid_shape
+    with seeded_initializers(config.seed if config.prior_seed is None else config.prior_seed):
+        if config.prior == "pixelcnn":
+            return PixelCNN(h, w, config.num_codes, config.pixelcnn_width, config.pixelcnn_depth,
+                            config.pixelcnn_kernel, config.classes)
+        return Prior(h, w, config.num_codes, config.prior_dim, config.prior_heads, config.prior_head_dim,
+                     config.prior_depth, config.classes)
+
+
+def compile_prior(prior: keras.Model, config: Config) -> keras.Model:
+    """Compile a prior for training on (tokens[:, :-1], codes): Adam at config.prior_lr, sparse
+    categorical cross-entropy on its probabilities (the reference's loss), accuracy logged as
+    "accuracy", XLA as config.prior_jit_compile says. Returns the prior."""
+    prior.compile(optimizer=keras.optimizers.Adam(config.prior_lr), loss="sparse_categorical_crossentropy",
+                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+                  jit_compile=config.prior_jit_compile)
+    return prior
