@@ -1,6 +1,7 @@
 """Sampling from the prior: the compiled loop that sample_codes runs draws from the full model's
 distributions, is compiled once, and honours temperature, top-k and top-p; bad options fail clearly."""
 
+import ast
 import os
 import re
 
@@ -264,6 +265,21 @@ def test_sampling_needs_a_prior_from_build_prior(prior):
     plain = keras.Model(model.input, model.output)
     with pytest.raises(UsageError, match="build_prior"):
         sample_codes(plain, 1, config.grid_shape)
+
+
+def test_each_module_of_the_priors_imports_only_the_ones_before_it():
+    """tokens, sampling, attention, pixelcnn, then the package's build_prior: no cycle, and
+    sample_codes knows no prior kind (each prior hands out its own sampler)."""
+    order = ["tokens", "sampling", "attention", "pixelcnn", "__init__"]
+    folder = os.path.dirname(attention.__file__)
+    for i, name in enumerate(order):
+        with open(os.path.join(folder, f"{name}.py")) as f:
+            tree = ast.parse(f.read())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:  # from .x import ... / from . import x
+                imported |= {node.module.split(".")[0]} if node.module else {alias.name for alias in node.names}
+        assert imported <= set(order[:i]), f"priors/{name}.py imports {sorted(imported - set(order[:i]))}"
 
 
 def test_cli_top_p(trained_run, tmp_path):
