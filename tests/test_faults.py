@@ -249,9 +249,9 @@ def test_a_damaged_file_is_one_line_exit_2(run_copy, name, damage, line, fragmen
     assert "\n" not in errors[0]
 
 
-@pytest.mark.parametrize("log", ["log.csv", "eval_log.csv"])
-@pytest.mark.parametrize("damage", ["cut", "garbage", "no step column"])
-def test_resume_with_a_damaged_log_keeps_it_aside_and_goes_on(run_copy, tmp_path, log, damage, capsys):
+@pytest.mark.parametrize("log, damage", [(log, damage) for log in ("log.csv", "eval_log.csv")
+                                          for damage in ("cut", "garbage", "no step column")] + [("prior_log.csv", "cut")])
+def test_resume_with_a_damaged_log_keeps_it_aside_and_goes_on(run_copy, tmp_path, log, damage):
     copy, data, _ = run_copy
     run = copy()
     path = os.path.join(run, log)
@@ -261,16 +261,21 @@ def test_resume_with_a_damaged_log_keeps_it_aside_and_goes_on(run_copy, tmp_path
     damaged = {"cut": text + "3,0,1.2", "garbage": text + "\x00\xff garbage\n", "no step column": "x,y\n1,2\n"}[damage]
     with open(path, "w", newline="") as f:
         f.write(damaged)
-    eval_flags = ["--eval-data", data, "--eval-every", "2"] if log == "eval_log.csv" else []
-    status, _, stderr = call_main(train.main, ["vqvae", "--data", data, "--run", run, "--resume", "--steps", "7",
-                                               *eval_flags])
+    if log == "prior_log.csv":
+        argv = ["prior", "--run", run, "--resume", "--steps", "8"]
+    else:
+        argv = ["vqvae", "--data", data, "--run", run, "--resume", "--steps", "7"]
+        argv += ["--eval-data", data, "--eval-every", "2"] if log == "eval_log.csv" else []
+    status, _, stderr = call_main(train.main, argv)
     assert status == 0 and "Traceback" not in stderr, stderr[-3000:]
     assert f"warning: {path} is damaged" in stderr and f"kept as {path}.damaged" in stderr
     assert open(path + ".damaged", newline="").read() == damaged
     with open(path, newline="") as f:
         steps = [int(row["step"]) for row in csv.DictReader(f)]
-    kept = {"log.csv": [1, 2, 3, 4, 5], "eval_log.csv": [1, 2]}[log] if damage != "no step column" else []
-    assert steps[:len(kept)] == kept and steps[-1] == 7 and steps == sorted(set(steps))
+    kept = {"log.csv": [1, 2, 3, 4, 5], "eval_log.csv": [1, 2], "prior_log.csv": [4, 6]}[log]
+    kept = [] if damage == "no step column" else kept
+    assert steps[:len(kept)] == kept and steps[-1] == (8 if log == "prior_log.csv" else 7), steps
+    assert steps == sorted(set(steps))
 
 
 def test_an_empty_log_is_no_damage(tmp_path):
