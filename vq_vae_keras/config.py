@@ -11,6 +11,17 @@ from .errors import UsageError
 
 
 QUANTIZERS = ("vq", "ema", "gumbel", "fsq")
+# Options that only some quantizers take, and which (an option in no group applies to every
+# quantizer). validate refuses one that is on (not its off default) with another quantizer; beta
+# has a default that is not off, so a --beta given for a quantizer without it is refused by the
+# command line. The layers agree: codebook_terms is True exactly where beta applies.
+QUANTIZER_OPTIONS = {
+    ("restart_dead", "kmeans_init"): ("vq", "ema"),
+    ("rotation_trick",): ("vq", "ema"),
+    ("cosine_codebook",): ("vq", "ema"),
+    ("fsq_levels",): ("fsq",),
+    ("beta",): ("vq", "ema"),
+}
 MAX_FSQ_CODES = 2 ** 16  # the prior has a softmax over every code
 SCHEDULES = ("cosine", "linear", "exponential")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
@@ -25,7 +36,7 @@ class Config:
     num_codes: int = 64
     batch_size: int = 64
     lr: float = 1e-3
-    beta: float = 0.25  # weight of the commitment term mse_z (unused by fsq, which has none)
+    beta: float = 0.25  # weight of the commitment term mse_z (vq, ema: gumbel and fsq have none)
     # codebook health: every option off by default, which is the reference
     quantizer: str = "vq"  # "vq" (the reference), "ema" (EMA codebook), "gumbel" (Gumbel-softmax), "fsq"
     fsq_levels: Optional[list] = None  # fsq: levels per channel, e.g. [4, 4, 4]; num_codes = their product
@@ -118,18 +129,14 @@ class Config:
         need(self.restart_dead >= 0, f"restart_dead must be >= 0, got {self.restart_dead}", "restart_dead")
         need(self.seed >= 0, f"seed must be >= 0, got {self.seed}", "seed")
         need(self.prior_seed is None or self.prior_seed >= 0, f"prior_seed must be >= 0, got {self.prior_seed}", "prior_seed")
-        gumbel = self.quantizer == "gumbel"
-        need(not (gumbel and (self.restart_dead or self.kmeans_init)),
-             "restart_dead and kmeans_init apply to the vq and ema quantizers, not gumbel",
-             "restart_dead" if self.restart_dead else "kmeans_init")
-        fsq = self.quantizer == "fsq"
-        need(not (fsq and (self.restart_dead or self.kmeans_init)),
-             "restart_dead and kmeans_init apply to the vq and ema quantizers, not fsq (it has no codebook)",
-             "restart_dead" if self.restart_dead else "kmeans_init")
-        for name in ("rotation_trick", "cosine_codebook"):
-            need(not (getattr(self, name) and self.quantizer in ("gumbel", "fsq")),
-                 f"{name} applies to the vq and ema quantizers, not {self.quantizer}", name)
-        if fsq:
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for group, kinds in QUANTIZER_OPTIONS.items():
+            on = [name for name in group if defaults[name] in (None, False, 0) and getattr(self, name)]
+            if on and not self.takes(on[0]):
+                verb = "apply" if len(group) > 1 or group[0].endswith("s") else "applies"
+                where = f"quantizer {kinds[0]}" if len(kinds) == 1 else f"the {' and '.join(kinds)} quantizers"
+                need(False, f"{' and '.join(group)} {verb} to {where}, not {self.quantizer}", on[0])
+        if self.takes("fsq_levels"):
             levels = self.fsq_levels
             need(levels is not None, "fsq_levels are needed with quantizer fsq (--quantizer fsq needs --fsq-levels), e.g. [4, 4, 4] for 64 codes",
                  "fsq_levels")
@@ -139,8 +146,6 @@ class Config:
                  f"fsq_levels give {math.prod(levels)} codes, more than {MAX_FSQ_CODES}", "fsq_levels")
             need(math.prod(levels) == self.num_codes,
                  f"num_codes must be the product of fsq_levels {levels} ({math.prod(levels)}), got {self.num_codes}", "num_codes")
-        else:
-            need(self.fsq_levels is None, f"fsq_levels apply to quantizer fsq, not {self.quantizer}", "fsq_levels")
         need(self.gumbel_temperature > 0, f"gumbel_temperature must be > 0, got {self.gumbel_temperature}", "gumbel_temperature")
         need(self.gumbel_temperature_end > 0, f"gumbel_temperature_end must be > 0, got {self.gumbel_temperature_end}",
              "gumbel_temperature_end")
@@ -165,6 +170,10 @@ class Config:
             need(len(set(names)) == len(names), f"classes must not repeat a name, got {names!r}", "classes")
         need(self.sample_every_epochs >= 0, f"sample_every_epochs must be >= 0, got {self.sample_every_epochs}", "sample_every_epochs")
         return self
+
+    def takes(self, option) -> bool:
+        """Whether a Config field applies to this config's quantizer (QUANTIZER_OPTIONS)."""
+        return all(self.quantizer in kinds for group, kinds in QUANTIZER_OPTIONS.items() if option in group)
 
     def gumbel_temperature_at(self, step) -> float:
         """The annealed Gumbel-softmax temperature at a global step."""

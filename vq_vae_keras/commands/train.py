@@ -198,8 +198,9 @@ def train_vqvae_command(args):
     else:  # another worker: the chief may have written the run's config.json already
         config = validate_flags(Config(**{k: v for k, v in flags.items() if v is not None}), flags, names)
     check_flags_apply(args, parser, config)
-    if config.quantizer == "fsq" and args.beta is not None:
-        raise UsageError("--beta (the commitment weight) does not apply to --quantizer fsq: it has no commitment term")
+    if args.beta is not None and not config.takes("beta"):
+        raise UsageError(f"--beta (the commitment weight) does not apply to --quantizer {config.quantizer}: "
+                         "it has no commitment term")
     if args.data is None and not (config.data and os.path.isdir(config.data)):
         raise UsageError(f"--resume: the run's image folder {config.data} is gone; give --data DIR (where it moved)"
                          if config.data else "--resume: the run's config.json names no image folder; give --data DIR")
