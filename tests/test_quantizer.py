@@ -33,13 +33,12 @@ def test_codebook_initialised_uniform_in_reference_range():
 def _pieces(config, seed=0):
     vqvae = vqk.build_vqvae(config)
     x = np.random.default_rng(seed).uniform(-1, 1, (2, config.img_dim, config.img_dim, 3)).astype(np.float32)
-    st = vqvae.train_model.get_layer("straight_through")
-    return vqvae, x, st
+    return vqvae, x
 
 
 def test_straight_through_gradients():
     config = tiny_config(beta=0.25)
-    vqvae, x, st = _pieces(config)
+    vqvae, x = _pieces(config)
     z = vqvae.encoder(x, training=True)
     codebook = vqvae.vq_layer.codebook
 
@@ -54,8 +53,7 @@ def test_straight_through_gradients():
     # ... reaches z unchanged through z + stop_gradient(e - z), plus beta * d(mse_z)/dz.
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(z)
-        codes, e = vqvae.vq_layer(z)
-        ze = st([z, e], training=True)
+        codes, e, ze = vqvae.vq_layer(z, return_decoder_input=True)  # ze: what the decoder sees
         x_rec = vqvae.decoder(ze, training=True)
         mse_x = tf.reduce_mean(tf.square(x - x_rec))
         objective = vqvae.train_model.get_layer("objective")
@@ -77,7 +75,7 @@ def test_straight_through_gradients():
 
 def test_train_model_loss_is_mse_x_plus_mse_e_plus_beta_mse_z():
     config = tiny_config(beta=0.4)
-    vqvae, x, _ = _pieces(config)
+    vqvae, x = _pieces(config)
     model = vqvae.train_model
     x_rec = model(x, training=False).numpy()
     z = vqvae.encoder(x, training=False).numpy()

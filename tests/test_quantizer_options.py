@@ -151,7 +151,7 @@ def test_rotation_trick_model_gives_plain_vq_values_and_the_rotated_gradient_to_
     plain = vqk.build_vqvae(tiny_config())
     rotated = vqk.build_vqvae(tiny_config(rotation_trick=True))
     rotated.train_model.set_weights(plain.train_model.get_weights())
-    assert any(isinstance(layer, RotationTrick) for layer in rotated.train_model.layers)
+    assert rotated.vq_layer.rotation_trick and not plain.vq_layer.rotation_trick  # the quantizer's own estimator
     x = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
     np.testing.assert_allclose(rotated.train_model(x, training=False), plain.train_model(x, training=False), atol=1e-6)
 
@@ -335,3 +335,79 @@ def test_fsq_has_no_seed_and_older_configs_with_one_still_load():
     old_objective = vqk.models.VQVAEObjective.from_config({"name": "objective", "beta": 0.25, "codebook_weight": 1.0,
                                                            "gumbel": True})
     assert not old_objective.codebook_terms
+
+
+KINDS = {
+    "vq": dict(), "ema": dict(quantizer="ema"), "gumbel": dict(quantizer="gumbel"),
+    "fsq": dict(quantizer="fsq", fsq_levels=[2, 4], num_codes=8),
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_every_quantizer_answers_the_protocol_the_model_is_built_from(kind):
+    """The factory's layer, its class's answers, the config's option table and the objective agree."""
+    from vq_vae_keras.quantizers import CodebookLayer, build_quantizer, quantizer_class
+
+    config = tiny_config(**KINDS[kind])
+    layer = build_quantizer(config)
+    assert isinstance(layer, CodebookLayer) and type(layer) is quantizer_class(config)
+    assert layer.codebook_terms == config.takes("beta")  # no commitment term, no beta
+    assert layer.codebook_weight == (0.0 if kind == "ema" else 1.0)
+    names = vqk.models.metric_names(config)
+    assert names == ["loss", "mse_x", *(["mse_e", "mse_z"] if layer.codebook_terms else []), *layer.metric_names,
+                     "perplexity", "usage"]
+    log = vqk.models.log_names(config)
+    assert log == (["loss", "mse_x", "kl", "temperature", "perplexity", "usage"] if kind == "gumbel" else names)
+    callbacks = layer.training_callbacks(config, 0)
+    assert [type(c).__name__ for c in callbacks] == (["GumbelAnneal"] if kind == "gumbel" else [])
+    vqvae = vqk.build_vqvae(config)
+    objective = vqvae.train_model.get_layer("objective")
+    assert (objective.codebook_terms, objective.codebook_weight) == (layer.codebook_terms, layer.codebook_weight)
+    # Layers by name, as runs saved them: the quantizer's estimator is inside it, not a layer of its own.
+    assert [lyr.name for lyr in vqvae.train_model.layers] == ["image", "encoder", layer.name, "decoder", "objective"]
+
+
+@pytest.mark.parametrize("kind", list(KINDS) + ["rotation"])
+def test_the_decoder_input_has_the_code_vectors_values_in_both_modes(kind):
+    """layer(z) is [codes, code vectors]; return_decoder_input=True adds what the decoder sees: the
+    code vectors' values (up to the rounding of z + (e - z)), the same codes."""
+    config = tiny_config(**({"rotation_trick": True} if kind == "rotation" else KINDS[kind]))
+    layer = vqk.models.build_quantizer(config)
+    z = np.random.default_rng(0).normal(size=(2, 4, 4, 8)).astype(np.float32)
+    for training in (False, True):
+        codes, vectors, decoder_input = (np.asarray(t) for t in layer(z, training=training, return_decoder_input=True))
+        np.testing.assert_allclose(decoder_input, vectors, atol=1e-6)
+        if not training:  # (training moves an EMA codebook after its call)
+            np.testing.assert_array_equal(codes, np.asarray(layer(z)[0]))
+    assert len(layer(z)) == 2
+
+
+def test_gumbel_training_callbacks_anneal_the_temperature_by_the_global_step():
+    """The quantizer's own callback sets the schedule's temperature before each step, from the
+    step training starts at, and logs it."""
+    config = tiny_config(quantizer="gumbel", gumbel_anneal_steps=4, jit_compile=False)
+    vqvae = vqk.build_vqvae(config)
+    model = vqk.models.compile_vqvae(vqvae)
+    seen = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append((float(vqvae.vq_layer.temperature.numpy()), logs["temperature"]))
+
+    images = np.random.default_rng(0).uniform(-1, 1, (4, 16, 16, 3)).astype(np.float32)
+    callbacks = vqvae.vq_layer.training_callbacks(config, 2)
+    model.fit(np.repeat(images, 3, 0), batch_size=4, epochs=1, verbose=0, shuffle=False, callbacks=[*callbacks, Record()])
+    expected = [config.gumbel_temperature_at(step) for step in (2, 3, 4)]
+    np.testing.assert_allclose([s[0] for s in seen], expected, rtol=1e-6)
+    assert [s[1] for s in seen] == expected
+
+
+def test_beta_is_refused_for_the_quantizers_without_a_commitment_term(tmp_path):
+    import train
+
+    data = write_images(tmp_path / "images", count=4, size=16)
+    for quantizer in ("gumbel", "fsq"):
+        extra = ["--fsq-levels", "2,4"] if quantizer == "fsq" else []
+        status, _, err = call_main(train.main, ["vqvae", "--data", data, "--run", str(tmp_path / quantizer), *TINY_FLAGS,
+                                                "--steps", "1", "--quantizer", quantizer, *extra, "--beta", "0.5"])
+        assert status == 2 and f"--beta (the commitment weight) does not apply to --quantizer {quantizer}" in err, err

@@ -15,8 +15,7 @@ from tqdm.auto import tqdm
 from .config import Config
 from .distribute import ReplicaLocalLosses
 from .errors import UsageError
-from .quantizers import (PACKAGE, CodebookLayer, FiniteScalarQuantizer, GumbelQuantizer, RotationTrick, StraightThrough,
-                         VectorQuantizer)
+from .quantizers import PACKAGE, CodebookLayer, build_quantizer, quantizer_class
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -105,7 +104,7 @@ class VQVAE:
     quantizer: keras.Model
     decoder: keras.Model
     train_model: keras.Model
-    vq_layer: CodebookLayer  # VectorQuantizer, or GumbelQuantizer / FiniteScalarQuantizer with --quantizer
+    vq_layer: CodebookLayer  # the quantizer layer (quantizers.build_quantizer): VectorQuantizer by default
 
     def encode(self, images, batch_size=64):
         """Images (N, d, d, 3) in [-1, 1] -> latents z (N, h, w, z_dim)."""
@@ -152,12 +151,13 @@ class VQVAEObjective(ReplicaLocalLosses, keras.layers.Layer):
     Inputs: [x, x_rec, z, e]: images and their reconstructions (B, d, d, 3), encoder outputs and
     their code vectors (B, h, w, dim). Output: x_rec unchanged.
     Loss: mse_x + codebook_weight * mse_e + beta * mse_z, where
-      mse_x = mean((x - x_rec)^2)                  (the decoder and, straight through, the encoder),
+      mse_x = mean((x - x_rec)^2)                  (the decoder and, through the quantizer's estimator, the encoder),
       mse_e = mean((stop_gradient(z) - e)^2)       (moves the codebook; weight 0 with the EMA codebook),
       mse_z = mean((stop_gradient(e) - z)^2)       (the commitment term, moves the encoder).
     codebook_terms=False (the Gumbel and FSQ quantizers): mse_x alone, and mse_e and mse_z are
-    neither added nor reported. (The Gumbel quantizer adds its own kl_weight * KL term, the one
-    part of its objective that needs its logits.)
+    neither added nor reported. codebook_weight and codebook_terms are the quantizer layer's
+    (`for_quantizer`); the terms a quantizer has beyond these (Gumbel's KL) it adds itself, and
+    Keras sums every added loss into the model's.
     Computed in float32 under any dtype policy; the terms it adds are reported as metrics.
     """
 
@@ -171,6 +171,11 @@ class VQVAEObjective(ReplicaLocalLosses, keras.layers.Layer):
         if codebook_terms:
             self.mse_e = keras.metrics.Mean(name="mse_e")
             self.mse_z = keras.metrics.Mean(name="mse_z")
+
+    @classmethod
+    def for_quantizer(cls, layer, beta, **kwargs):
+        """The objective of a VQ-VAE with this quantizer layer: the reference's terms as they apply to it."""
+        return cls(beta, layer.codebook_weight, layer.codebook_terms, **kwargs)
 
     def call(self, inputs):
         x, x_rec, z, e = (ops.cast(t, "float32") for t in inputs)
@@ -221,37 +226,20 @@ def seeded_initializers(seed):
         random.setstate(state)
 
 
-def build_quantizer(config: Config) -> CodebookLayer:
-    """The reference's VectorQuantizer, or the quantizer the config's codebook options ask for."""
-    if config.quantizer == "gumbel":
-        return GumbelQuantizer(config.num_codes, config.gumbel_kl_weight, config.gumbel_temperature,
-                               seed=config.seed, name="gumbel_quantizer")
-    if config.quantizer == "fsq":
-        return FiniteScalarQuantizer(config.fsq_levels, name="fsq_quantizer")
-    return VectorQuantizer(config.num_codes, ema_decay=config.ema_decay if config.quantizer == "ema" else None,
-                           ema_epsilon=config.ema_epsilon, restart_dead=config.restart_dead, seed=config.seed,
-                           cosine=config.cosine_codebook, name="vector_quantizer")
-
-
-def decoder_input(config: Config, z, e):
-    """What the decoder sees while training: e, with a gradient path back to z."""
-    if config.quantizer in ("gumbel", "fsq"):  # e is differentiable as it is (soft mixture; rounding's straight-through)
-        return e
-    if config.rotation_trick:
-        return RotationTrick(name="rotation_trick")([z, e])
-    return StraightThrough(name="straight_through")([z, e])
-
-
-def codebook_terms(config: Config) -> bool:
-    """Whether the objective has mse_e and mse_z: not with the Gumbel or FSQ quantizers."""
-    return config.quantizer not in ("gumbel", "fsq")
-
-
 def metric_names(config: Config) -> list:
-    """The keys of the logs that the config's train_model reports while training, in log order
-    (the training loop adds its own, e.g. the Gumbel temperature)."""
-    terms = ["mse_e", "mse_z"] if codebook_terms(config) else ["kl"] if config.quantizer == "gumbel" else []
-    return ["loss", "mse_x", *terms, "perplexity", "usage"]
+    """The keys of the logs that the config's train_model reports while training, in log order:
+    the objective's terms as they apply to the quantizer, then the quantizer's own."""
+    layer = quantizer_class(config)
+    terms = ["mse_e", "mse_z"] if layer.codebook_terms else []
+    return ["loss", "mse_x", *terms, *layer.metric_names, "perplexity", "usage"]
+
+
+def log_names(config: Config) -> list:
+    """The columns of the training log: metric_names, with the quantizer's training callbacks'
+    own (the Gumbel temperature) beside its terms."""
+    names = metric_names(config)
+    at = names.index("perplexity")
+    return names[:at] + list(quantizer_class(config).callback_log_names) + names[at:]
 
 
 def build_vqvae(config: Config) -> VQVAE:
@@ -264,19 +252,18 @@ def build_vqvae(config: Config) -> VQVAE:
         decoder = build_decoder(config)
 
         vq_layer = build_quantizer(config)
-        z_in = keras.Input(encoder.output.shape[1:], name="latent")
-        quantizer = keras.Model(z_in, vq_layer(z_in), name="quantizer")
-
+        # The training graph first: Keras checks a functional graph with the output count of a
+        # layer's first call, and this call has one output more (the decoder's input) than the
+        # quantizer model's.
         x_in = keras.Input((config.img_dim, config.img_dim, 3), name="image")
         z = encoder(x_in)
-        _, e = vq_layer(z)
-        x_rec = decoder(decoder_input(config, z, e))
-        # With EMA the codebook follows the encoder by averages, so mse_e (its gradient) is dropped.
-        # FSQ has no codebook and needs no commitment (its values are bounded), Gumbel has its KL:
-        # mse_x alone for both, beta unused.
-        objective = VQVAEObjective(config.beta, 0.0 if config.quantizer == "ema" else 1.0,
-                                   codebook_terms(config), name="objective")
+        _, e, decoder_in = vq_layer(z, return_decoder_input=True)
+        x_rec = decoder(decoder_in)
+        objective = VQVAEObjective.for_quantizer(vq_layer, config.beta, name="objective")
         train_model = keras.Model(x_in, objective([x_in, x_rec, z, e]), name="vqvae")
+
+        z_in = keras.Input(encoder.output.shape[1:], name="latent")
+        quantizer = keras.Model(z_in, vq_layer(z_in), name="quantizer")
     return VQVAE(config, encoder, quantizer, decoder, train_model, vq_layer)
 
 

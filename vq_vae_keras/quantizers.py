@@ -1,7 +1,17 @@
 """The quantizer layers: the reference's vector quantizer and its options (EMA codebook, dead-code
-restarts, cosine codebook), the Gumbel-softmax and finite scalar (FSQ) quantizers, the
-straight-through estimator and the rotation trick, and the code-usage metrics.
+restarts, cosine codebook, rotation trick), the Gumbel-softmax and finite scalar (FSQ) quantizers,
+the one factory that maps a Config to one of them (`build_quantizer`), and the code-usage metrics.
 All written with keras.ops and registered serializable.
+
+Every quantizer follows one protocol (CodebookLayer), which is all the VQ-VAE reads of it:
+  layer(z) -> [codes, code vectors]; layer(z, return_decoder_input=True) adds what the decoder
+    sees, with the quantizer's own gradient estimator inside (straight-through copy, rotation
+    trick, soft mixture, rounding);
+  codebook_terms, codebook_weight: whether the reference's mse_e and beta * mse_z apply, and
+    mse_e's weight (the objective, models.VQVAEObjective, adds them);
+  metric_names: the loss terms the layer adds itself (add_loss) and reports under these names;
+  training_callbacks(config, start_step) and callback_log_names: what it needs from the training
+    loop (the Gumbel temperature schedule) and the log columns those callbacks add.
 
 Distances, argmin, the codebook and its EMA statistics are computed in float32 whatever the model's
 dtype policy: |z|^2 + |e|^2 - 2 z.e in float16 picks wrong codes.
@@ -63,7 +73,12 @@ def perplexity(codes, num_codes):
 
 class CodebookLayer(keras.layers.Layer):
     """What the quantizers share: a (num_codes, dim) codebook, code lookup, the output
-    [codes (...) int32, code vectors (..., dim)], and the perplexity and usage metrics."""
+    [codes (...) int32, code vectors (..., dim)], the perplexity and usage metrics, and the
+    protocol the VQ-VAE is built from (the module's docstring)."""
+
+    codebook_terms = True  # the reference's mse_e and beta * mse_z apply to its code vectors
+    metric_names = ()  # the loss terms it adds itself and reports, in log order
+    callback_log_names = ()  # the log columns its training_callbacks add, in log order
 
     def __init__(self, num_codes, seed=None, **kwargs):
         kwargs.setdefault("dtype", "float32")  # under any mixed precision policy: see the module doc
@@ -77,6 +92,18 @@ class CodebookLayer(keras.layers.Layer):
         self.codebook = self.add_weight(name="codebook", shape=(self.num_codes, dim), trainable=trainable,
                                         initializer=keras.initializers.RandomUniform(-0.05, 0.05))
 
+    @property
+    def codebook_weight(self):
+        """Weight of mse_e, the term that moves the codebook by gradient."""
+        return 1.0
+
+    def training_callbacks(self, config, start_step):
+        """Keras callbacks the training loop runs for this quantizer, from global step start_step."""
+        return []
+
+    def outputs(self, codes, vectors, decoder_input, return_decoder_input):
+        return [codes, vectors, decoder_input] if return_decoder_input else [codes, vectors]
+
     def track_usage(self, codes):
         self.perplexity.update_state(perplexity(codes, self.num_codes))
         self.usage.update_state(codes)
@@ -89,8 +116,11 @@ class CodebookLayer(keras.layers.Layer):
         """Code vectors of integer codes: (...) -> (..., dim)."""
         return ops.take(self.code_vectors(), ops.cast(codes, "int32"), axis=0)
 
-    def compute_output_spec(self, z, training=None):
-        return [keras.KerasTensor(z.shape[:-1], dtype="int32"), keras.KerasTensor(z.shape, dtype=self.compute_dtype)]
+    def compute_output_spec(self, z, training=None, return_decoder_input=False):
+        # One KerasTensor per output, even where the call returns one tensor twice: the graph
+        # tells outputs apart by these objects, and e must not stand for the decoder's input.
+        vectors = lambda: keras.KerasTensor(z.shape, dtype=self.compute_dtype)  # noqa: E731
+        return self.outputs(keras.KerasTensor(z.shape[:-1], dtype="int32"), vectors(), vectors(), return_decoder_input)
 
     def get_config(self):
         return {**super().get_config(), "num_codes": self.num_codes, "seed": self.seed}
@@ -102,7 +132,11 @@ class VectorQuantizer(CodebookLayer):
 
     Input:  z, (..., dim).
     Output: [codes (...) int32, code vectors (..., dim)], the codebook rows nearest to z in
-            squared Euclidean distance |z|^2 + |e|^2 - 2 z.e.
+            squared Euclidean distance |z|^2 + |e|^2 - 2 z.e; with return_decoder_input=True
+            also what the decoder sees: e's values with a gradient path to z, the reference's
+            straight-through copy z + stop_gradient(e - z) (or the rotation trick). The
+            argmin has no gradient, so the objective's mse_e and beta * mse_z train the
+            codebook and the encoder's commitment (models.VQVAEObjective).
     While training it also tracks the batch perplexity and which codes were used.
 
     Options (off by default, departures from the reference), applied only while training:
@@ -117,13 +151,19 @@ class VectorQuantizer(CodebookLayer):
       cosine: z and the code vectors are l2-normalised before the distance and the lookup
         (ViT-VQGAN's codebook): the nearest code is the one of largest cosine similarity and the
         code vectors are unit rows. EMA and restarts then work on the normalised z.
+      rotation_trick: the decoder's input reaches z by the rotation trick (RotationTrick), not
+        the straight-through copy.
     """
 
     def __init__(self, num_codes, ema_decay=None, ema_epsilon=1e-5, restart_dead=0, seed=None, cosine=False,
-                 **kwargs):
+                 rotation_trick=False, **kwargs):
+        # z arrives in the encoder's dtype: the straight-through copy is taken in it, as the decoder
+        # would take it (under mixed precision, z + stop_gradient(e - z) in bfloat16 / float16);
+        # the distances cast z to float32 themselves.
+        kwargs.setdefault("autocast", False)
         super().__init__(num_codes, seed, **kwargs)
         self.ema_decay, self.ema_epsilon, self.restart_dead = ema_decay, ema_epsilon, restart_dead
-        self.cosine = cosine
+        self.cosine, self.rotation_trick = cosine, rotation_trick
         if restart_dead:
             self.seed_generator = keras.random.SeedGenerator(seed, name="restart_seed")
 
@@ -140,6 +180,17 @@ class VectorQuantizer(CodebookLayer):
             self.idle_steps = self.add_weight(name="idle_steps", shape=(self.num_codes,), initializer="zeros",
                                               trainable=False)
 
+    @classmethod
+    def for_config(cls, config, ema=False):
+        return cls(config.num_codes, ema_decay=config.ema_decay if ema else None, ema_epsilon=config.ema_epsilon,
+                   restart_dead=config.restart_dead, seed=config.seed, cosine=config.cosine_codebook,
+                   rotation_trick=config.rotation_trick, name="vector_quantizer")
+
+    @property
+    def codebook_weight(self):
+        # The EMA codebook follows the encoder by averages: mse_e (its gradient) is dropped.
+        return 1.0 if self.ema_decay is None else 0.0
+
     def code_vectors(self):
         return l2_normalize(self.codebook) if self.cosine else self.codebook
 
@@ -150,11 +201,20 @@ class VectorQuantizer(CodebookLayer):
         e_sq = ops.sum(ops.square(codebook), axis=-1)
         return z_sq + e_sq - 2 * ops.matmul(z, ops.transpose(codebook))
 
-    def call(self, z, training=None):
+    def call(self, z, training=None, return_decoder_input=False):
+        # The gradient estimator takes z as the encoder gave it (the cosine codebook's encoder
+        # already ends on the unit sphere; the normalisation below is for the distances).
+        encoded = z
+        z = ops.cast(z, self.compute_dtype)
         if self.cosine:
             z = l2_normalize(z)
         codes = ops.cast(ops.argmin(self.distances(z), axis=-1), "int32")
         vectors = self.lookup(codes)  # before any update below: this step's code vectors
+        decoder_input = None
+        if return_decoder_input and self.rotation_trick:  # in float32, like the rest of the quantizer
+            decoder_input = rotate_onto(ops.cast(encoded, self.compute_dtype), vectors)
+        elif return_decoder_input:
+            decoder_input = straight_through(encoded, vectors)
         if training:
             self.track_usage(codes)
             flat_z = ops.stop_gradient(ops.reshape(z, (-1, ops.shape(z)[-1])))
@@ -163,7 +223,7 @@ class VectorQuantizer(CodebookLayer):
                 self.ema_update(assigned, flat_z)
             if self.restart_dead:
                 self.restart_idle_codes(assigned, flat_z)
-        return [codes, vectors]
+        return self.outputs(codes, vectors, decoder_input, return_decoder_input)
 
     def ema_update(self, assigned, flat_z):
         """assigned (n, K) one-hot, flat_z (n, dim): one EMA step of counts, sums and codebook."""
@@ -203,9 +263,15 @@ class VectorQuantizer(CodebookLayer):
             self.ema_counts.assign(ops.ones((self.num_codes,)))
             self.ema_sums.assign(codebook)
 
+    def compute_output_spec(self, z, training=None, return_decoder_input=False):
+        outputs = super().compute_output_spec(z, training, return_decoder_input)
+        if return_decoder_input and not self.rotation_trick:  # the straight-through copy keeps z's dtype
+            outputs[2] = keras.KerasTensor(z.shape, dtype=z.dtype)
+        return outputs
+
     def get_config(self):
         return {**super().get_config(), "ema_decay": self.ema_decay, "ema_epsilon": self.ema_epsilon,
-                "restart_dead": self.restart_dead, "cosine": self.cosine}
+                "restart_dead": self.restart_dead, "cosine": self.cosine, "rotation_trick": self.rotation_trick}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -213,20 +279,36 @@ class GumbelQuantizer(ReplicaLocalLosses, CodebookLayer):
     """Gumbel-softmax relaxation over a codebook (the dVAE of DALL-E), a departure from the reference.
 
     Input:  z, (..., dim).
-    Output: [codes (...) int32, code vectors (..., dim)].
+    Output: [codes (...) int32, code vectors (..., dim)] (return_decoder_input=True: the code
+            vectors once more, as the decoder's input: they need no estimator).
     A 1x1 projection turns z into logits over the codes. While training, the code vectors are the
     soft mixture softmax((logits + Gumbel noise) / temperature) @ codebook, so gradients reach the
     encoder, the projection and the codebook, and kl_weight * KL(softmax(logits) || uniform) is
-    added to the losses. At inference the code is the argmax of the logits and its vector the
-    codebook row: codes work with the prior and sampling as the VQ codes do.
-    `temperature` is a non-trainable weight, annealed during training by the training loop.
+    added to the losses by the layer itself (the one term that needs the logits) and reported as
+    "kl"; the reference's mse_e and mse_z do not apply. At inference the code is the argmax of the
+    logits and its vector the codebook row: codes work with the prior and sampling as the VQ
+    codes do.
+    `temperature` is a non-trainable weight, annealed during training by the callback that
+    training_callbacks hands the training loop (GumbelAnneal), and logged as "temperature".
     """
+
+    codebook_terms = False
+    metric_names = ("kl",)
+    callback_log_names = ("temperature",)
 
     def __init__(self, num_codes, kl_weight=5e-4, temperature=1.0, seed=None, **kwargs):
         super().__init__(num_codes, seed, **kwargs)
         self.kl_weight, self.initial_temperature = kl_weight, temperature
         self.seed_generator = keras.random.SeedGenerator(seed, name="gumbel_seed")
         self.kl = keras.metrics.Mean(name="kl")
+
+    @classmethod
+    def for_config(cls, config):
+        return cls(config.num_codes, config.gumbel_kl_weight, config.gumbel_temperature, seed=config.seed,
+                   name="gumbel_quantizer")
+
+    def training_callbacks(self, config, start_step):
+        return [GumbelAnneal(self, config, start_step)]
 
     def build(self, input_shape):
         dim = input_shape[-1]
@@ -240,11 +322,12 @@ class GumbelQuantizer(ReplicaLocalLosses, CodebookLayer):
     def logits(self, z):
         return ops.matmul(z, self.logit_kernel) + self.logit_bias
 
-    def call(self, z, training=None):
+    def call(self, z, training=None, return_decoder_input=False):
         logits = self.logits(z)
         codes = ops.cast(ops.argmax(logits, axis=-1), "int32")
         if not training:
-            return [codes, self.lookup(codes)]
+            vectors = self.lookup(codes)
+            return self.outputs(codes, vectors, vectors, return_decoder_input)
         # The noise of the global batch, this replica's rows of it: each replica its own noise, and
         # N replicas draw what one device draws (every replica's generator is in the same state).
         shape = ops.shape(logits)
@@ -258,7 +341,8 @@ class GumbelQuantizer(ReplicaLocalLosses, CodebookLayer):
         self.add_loss(self.kl_weight * kl)
         self.kl.update_state(kl)
         self.track_usage(codes)
-        return [codes, ops.matmul(soft, self.codebook)]
+        vectors = ops.matmul(soft, self.codebook)
+        return self.outputs(codes, vectors, vectors, return_decoder_input)
 
     def get_config(self):
         return {**super().get_config(), "kl_weight": self.kl_weight, "temperature": self.initial_temperature}
@@ -276,10 +360,13 @@ class FiniteScalarQuantizer(CodebookLayer):
     with a straight-through gradient, scaled to [-1, 1] and projected back to dim. The code is the
     mixed-radix number of the rounded channels (channel 0 the least significant digit), in
     [0, prod(levels)): the prior and sampling use it as they use VQ codes, and `lookup` turns it
-    back into the same code vector. The gradient reaches the encoder through the rounding.
+    back into the same code vector. The gradient reaches the encoder through the rounding, so the
+    code vectors are the decoder's input as they are (return_decoder_input=True repeats them).
+    No codebook to learn and values bounded: neither mse_e nor the commitment term applies.
     """
 
     BOUND_EPSILON = 1e-3  # the paper's: keeps tanh's range inside the outer levels
+    codebook_terms = False
 
     def __init__(self, levels, **kwargs):
         self.levels = [int(level) for level in levels]
@@ -290,6 +377,10 @@ class FiniteScalarQuantizer(CodebookLayer):
         self._offset = np.where(levels % 2 == 0, 0.5, 0.0).astype(np.float32)
         self._shift = np.tan(self._offset / self._half_range).astype(np.float32)
         self._radix = np.cumprod([1] + self.levels[:-1]).astype(np.float32)  # exact below 2^24 codes
+
+    @classmethod
+    def for_config(cls, config):
+        return cls(config.fsq_levels, name="fsq_quantizer")
 
     def build(self, input_shape):
         dim, d = input_shape[-1], len(self.levels)
@@ -313,12 +404,13 @@ class FiniteScalarQuantizer(CodebookLayer):
     def project_out(self, rounded):
         return ops.matmul(rounded / self._half_width, self.project_out_kernel) + self.project_out_bias
 
-    def call(self, z, training=None):
-        rounded, straight_through = self.rounded_channels(z)  # (`quantize` is a Keras Layer method)
+    def call(self, z, training=None, return_decoder_input=False):
+        rounded, through = self.rounded_channels(z)  # (`quantize` is a Keras Layer method)
         codes = ops.cast(ops.sum((ops.stop_gradient(rounded) + self._half_width) * self._radix, axis=-1), "int32")
         if training:
             self.track_usage(codes)
-        return [codes, self.project_out(straight_through)]
+        vectors = self.project_out(through)
+        return self.outputs(codes, vectors, vectors, return_decoder_input)
 
     def lookup(self, codes):
         """Code vectors of integer codes: (...) -> (..., dim), the digits of each code projected out."""
@@ -336,10 +428,34 @@ class FiniteScalarQuantizer(CodebookLayer):
         return cls(**{k: v for k, v in config.items() if k != "seed"})  # older files carry an unused seed
 
 
+MAX_GAIN = 100.0  # the rotation trick's cap on |e| / |z| (RotationTrick's docstring)
+
+
+def straight_through(z, e):
+    """The reference's straight-through estimator: e's value, z's gradient: z + stop_gradient(e - z)."""
+    e = ops.cast(e, z.dtype)
+    return z + ops.stop_gradient(e - z)
+
+
+def rotate_onto(z, e):
+    """The rotation trick (RotationTrick's docstring): e's value; gradient to z lambda R^T g."""
+    z_norm = ops.sqrt(ops.sum(ops.square(z), axis=-1, keepdims=True))
+    e_norm = ops.sqrt(ops.sum(ops.square(e), axis=-1, keepdims=True))
+    # Unit vectors for every z that is not 0 in float32 (the default epsilon would shorten u below |z| = 1e-6).
+    tiny = float(np.finfo(np.float32).tiny)
+    u, q = ops.stop_gradient(l2_normalize(z, tiny)), ops.stop_gradient(l2_normalize(e, tiny))
+    r = ops.stop_gradient(l2_normalize(u + q))
+    scale = ops.stop_gradient(e_norm / ops.maximum(z_norm, ops.maximum(e_norm / MAX_GAIN, tiny)))
+    dot = lambda a, b: ops.sum(a * b, axis=-1, keepdims=True)  # noqa: E731
+    rotated = scale * (z - 2 * dot(z, r) * r + 2 * dot(z, u) * q)  # lambda R z, linear in z
+    return rotated + ops.stop_gradient(e - rotated)  # e's value exactly (lambda R z is e up to rounding)
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class RotationTrick(keras.layers.Layer):
     """The rotation trick (Fifty et al. 2024, "Restructuring Vector Quantization with the Rotation
-    Trick"), a departure from the reference's straight-through copy.
+    Trick"), a departure from the reference's straight-through copy. VectorQuantizer applies it
+    itself (rotation_trick=True); the layer stays for models saved when it stood on its own.
 
     Inputs: [z, e], both (..., dim): encoder outputs and their code vectors.
     Output: e's values. Gradient to z: lambda R^T g for the incoming gradient g, where
@@ -353,24 +469,14 @@ class RotationTrick(keras.layers.Layer):
     Computed in float32 under any dtype policy.
     """
 
-    MAX_GAIN = 100.0
+    MAX_GAIN = MAX_GAIN
 
     def __init__(self, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
 
     def call(self, inputs):
-        z, e = inputs
-        z_norm = ops.sqrt(ops.sum(ops.square(z), axis=-1, keepdims=True))
-        e_norm = ops.sqrt(ops.sum(ops.square(e), axis=-1, keepdims=True))
-        # Unit vectors for every z that is not 0 in float32 (the default epsilon would shorten u below |z| = 1e-6).
-        tiny = float(np.finfo(np.float32).tiny)
-        u, q = ops.stop_gradient(l2_normalize(z, tiny)), ops.stop_gradient(l2_normalize(e, tiny))
-        r = ops.stop_gradient(l2_normalize(u + q))
-        scale = ops.stop_gradient(e_norm / ops.maximum(z_norm, ops.maximum(e_norm / self.MAX_GAIN, tiny)))
-        dot = lambda a, b: ops.sum(a * b, axis=-1, keepdims=True)  # noqa: E731
-        rotated = scale * (z - 2 * dot(z, r) * r + 2 * dot(z, u) * q)  # lambda R z, linear in z
-        return rotated + ops.stop_gradient(e - rotated)  # e's value exactly (lambda R z is e up to rounding)
+        return rotate_onto(*inputs)
 
     def compute_output_shape(self, input_shapes):
         return input_shapes[1]
@@ -379,16 +485,14 @@ class RotationTrick(keras.layers.Layer):
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class StraightThrough(keras.layers.Layer):
     """Straight-through estimator (the reference's Lambda): the value of e, the gradient of z.
+    VectorQuantizer applies it itself; the layer stays for models saved when it stood on its own.
 
     Inputs: [z, e], both (..., dim): encoder outputs and their code vectors.
     Output: z + stop_gradient(e - z), (..., dim).
-    The loss terms that go with it (mse_e, beta * mse_z) are in models.VQVAEObjective.
     """
 
     def call(self, inputs):
-        z, e = inputs
-        e = ops.cast(e, z.dtype)
-        return z + ops.stop_gradient(e - z)
+        return straight_through(*inputs)
 
     def compute_output_shape(self, input_shapes):
         return input_shapes[0]
@@ -398,3 +502,46 @@ class StraightThrough(keras.layers.Layer):
         # Files saved before the loss moved into VQVAEObjective carry its weights here.
         config = {k: v for k, v in config.items() if k not in ("beta", "codebook_weight")}
         return cls(**config)
+
+
+class GumbelAnneal(keras.callbacks.Callback):
+    """Sets the Gumbel-softmax temperature from the global step before each step (the config's
+    schedule, Config.gumbel_temperature_at), and logs it as "temperature".
+    start: the global step fit starts from (None: the optimizer's iteration count)."""
+
+    def __init__(self, layer, config, start=None):
+        super().__init__()
+        self.layer, self.config, self.start = layer, config, start
+
+    def on_train_begin(self, logs=None):
+        self.step = int(self.model.optimizer.iterations.numpy()) if self.start is None else self.start
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.temperature = self.config.gumbel_temperature_at(self.step)
+        self.layer.temperature.assign(self.temperature)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        if logs is not None:
+            logs["temperature"] = self.temperature
+
+
+# config.quantizer -> (the layer class, what its for_config takes): the one place the name is read.
+KINDS = {
+    "vq": (VectorQuantizer, {}),
+    "ema": (VectorQuantizer, {"ema": True}),
+    "gumbel": (GumbelQuantizer, {}),
+    "fsq": (FiniteScalarQuantizer, {}),
+}
+
+
+def quantizer_class(config):
+    """The layer class of config.quantizer: its class attributes (codebook_terms, metric_names,
+    callback_log_names) without building a layer."""
+    return KINDS[config.quantizer][0]
+
+
+def build_quantizer(config):
+    """The quantizer layer a Config asks for: the reference's VectorQuantizer by default."""
+    cls, options = KINDS[config.quantizer]
+    return cls.for_config(config, **options)
