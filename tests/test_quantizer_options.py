@@ -411,3 +411,13 @@ def test_beta_is_refused_for_the_quantizers_without_a_commitment_term(tmp_path):
         status, _, err = call_main(train.main, ["vqvae", "--data", data, "--run", str(tmp_path / quantizer), *TINY_FLAGS,
                                                 "--steps", "1", "--quantizer", quantizer, *extra, "--beta", "0.5"])
         assert status == 2 and f"--beta (the commitment weight) does not apply to --quantizer {quantizer}" in err, err
+
+
+def test_the_option_table_says_which_quantizer_takes_which_option():
+    takes = {kind: {name for name in ("beta", "rotation_trick", "kmeans_init", "fsq_levels", "ema_decay",
+                                      "gumbel_temperature", "lr")
+                    if tiny_config(**KINDS[kind]).takes(name)} for kind in KINDS}
+    assert takes == {"vq": {"beta", "rotation_trick", "kmeans_init", "lr"},
+                     "ema": {"beta", "rotation_trick", "kmeans_init", "ema_decay", "lr"},
+                     "gumbel": {"gumbel_temperature", "lr"}, "fsq": {"fsq_levels", "lr"}}
+    vqk.Config(quantizer="vq", ema_decay=0.5, gumbel_temperature=2.0).validate()  # set, not on: Python accepts it

@@ -12,15 +12,18 @@ from .errors import UsageError
 
 QUANTIZERS = ("vq", "ema", "gumbel", "fsq")
 # Options that only some quantizers take, and which (an option in no group applies to every
-# quantizer). validate refuses one that is on (not its off default) with another quantizer; beta
-# has a default that is not off, so a --beta given for a quantizer without it is refused by the
-# command line. The layers agree: codebook_terms is True exactly where beta applies.
+# quantizer). validate refuses one that is on (not its off default: None, False, 0) with another
+# quantizer; the others have defaults that are not off, so only the command line can tell one was
+# given (--beta with gumbel). The layers agree: codebook_terms is True exactly where beta applies.
 QUANTIZER_OPTIONS = {
     ("restart_dead", "kmeans_init"): ("vq", "ema"),
     ("rotation_trick",): ("vq", "ema"),
     ("cosine_codebook",): ("vq", "ema"),
     ("fsq_levels",): ("fsq",),
     ("beta",): ("vq", "ema"),
+    ("ema_decay", "ema_epsilon"): ("ema",),
+    ("gumbel_temperature", "gumbel_temperature_end", "gumbel_anneal_steps", "gumbel_schedule", "gumbel_kl_weight"):
+        ("gumbel",),
 }
 MAX_FSQ_CODES = 2 ** 16  # the prior has a softmax over every code
 SCHEDULES = ("cosine", "linear", "exponential")
