@@ -191,7 +191,7 @@ def log_rows_until(path, step):
     kept. The log is a record only: training resumes from the checkpoint either way."""
     if not os.path.isfile(path):
         return []
-    rows, line = [], 1
+    rows, reader = [], None
     try:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
@@ -200,7 +200,6 @@ def log_rows_until(path, step):
             if "step" not in reader.fieldnames:
                 raise ValueError("no step column")
             for row in reader:
-                line = reader.line_num
                 if None in row or None in row.values():
                     raise ValueError("a row with the wrong number of fields")
                 if int(row["step"]) <= step:
@@ -211,6 +210,7 @@ def log_rows_until(path, step):
             os.replace(path, aside)
         except OSError as moving:
             raise write_failed(aside, moving) from None
+        line = max(reader.line_num, 1) if reader else 1
         warn(f"{path} is damaged at line {line} ({e}); kept as {aside}, a new log starts with the "
              f"{len(rows)} rows before the damage")
     except OSError as e:
