@@ -379,7 +379,7 @@ def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     config.prior picks the kind (attention or pixelcnn). classes: a class-conditional prior, each
     image's class its first-level subfolder of the folder (names saved as config.classes)."""
     from .grids import codes_grid
-    from .priors import build_prior
+    from .priors import build_prior, compile_prior
     from .priors.sampling import sample_codes
     from .priors.tokens import START_TOKEN, class_tokens, codes_to_tokens, prior_nll
 
@@ -399,10 +399,7 @@ def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False, 
         seed_everything(seed, config.prior_jit_compile)
 
     with strategy_scope(strategy):
-        prior = build_prior(config)
-        prior.compile(optimizer=keras.optimizers.Adam(config.prior_lr), loss="sparse_categorical_crossentropy",
-                      metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-                      jit_compile=config.prior_jit_compile)
+        prior = compile_prior(build_prior(config), config)
         prior.optimizer.build(prior.trainable_variables)
     vector_logs(prior, strategy)
     start = 0
