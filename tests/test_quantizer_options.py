@@ -11,7 +11,7 @@ import tensorflow as tf
 import vq_vae_keras as vqk
 from vq_vae_keras.quantizers import FiniteScalarQuantizer, RotationTrick
 
-from conftest import TINY_FLAGS, call_main, run_cli, tiny_config, write_images
+from conftest import ROOT, TINY_FLAGS, call_main, run_cli, tiny_config, write_images
 
 LEVELS = [3, 4, 5, 2]  # odd and even levels: the half-level offset matters for 4 and 2
 
@@ -421,3 +421,19 @@ def test_the_option_table_says_which_quantizer_takes_which_option():
                      "ema": {"beta", "rotation_trick", "kmeans_init", "ema_decay", "lr"},
                      "gumbel": {"gumbel_temperature", "lr"}, "fsq": {"fsq_levels", "lr"}}
     vqk.Config(quantizer="vq", ema_decay=0.5, gumbel_temperature=2.0).validate()  # set, not on: Python accepts it
+
+
+def test_only_the_config_and_the_factory_compare_the_quantizers_name():
+    """One protocol: the rest of the package asks the layer (or Config.takes), never the name."""
+    import re
+
+    package = os.path.join(ROOT, "vq_vae_keras")
+    comparison = re.compile(r"quantizer\s*(==|!=|in\b|not in\b)")
+    found = []
+    for folder, _, files in os.walk(package):
+        for name in files:
+            path = os.path.join(folder, name)
+            if name.endswith(".py") and os.path.relpath(path, package) not in ("config.py", "quantizers.py"):
+                with open(path) as f:
+                    found += [f"{path}:{i}" for i, line in enumerate(f, 1) if comparison.search(line)]
+    assert found == []

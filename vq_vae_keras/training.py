@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from .callbacks import (Every, GumbelAnneal, NanGuard, NonFiniteLoss, ReconstructionGrids, ResetMetrics,  # noqa: F401
+from .callbacks import (Every, NanGuard, NonFiniteLoss, ReconstructionGrids, ResetMetrics,  # noqa: F401
                         StepLog, StopOnSignal, TensorBoardWriter, TqdmProgress, save_state)
 from .codebook import TRAINING_COUNTED, kmeans, summary
 from .config import Config
@@ -30,7 +30,7 @@ from .data import ImageArray, ImageFolder, epoch_batches, index_dataset, load_im
 from .distribute import is_chief
 from .errors import UsageError
 from .io import load_checkpoint, save_model, save_npy, save_png
-from .models import build_vqvae, compile_vqvae, metric_names
+from .models import build_vqvae, compile_vqvae, log_names
 from .run import RunDir, load_vqvae
 
 REFERENCE_EPOCHS = 1000
@@ -235,9 +235,7 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     os.makedirs(run.samples, exist_ok=True)
     config.save(run.config)
 
-    keys = metric_names(config)
-    if config.quantizer == "gumbel":  # the loop's own column, beside the term it weighs
-        keys.insert(keys.index("kl") + 1, "temperature")
+    keys = log_names(config)
     board = TensorBoardWriter(run.path("tensorboard", "vqvae")) if tensorboard else None
     log = StepLog(run.log, keys, steps_per_epoch, start, resume, board)
     grids = ReconstructionGrids(vqvae, lambda step: source.random_images(32, np.random.default_rng([config.seed, step])),
@@ -263,7 +261,7 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     run_callbacks = [
         ResetMetrics(1, start),
         NanGuard(start),
-        *([GumbelAnneal(vqvae.vq_layer, config, start)] if config.quantizer == "gumbel" else []),
+        *vqvae.vq_layer.training_callbacks(config, start),  # before the log: they may add to its row
         log,
         Every(config.sample_every, save, start),
         TqdmProgress(total, start, keys, "vqvae"),
