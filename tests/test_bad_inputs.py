@@ -115,7 +115,6 @@ ROWS = [
     ("train.py vqvae --data {data} --run {new} --cpu-replicas 0", "argument --cpu-replicas: must be >= 1"),
     ("train.py vqvae --data {data} --run {new} --cpu-replicas 2", "--cpu-replicas applies to --distribute mirrored"),
     ("train.py vqvae --data {data} --run {new} --distribute multiworker --cpu-replicas 2", "cpu_replicas applies to"),
-    ("train.py vqvae --data {data} --run {new} --distribute mirrored --jit", "--jit: XLA does not compile"),
     ("train.py vqvae --data {data} --run {new} --distribute multiworker", "needs the TF_CONFIG"),
     ("train.py vqvae --data {data} --run {new} --sync-batchnorm=1", "ignored explicit argument"),
     ("train.py vqvae --data {data} --run {new} --sync-batchnorm", "--sync-batchnorm applies to --distribute"),
@@ -170,7 +169,6 @@ ROWS = [
     ("train.py prior --run {noprior} --classes=1", "ignored explicit argument"),
     ("train.py prior --run {noprior} --distribute all", "argument --distribute: invalid choice"),
     ("train.py prior --run {noprior} --cpu-replicas -2", "argument --cpu-replicas"),
-    ("train.py prior --run {noprior} --distribute mirrored --jit", "--jit: XLA does not compile"),
     # ---- sample.py
     ("sample.py", "the following arguments are required: command"),
     ("sample.py recon --run {missing} --data {data}", "argument --run: no such folder"),

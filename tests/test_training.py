@@ -290,3 +290,20 @@ def test_resume_past_the_steps_asked_for_changes_nothing(image_dir, tmp_path, ca
     after = {name: os.stat(os.path.join(run, name)).st_mtime_ns for name in before}
     assert after == before
     assert [r["step"] for r in read_log(run)] == ["1", "2", "3", "4"]
+
+
+def test_code_usage_after_a_resume_counts_from_the_sample_step_not_the_resume_point(image_dir, tmp_path, capsys):
+    """Stopped between sample steps, a run keeps the window's code counts in its checkpoint: the
+    resumed usage column and the closing summary are those of a run that never stopped."""
+    config = tiny_config(data=image_dir, seed=2, num_codes=64, sample_every=4)
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train_vqvae(config, straight, steps=8, deterministic=True)
+    summary_straight = capsys.readouterr().out.strip().splitlines()[-1]
+    train_vqvae(config, resumed, steps=6, deterministic=True)  # saved at 5 (a sample step) and at 6
+    capsys.readouterr()
+    train_vqvae(config, resumed, steps=8, resume=True)
+    summary_resumed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("codebook")][-1]
+    a, b = read_log(straight), read_log(resumed)
+    assert [r["usage"] for r in b] == [r["usage"] for r in a]
+    assert float(a[6]["usage"]) > float(a[5]["usage"])  # the window grows, so counting anew at 7 would show
+    assert summary_resumed.startswith("codebook, steps 6-8:") and summary_resumed == summary_straight

@@ -25,7 +25,7 @@ from .grids import reconstruction_grid
 from .data import warn
 from .errors import UsageError
 from .io import atomic_write_text, resumable, save_checkpoint, save_png, save_weights, write_failed
-from .quantizers import CodeUsage
+from .quantizers import CodeUsage, GumbelAnneal  # noqa: F401  (vqk.callbacks.GumbelAnneal)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -91,15 +91,16 @@ class ReconstructionGrids(Every):
             self.written[kind] = grid
 
 
-def save_state(model, weights_path, checkpoint_path, step):
+def save_state(model, weights_path, checkpoint_path, step, state=None):
     """Weights file and resumable checkpoint, both atomic; refuses non-finite weights so the last
-    good ones stay. Returns whether it saved."""
+    good ones stay. state: more JSON-able values for the checkpoint, beside the step (what
+    io.load_checkpoint returns). Returns whether it saved."""
     if not all(np.isfinite(w).all() for w in model.get_weights()):
         warn(f"weights are not finite at step {step}; not saving them")
         return False
     with resumable(checkpoint_path):
         save_weights(model, weights_path)
-        save_checkpoint(checkpoint_path, model, model.optimizer, {"step": step})
+        save_checkpoint(checkpoint_path, model, model.optimizer, {**(state or {}), "step": step})
     return True
 
 
@@ -321,21 +322,6 @@ class TensorBoardWriter:
 
     def close(self):
         self.writer.close()
-
-
-class GumbelAnneal(StepCallback):
-    """Sets the Gumbel-softmax temperature from the global step before each step, and logs it."""
-
-    def __init__(self, layer, config, start=None):
-        super().__init__(start)
-        self.layer, self.config = layer, config
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self.temperature = self.config.gumbel_temperature_at(self.step)
-        self.layer.temperature.assign(self.temperature)
-
-    def on_step(self, step, logs):
-        logs["temperature"] = self.temperature
 
 
 class StopOnSignal(keras.callbacks.Callback):

@@ -29,7 +29,7 @@ from .config import Config
 from .data import ImageArray, ImageFolder, epoch_batches, index_dataset, load_images, warn
 from .distribute import is_chief
 from .errors import UsageError
-from .io import load_checkpoint, save_model, save_npy, save_png
+from .io import load_checkpoint, resumable, save_model, save_npy, save_png
 from .models import build_vqvae, compile_vqvae, log_names
 from .run import RunDir, load_vqvae
 
@@ -116,8 +116,11 @@ def fit_with_interrupt(model, dataset, start, total, callbacks, save):
     except KeyboardInterrupt:
         save(int(model.optimizer.iterations.numpy()))
         raise
-    finally:  # Keras skips on_train_end when fit raises: give the signals back in any case
+    finally:  # Keras skips on_train_end when fit raises: give the signals back, end the bar's line
         stopper.restore_handlers()
+        for callback in callbacks:
+            if isinstance(callback, TqdmProgress):
+                callback.close()
     if stopper.requested:
         raise KeyboardInterrupt
 
@@ -223,9 +226,10 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, 
         model = compile_vqvae(vqvae)
         model.optimizer.build(model.trainable_variables)
     vector_logs(model, strategy)
-    start = 0
+    start, state = 0, {}
     if resume:  # every worker reads the chief's checkpoint
-        start = load_checkpoint(run.vqvae_checkpoint, model, model.optimizer)["step"]
+        state = load_checkpoint(run.vqvae_checkpoint, model, model.optimizer)
+        start = state["step"]
         if already_done(start, total, "VQ-VAE"):
             return vqvae
         print(f"resuming from step {start} of {total}")
@@ -241,16 +245,28 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     grids = ReconstructionGrids(vqvae, lambda step: source.random_images(32, np.random.default_rng([config.seed, step])),
                                 run.samples)
     usage = vqvae.vq_layer.usage
-    window = {"since": start}  # code counts of the last --sample-every window, for the summary
+    # Code counts since the last sample step: the usage column and the closing summary. A save
+    # between sample steps (Ctrl-C, the end) keeps them in the checkpoint, so a resumed run goes
+    # on counting from the sample step, not from where it stopped.
+    window = {"since": state.get("usage_since", start)}
+    restore_usage = []
+    if state.get("usage_counts") is not None and strategy is None:
+        saved_counts = np.asarray(state["usage_counts"])
+        # fit resets every metric as its epoch begins: put the counts back just after that
+        restore_usage = [keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: usage.counts.assign(
+            saved_counts.astype(usage.counts.dtype)))]
 
     def save(step, logs=None):
         """The reference's Trainer: two grids and the weights, plus a resumable checkpoint; the
         buffered log rows are written here too."""
         log.flush()
-        if step == 0 or not save_state(model, run.vqvae_weights, run.vqvae_checkpoint, step):
+        counts = usage.counts.numpy().astype(np.int64)
+        window_ends = (step - 1) % config.sample_every == 0  # a sample step (Every: 1, 1 + every, ...)
+        usage_state = ({"usage_since": step} if window_ends else
+                       {"usage_since": window["since"], "usage_counts": counts.tolist()})
+        if step == 0 or not save_state(model, run.vqvae_weights, run.vqvae_checkpoint, step, usage_state):
             return
         grids.write(step)
-        counts = usage.counts.numpy().astype(np.int64)
         window.update(first=window["since"] + 1, last=step, counts=counts, since=step)
         usage.reset_state()
         if board is not None:
@@ -259,6 +275,7 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, 
             board.flush()
 
     run_callbacks = [
+        *restore_usage,
         ResetMetrics(1, start),
         NanGuard(start),
         *vqvae.vq_layer.training_callbacks(config, start),  # before the log: they may add to its row
@@ -271,8 +288,9 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, 
         run_callbacks.append(EvaluateEvery(vqvae, eval_data, eval_every, run.eval_log, initial_step=start,
                                            tensorboard_dir=run.path("tensorboard", "vqvae") if tensorboard else None))
     try:
-        fit_with_interrupt(model, distributed(dataset(start), strategy), start, total, run_callbacks, save)
-        save_model(model, run.vqvae_keras)
+        with resumable(run.vqvae_checkpoint):  # a write that fails says whether --resume can go on
+            fit_with_interrupt(model, distributed(dataset(start), strategy), start, total, run_callbacks, save)
+            save_model(model, run.vqvae_keras)
     finally:
         log.flush()
         if board is not None:
@@ -387,7 +405,8 @@ def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False, 
         raise UsageError(f"{run_dir} already has a prior; resume=True continues it, overwrite=True replaces it")
     seed = config.seed if config.prior_seed is None else config.prior_seed
     writes = writable_run(run, strategy)
-    codes, labels = prior_codes(config, run, resume, classes, writes, data)
+    with resumable(writes.prior_checkpoint):
+        codes, labels = prior_codes(config, run, resume, classes, writes, data)
     first = START_TOKEN if labels is None else class_tokens(labels, config.num_codes)  # the class is the start
     train_tokens, val_tokens = split_validation(codes_to_tokens(codes, first), config.val_split, seed)
     batch_size = config.prior_batch_size
@@ -451,8 +470,9 @@ def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False, 
         *callbacks,
     ]
     try:
-        fit_with_interrupt(prior, distributed(token_dataset(train_tokens, batch_size, seed, start), strategy),
-                           start, total, run_callbacks, save)
+        with resumable(writes.prior_checkpoint):
+            fit_with_interrupt(prior, distributed(token_dataset(train_tokens, batch_size, seed, start), strategy),
+                               start, total, run_callbacks, save)
     finally:
         if board is not None:
             board.close()
