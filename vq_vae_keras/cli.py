@@ -258,6 +258,13 @@ def _non_finite_loss(error):
     return any(kind is not None and isinstance(error, kind) for kind in kinds)
 
 
+def console(main):
+    """A command's process (its console script, `python -m`, or the repository's script): quiet
+    TensorFlow, then main(argv, prog) under run_main, named as it was called."""
+    quiet_tensorflow_logs()
+    run_main(lambda argv: main(argv, prog=os.path.basename(sys.argv[0])))
+
+
 def run_main(main, argv=None):
     """Run main(argv), turning known failures into a one-line message and an exit status."""
     try:

@@ -9,12 +9,11 @@
 
 import argparse
 import os
-import sys
 
 import numpy as np
 
 from ..cli import (ArgumentParser, count, folder, grid_size, import_tensorflow, output_file, positive_float,
-                   positive_int, probability, quiet_tensorflow_logs, run_main, seed_int)
+                   positive_int, probability, console, seed_int)
 from ..errors import UsageError
 
 
@@ -175,8 +174,7 @@ def evaluate_command(args):
 
 def run():
     """The console script (vqk-sample), `python -m vq_vae_keras.commands.sample` and sample.py."""
-    quiet_tensorflow_logs()
-    run_main(lambda argv: main(argv, prog=os.path.basename(sys.argv[0])))
+    console(main)
 
 
 if __name__ == "__main__":

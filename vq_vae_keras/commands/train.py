@@ -14,8 +14,8 @@ import sys
 
 from ..cli import (DEFAULTS, ArgumentParser, add_field, add_steps_flags, apply_flags, check_flags_apply,
                    config_for_run, field_flags, folder, given_fields, import_tensorflow, nonnegative_float,
-                   nonnegative_int, not_a_file, output_file, positive_float, positive_int, quiet_tensorflow_logs,
-                   run_main, seed_int, unit_interval, validate_flags)
+                   nonnegative_int, not_a_file, output_file, positive_float, positive_int, console,
+                   seed_int, unit_interval, validate_flags)
 from ..config import Config
 from ..errors import UsageError
 
@@ -296,8 +296,7 @@ def main(argv=None, prog="train.py"):
 
 def run():
     """The console script (vqk-train), `python -m vq_vae_keras.commands.train` and train.py."""
-    quiet_tensorflow_logs()
-    run_main(lambda argv: main(argv, prog=os.path.basename(sys.argv[0])))
+    console(main)
 
 
 if __name__ == "__main__":
