@@ -1,7 +1,9 @@
 """train.py and sample.py end to end in fresh processes, on tiny folders."""
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -238,3 +240,88 @@ def test_usage_says_what_it_counts_and_draws_a_chart(trained_run, tmp_path):
     assert "codes used in inference over the 16 images of" in out
     chart = iio.imread(out_png)
     assert chart.ndim == 3 and chart.shape[1] > 300 and chart.shape[0] > 250
+
+
+# ---- a second train.py prior: refused unless --restart; --resume and --restart together
+
+def tree_hashes(folder):
+    """{relative path: sha256} of every file under folder."""
+    hashes = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            hashes[os.path.relpath(path, folder)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return hashes
+
+
+def test_second_prior_is_refused_and_changes_nothing_then_restart_starts_over(run_copy):
+    import train
+
+    before = tree_hashes(run_copy)
+    status, _, err = call_main(train.main, ["prior", "--run", run_copy, "--steps", "2", "--batch-size", "4"])
+    assert status == 2
+    assert len(err.strip().splitlines()) == 1 and "--restart" in err and "--resume" in err
+    assert tree_hashes(run_copy) == before
+
+    # An old grid that a shorter new prior would not overwrite must not survive a restart.
+    stale = os.path.join(run_copy, "samples", "prior_sample_99.png")
+    shutil.copy(os.path.join(run_copy, "samples", "prior_sample_0.png"), stale)
+    result = run_cli("train.py", "prior", "--run", run_copy, "--restart", "--steps", "2", "--batch-size", "4")
+    assert "prior weights" in result.stdout
+    assert not os.path.exists(stale)
+    rows = open(os.path.join(run_copy, "prior_log.csv")).read().splitlines()
+    assert rows[0].startswith("step") and [r.split(",")[0] for r in rows[1:]] == ["2"]  # a new log
+    assert load_checkpoint_step(run_copy) == 2
+
+
+def load_checkpoint_step(run):
+    with np.load(os.path.join(run, "checkpoint", "prior.npz")) as archive:
+        import json
+        return json.loads(archive["state"].tobytes().decode())["step"]
+
+
+def test_resume_and_restart_together_are_refused(run_copy):
+    import train
+
+    before = tree_hashes(run_copy)
+    status, _, err = call_main(train.main, ["prior", "--run", run_copy, "--resume", "--restart"])
+    assert status == 2 and "not allowed with" in err
+    assert tree_hashes(run_copy) == before
+
+
+# ---- sample.py: a fresh seed printed and repeatable; what needs only the VQ-VAE
+
+def seed_of(stdout):
+    found = re.search(r"seed (\d+): pass --seed (\d+) to repeat", stdout)
+    assert found and found.group(1) == found.group(2), stdout
+    return int(found.group(1))
+
+
+@pytest.mark.parametrize("command", ["random", "recon", "interp"])
+def test_fresh_seed_by_default_printed_and_repeatable(trained_run, tmp_path, command):
+    import sample
+
+    base = ["--run", trained_run["run"], "--n", "2"] + ([] if command == "random" else ["--data", trained_run["data"]])
+    outs = [str(tmp_path / f"{i}.png") for i in range(3)]
+    runs = [call_main(sample.main, [command, *base, "--out", outs[i]]) for i in range(2)]
+    assert [status for status, _, _ in runs] == [0, 0]
+    first, second = seed_of(runs[0][1]), seed_of(runs[1][1])
+    assert first != second
+    status, stdout, _ = call_main(sample.main, [command, *base, "--seed", str(first), "--out", outs[2]])
+    assert status == 0 and "pass --seed" not in stdout
+    assert open(outs[2], "rb").read() == open(outs[0], "rb").read()
+
+
+@pytest.mark.parametrize("command", ["recon", "interp", "usage"])
+def test_a_broken_prior_does_not_block_what_needs_only_the_vqvae(run_copy, trained_run, tmp_path, command):
+    import sample
+
+    with open(os.path.join(run_copy, "prior.weights.h5"), "wb") as f:
+        f.write(b"not an HDF5 file")
+    argv = [command, "--run", run_copy, "--data", trained_run["data"], "--out", str(tmp_path / "out.png")]
+    status, _, err = call_main(sample.main, argv + (["--seed", "1"] if command != "usage" else []))
+    assert status == 0, err
+    assert os.path.isfile(tmp_path / "out.png")
+    # random needs the prior: a clear one-line error.
+    status, _, err = call_main(sample.main, ["random", "--run", run_copy, "--seed", "1", "--out", str(tmp_path / "r.png")])
+    assert status == 2 and err.startswith("error: cannot load prior weights") and len(err.strip().splitlines()) == 1

@@ -8,6 +8,9 @@ from PIL import Image
 
 import vq_vae_keras as vqk
 from vq_vae_keras.data import ImageFolder, epoch_batches, read_image
+from vq_vae_keras.errors import UsageError
+
+from conftest import write_images
 
 
 def test_scaling_matches_reference_formula(tmp_path):
@@ -170,3 +173,63 @@ def test_unreadable_file_is_skipped(tmp_path, capsys, monkeypatch):
     assert vqk.load_images(str(tmp_path), 8).shape == (1, 8, 8, 3)
     err = capsys.readouterr().err
     assert err.count("warning:") == 2 and "secret.png" in err
+
+
+# ---- wide greyscale images: 16-bit frames, 32-bit and float images
+
+def grey_value(path):
+    """The 0..255 grey level that load_images gives a uniform image."""
+    image = vqk.load_images([path], 8)[0]
+    return float(np.round((image.mean() + 1) / 2 * 255))
+
+
+def test_16_bit_frames_keep_their_brightness_order(tmp_path):
+    levels = [100, 250, 300, 1000, 30000, 65535]  # a dark frame (max 250 of 65535) stays dark
+    greys = []
+    for level in levels:
+        path = str(tmp_path / f"frame_{level}.png")
+        Image.fromarray(np.full((8, 8), level, np.uint16)).save(path)
+        greys.append(grey_value(path))
+    assert greys == [round(level / 257) for level in levels]
+    assert greys == sorted(greys)
+
+
+def test_32_bit_and_float_images_by_their_declared_range(tmp_path):
+    Image.fromarray(np.full((8, 8), 2 ** 30, np.int32)).save(tmp_path / "int32.tif")  # "I": half of 2**31 - 1
+    Image.fromarray(np.full((8, 8), 0.25, np.float32)).save(tmp_path / "float.tif")  # "F": [0, 1]
+    assert Image.open(tmp_path / "int32.tif").mode == "I" and Image.open(tmp_path / "float.tif").mode == "F"
+    assert grey_value(str(tmp_path / "int32.tif")) == 128
+    assert grey_value(str(tmp_path / "float.tif")) == round(0.25 * 255)
+
+
+# ---- random_images: unreadable files, no readable images
+
+def broken_copies(folder, count):
+    """PNGs whose header is fine but whose pixel data is cut off: they pass ImageFolder's check."""
+    first = os.path.join(folder, sorted(os.listdir(folder))[0])
+    data = open(first, "rb").read()
+    for i in range(count):
+        with open(os.path.join(folder, f"broken_{i}.png"), "wb") as f:
+            f.write(data[:len(data) // 2])
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_random_images_returns_n_even_when_most_files_are_unreadable(tmp_path, cached, capsys):
+    folder = write_images(tmp_path / "images", count=2)
+    broken_copies(folder, 10)
+    images = ImageFolder(folder, 16)
+    assert len(images) == 12  # the broken files pass the header check
+    if cached:
+        images.cache()
+    drawn = images.random_images(20, np.random.default_rng(0))
+    assert drawn.shape == (20, 16, 16, 3) and drawn.dtype == np.float32
+    good = vqk.load_images(folder, 16)  # the two readable images
+    assert all(any(np.array_equal(d, g) for g in good) for d in drawn)
+
+
+def test_random_images_from_a_folder_without_readable_images_is_a_usage_error(tmp_path):
+    folder = write_images(tmp_path / "images", count=1)
+    broken_copies(folder, 3)
+    os.remove(os.path.join(folder, "img_000.png"))
+    with pytest.raises(UsageError, match="no readable images"):
+        ImageFolder(folder, 16).random_images(4, np.random.default_rng(0))

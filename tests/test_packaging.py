@@ -1,5 +1,5 @@
-"""The package installs: metadata that agrees with requirements.txt, and a fresh venv that runs it
-from another folder without the repository."""
+"""The package installs and imports: metadata that agrees with requirements.txt, a fresh venv that runs it
+from another folder without the repository, an import that leaves TensorFlow and TF_CPP_MIN_LOG_LEVEL alone."""
 
 import os
 import re
@@ -117,3 +117,17 @@ def test_keras_finds_the_package_layers_once_both_are_imported(order):
     code = (f"{order}\nfrom keras.saving import get_registered_object as get\n"
             "print(*[get(f'vq_vae_keras>{name}') is not None for name in ('VectorQuantizer', 'PixelCNN', 'VQVAEObjective')])")
     assert python_in_a_fresh_process(code) == ["True", "True", "True"]
+
+
+@pytest.mark.parametrize("user_level", [None, "1"])
+def test_import_leaves_tf_cpp_min_log_level_as_it_was(user_level):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    if user_level is not None:
+        env["TF_CPP_MIN_LOG_LEVEL"] = user_level
+    code = "import os, vq_vae_keras; print(repr(os.environ.get('TF_CPP_MIN_LOG_LEVEL')))"
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "PYTHONPATH": ROOT},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == repr(user_level)
