@@ -15,7 +15,7 @@ strategy = make_strategy("mirrored", cpu_replicas=2)
 import numpy as np  # noqa: E402
 import vq_vae_keras as vqk  # noqa: E402
 from vq_vae_keras.models import compile_vqvae  # noqa: E402
-from vq_vae_keras.training import strategy_scope  # noqa: E402
+from vq_vae_keras.distribute import strategy_scope  # noqa: E402
 
 config = vqk.Config(img_dim=32, z_dim=64, num_codes=64, batch_size=16, jit_compile=False)
 x = np.random.default_rng(0).uniform(-1, 1, (16 * 8, 32, 32, 3)).astype("float32")

@@ -50,7 +50,7 @@ for name, overrides in cases.items():
                                   for k, v in variables.items() if not v.trainable}
         out[f"{name}-{where}"] = result
 # Adam hides the scale of a gradient: one plain SGD step must match too.
-from vq_vae_keras.training import strategy_scope
+from vq_vae_keras.distribute import strategy_scope
 for where, s in (("one", None), ("mirrored", strategy)):
     keras.utils.set_random_seed(0)
     with strategy_scope(s):
@@ -202,7 +202,7 @@ def test_cli_mirrored_both_stages_train_and_resume(tmp_path):
 
 def test_jit_is_turned_off_under_a_strategy_only():
     from conftest import tiny_config
-    from vq_vae_keras.training import xla_off_under
+    from vq_vae_keras.distribute import xla_off_under
 
     one, several = tiny_config(jit_compile=True), tiny_config(jit_compile=True)
     xla_off_under(None, one, "jit_compile")

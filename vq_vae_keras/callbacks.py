@@ -22,8 +22,7 @@ from tqdm.auto import tqdm
 
 from .codebook import histogram_image
 from .grids import reconstruction_grid
-from .data import warn
-from .errors import UsageError
+from .errors import UsageError, warn
 from .io import atomic_write_text, resumable, save_checkpoint, save_png, save_weights, write_failed
 from .quantizers import CodeUsage, GumbelAnneal  # noqa: F401  (vqk.callbacks.GumbelAnneal)
 

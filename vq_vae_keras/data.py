@@ -9,22 +9,17 @@ ceil(N / batch_size) steps, the last batch smaller.
 
 import math
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 from tqdm.auto import tqdm
 
-from .errors import UsageError
+from .errors import UsageError, warn
 from .io import save_npz, write_failed
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 _pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1))  # PIL releases the GIL while decoding
-
-
-def warn(message):
-    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def find_images(folder):

@@ -7,14 +7,16 @@ facts the rest of the package asks of it (is this the chief? are there several r
     vqk.train_vqvae(config, "runs/x", strategy=strategy)  # config.batch_size is the global batch
 """
 
+import contextlib
 import json
 import os
 import threading
 
+import keras
 import tensorflow as tf
 from keras import ops
 
-from .errors import UsageError
+from .errors import UsageError, warn
 
 KINDS = ("none", "mirrored", "multiworker")
 
@@ -119,3 +121,37 @@ class ReplicaLocalLosses:
     @_losses.setter
     def _losses(self, value):
         self._thread_state().losses = value
+
+
+# ---------------------------------------------------------------- training under a strategy
+
+def xla_off_under(strategy, config, field):
+    """The one rule for XLA and tf.distribute, the same from train.py and from Python: under a
+    strategy the training step runs without XLA (config.<field> is set False, and recorded so).
+    Keras compiles the whole step, strategy.run included, and XLA refuses a function whose
+    variables live on several devices."""
+    if strategy is not None and getattr(config, field):
+        warn(f"{field}: XLA does not compile a distributed training step; training without it")
+        setattr(config, field, False)
+
+
+def strategy_scope(strategy):
+    return contextlib.nullcontext() if strategy is None else strategy.scope()
+
+
+def distributed(dataset, strategy):
+    """Batches are global batches: each worker keeps its replicas' slices of every batch (not
+    whole batches of its own, which tf.data's default would pick for a dataset that reads no files)."""
+    if strategy is None:
+        return dataset
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
+def vector_logs(model, strategy):
+    """Keras 3 reduces a multi-worker step's logs with strategy.reduce(MEAN, axis=0), which fails
+    on scalars: the step's logs are given shape (1,), and come back as scalars."""
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        step = model.train_step
+        model.train_step = lambda data: {k: keras.ops.reshape(v, (1,)) for k, v in step(data).items()}

@@ -1,4 +1,7 @@
-"""The errors the command line turns into one line on stderr (never a traceback)."""
+"""What the user is told: the errors the command line turns into one line on stderr (never a
+traceback), and warnings, one line each."""
+
+import sys
 
 
 class UsageError(ValueError):
@@ -15,3 +18,8 @@ class WriteFailed(OSError):
     """A file could not be written (disk full, no permission, a file where a folder should be).
     The message says which file and whether the run can resume; the command line prints it and
     exits with status 1. What was written before stays as it was (writes are atomic)."""
+
+
+def warn(message):
+    """One line on stderr, for what the user should know and training goes on despite."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 
 from .callbacks import TensorBoardWriter, csv_text, log_rows_until
 from .codebook import counts_perplexity, usage_counts
-from .data import ImageFolder, load_images, warn
-from .errors import UsageError
+from .data import ImageFolder, load_images
+from .errors import UsageError, warn
 from .io import atomic_write_text, load_weights, to_uint8
 from .priors.sampling import sample_codes
 from .priors.tokens import codes_to_tokens, prior_nll

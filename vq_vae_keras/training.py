@@ -22,12 +22,12 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from .callbacks import (Every, NanGuard, NonFiniteLoss, ReconstructionGrids, ResetMetrics,  # noqa: F401
+from .callbacks import (Every, NanGuard, StepCallback, NonFiniteLoss, ReconstructionGrids, ResetMetrics,  # noqa: F401
                         StepLog, StopOnSignal, TensorBoardWriter, TqdmProgress, save_state)
 from .codebook import TRAINING_COUNTED, kmeans, summary
 from .config import Config
-from .data import ImageArray, ImageFolder, epoch_batches, index_dataset, load_images, warn
-from .distribute import is_chief
+from .data import ImageArray, ImageFolder, epoch_batches, index_dataset, load_images
+from .distribute import distributed, is_chief, strategy_scope, vector_logs, xla_off_under
 from .errors import UsageError
 from .io import load_checkpoint, resumable, save_model, save_npy, save_png
 from .models import build_vqvae, compile_vqvae, log_names
@@ -59,16 +59,6 @@ def resolve_total_steps(steps, epochs, steps_per_epoch):
     return (REFERENCE_EPOCHS if epochs is None else epochs) * steps_per_epoch
 
 
-def xla_off_under(strategy, config, field):
-    """The one rule for XLA and tf.distribute, the same from train.py and from Python: under a
-    strategy the training step runs without XLA (config.<field> is set False, and recorded so).
-    Keras compiles the whole step, strategy.run included, and XLA refuses a function whose
-    variables live on several devices."""
-    if strategy is not None and getattr(config, field):
-        warn(f"{field}: XLA does not compile a distributed training step; training without it")
-        setattr(config, field, False)
-
-
 def already_done(start, total, what):
     """A resumed run at or past its last step: say so and train nothing."""
     if start < total:
@@ -78,31 +68,9 @@ def already_done(start, total, what):
     return True
 
 
-def strategy_scope(strategy):
-    return contextlib.nullcontext() if strategy is None else strategy.scope()
-
-
 def writable_run(run, strategy):
     """The chief writes the run directory; another worker a temporary folder of its own."""
     return run if is_chief(strategy) else RunDir(tempfile.mkdtemp(prefix="vqk-worker-"))
-
-
-def distributed(dataset, strategy):
-    """Batches are global batches: each worker keeps its replicas' slices of every batch (not
-    whole batches of its own, which tf.data's default would pick for a dataset that reads no files)."""
-    if strategy is None:
-        return dataset
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return dataset.with_options(options)
-
-
-def vector_logs(model, strategy):
-    """Keras 3 reduces a multi-worker step's logs with strategy.reduce(MEAN, axis=0), which fails
-    on scalars: the step's logs are given shape (1,), and come back as scalars."""
-    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        step = model.train_step
-        model.train_step = lambda data: {k: keras.ops.reshape(v, (1,)) for k, v in step(data).items()}
 
 
 def fit_with_interrupt(model, dataset, start, total, callbacks, save):
@@ -123,6 +91,57 @@ def fit_with_interrupt(model, dataset, start, total, callbacks, save):
                 callback.close()
     if stopper.requested:
         raise KeyboardInterrupt
+
+
+def open_run(run_dir, config, strategy, jit_field, resume, overwrite, taken, what):
+    """A stage's run directory, checked before anything is read or written: XLA off under a
+    strategy (the one rule), and a run where taken(run) refused unless resume or overwrite."""
+    xla_off_under(strategy, config, jit_field)
+    run = RunDir(run_dir)
+    if is_chief(strategy) and not resume and not overwrite and taken(run):
+        raise UsageError(f"{run_dir} already {what}; resume=True continues it, overwrite=True replaces it")
+    return run
+
+
+def build_and_resume(build, strategy, checkpoint, resume, total, what):
+    """(model, checkpoint state): build() -> a compiled model, made in the strategy's scope with
+    its optimizer's variables, restored from the checkpoint on resume (every worker reads the
+    chief's). state is None when a resumed run is already at `total`: nothing to train."""
+    with strategy_scope(strategy):
+        model = build()
+        model.optimizer.build(model.trainable_variables)
+    vector_logs(model, strategy)
+    if not resume:
+        return model, {"step": 0}
+    state = load_checkpoint(checkpoint, model, model.optimizer)
+    if already_done(state["step"], total, what):
+        return model, None
+    print(f"resuming the {what} from step {state['step']} of {total}")
+    return model, state
+
+
+def fit_stage(model, dataset, start, total, run_callbacks, user_callbacks, save, checkpoint, strategy, keys, desc,
+              reset_every):
+    """fit from global step start to total, with what every stage runs around its own callbacks:
+    running means reset every reset_every steps, the NaN guard, a progress bar, the user's
+    callbacks last. A write that fails says whether the checkpoint lets --resume go on."""
+    callbacks = [ResetMetrics(reset_every, start), NanGuard(start), *run_callbacks,
+                 TqdmProgress(total, start, keys, desc), *user_callbacks]
+    with resumable(checkpoint):
+        fit_with_interrupt(model, distributed(dataset, strategy), start, total, callbacks, save)
+
+
+@contextlib.contextmanager
+def stage_files(writes, strategy, board):
+    """However training ends: TensorBoard's writer closed, and another worker's temporary run
+    folder removed (only the chief writes the run directory)."""
+    try:
+        yield
+    finally:
+        if board is not None:
+            board.close()
+        if not is_chief(strategy):
+            shutil.rmtree(writes.root, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- VQ-VAE
@@ -204,10 +223,8 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     """
     from .evaluation import EvaluateEvery
 
-    xla_off_under(strategy, config, "jit_compile")
-    run = RunDir(run_dir)
-    if is_chief(strategy) and not resume and not overwrite and os.path.exists(run.config):
-        raise UsageError(f"{run_dir} already holds a run; resume=True continues it, overwrite=True replaces it")
+    run = open_run(run_dir, config, strategy, "jit_compile", resume, overwrite,
+                   lambda run: os.path.exists(run.config), "holds a run")
     if data is None:
         data = config.data
     if isinstance(data, (str, os.PathLike)):
@@ -221,85 +238,92 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     if deterministic:
         seed_everything(config.seed, config.jit_compile)
 
-    with strategy_scope(strategy):
+    vqvae = None
+
+    def build():
+        nonlocal vqvae
         vqvae = build_vqvae(config)
-        model = compile_vqvae(vqvae)
-        model.optimizer.build(model.trainable_variables)
-    vector_logs(model, strategy)
-    start, state = 0, {}
-    if resume:  # every worker reads the chief's checkpoint
-        state = load_checkpoint(run.vqvae_checkpoint, model, model.optimizer)
-        start = state["step"]
-        if already_done(start, total, "VQ-VAE"):
-            return vqvae
-        print(f"resuming from step {start} of {total}")
-    elif config.kmeans_init:
+        return compile_vqvae(vqvae)
+
+    model, state = build_and_resume(build, strategy, run.vqvae_checkpoint, resume, total, "VQ-VAE")
+    if state is None:
+        return vqvae
+    if not resume and config.kmeans_init:
         kmeans_initialise(vqvae, source, config)
-    run = writable_run(run, strategy)
-    os.makedirs(run.samples, exist_ok=True)
-    config.save(run.config)
+    start, writes = state["step"], writable_run(run, strategy)
+    os.makedirs(writes.samples, exist_ok=True)
+    config.save(writes.config)
 
     keys = log_names(config)
-    board = TensorBoardWriter(run.path("tensorboard", "vqvae")) if tensorboard else None
-    log = StepLog(run.log, keys, steps_per_epoch, start, resume, board)
-    grids = ReconstructionGrids(vqvae, lambda step: source.random_images(32, np.random.default_rng([config.seed, step])),
-                                run.samples)
-    usage = vqvae.vq_layer.usage
-    # Code counts since the last sample step: the usage column and the closing summary. A save
-    # between sample steps (Ctrl-C, the end) keeps them in the checkpoint, so a resumed run goes
-    # on counting from the sample step, not from where it stopped.
-    window = {"since": state.get("usage_since", start)}
-    restore_usage = []
-    if state.get("usage_counts") is not None and strategy is None:
-        saved_counts = np.asarray(state["usage_counts"])
-        # fit resets every metric as its epoch begins: put the counts back just after that
-        restore_usage = [keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: usage.counts.assign(
-            saved_counts.astype(usage.counts.dtype)))]
-
-    def save(step, logs=None):
-        """The reference's Trainer: two grids and the weights, plus a resumable checkpoint; the
-        buffered log rows are written here too."""
-        log.flush()
-        counts = usage.counts.numpy().astype(np.int64)
-        window_ends = (step - 1) % config.sample_every == 0  # a sample step (Every: 1, 1 + every, ...)
-        usage_state = ({"usage_since": step} if window_ends else
-                       {"usage_since": window["since"], "usage_counts": counts.tolist()})
-        if step == 0 or not save_state(model, run.vqvae_weights, run.vqvae_checkpoint, step, usage_state):
-            return
-        grids.write(step)
-        window.update(first=window["since"] + 1, last=step, counts=counts, since=step)
-        usage.reset_state()
-        if board is not None:
-            board.images(step, grids.written)
-            board.code_usage(step, counts)
-            board.flush()
-
+    board = TensorBoardWriter(writes.path("tensorboard", "vqvae")) if tensorboard else None
+    log = StepLog(writes.log, keys, steps_per_epoch, start, resume, board)
+    images = lambda step: source.random_images(32, np.random.default_rng([config.seed, step]))  # noqa: E731
+    if strategy is not None:  # the counts live on every replica: a resumed window starts afresh there
+        state = {**state, "usage_since": start, "usage_counts": None}
+    samples = SampleSteps(vqvae, writes, images, log, board, start, state)
     run_callbacks = [
-        *restore_usage,
-        ResetMetrics(1, start),
-        NanGuard(start),
         *vqvae.vq_layer.training_callbacks(config, start),  # before the log: they may add to its row
         log,
-        Every(config.sample_every, save, start),
-        TqdmProgress(total, start, keys, "vqvae"),
-        *callbacks,
+        samples,
     ]
     if eval_data is not None:
-        run_callbacks.append(EvaluateEvery(vqvae, eval_data, eval_every, run.eval_log, initial_step=start,
-                                           tensorboard_dir=run.path("tensorboard", "vqvae") if tensorboard else None))
-    try:
-        with resumable(run.vqvae_checkpoint):  # a write that fails says whether --resume can go on
-            fit_with_interrupt(model, distributed(dataset(start), strategy), start, total, run_callbacks, save)
-            save_model(model, run.vqvae_keras)
-    finally:
-        log.flush()
-        if board is not None:
-            board.close()
-        if "counts" in window:
-            tqdm.write(f"codebook, steps {window['first']}-{window['last']}: {summary(window['counts'], counted=TRAINING_COUNTED)}")
-        if not is_chief(strategy):
-            shutil.rmtree(run.root, ignore_errors=True)
+        run_callbacks.append(EvaluateEvery(vqvae, eval_data, eval_every, writes.eval_log, initial_step=start,
+                                           tensorboard_dir=writes.path("tensorboard", "vqvae") if tensorboard else None))
+    with stage_files(writes, strategy, board):
+        try:
+            fit_stage(model, dataset(start), start, total, run_callbacks, callbacks, samples.save,
+                      writes.vqvae_checkpoint, strategy, keys, "vqvae", reset_every=1)
+            with resumable(writes.vqvae_checkpoint):
+                save_model(model, writes.vqvae_keras)
+        finally:
+            log.flush()
+            samples.print_summary()
     return vqvae
+
+
+class SampleSteps(Every):
+    """The reference's Trainer, resumable: at each sample step (1, 1 + sample_every, ...), at the
+    end and on Ctrl-C, the buffered log rows, the weights and a checkpoint, then the two grids
+    (callbacks.ReconstructionGrids) and TensorBoard's images.
+
+    It also keeps the code counts since the last sample step (the log's usage column, and the
+    closing summary). A save between sample steps keeps them in the checkpoint, so a resumed run
+    goes on counting from the sample step, not from where it stopped."""
+
+    def __init__(self, vqvae, run, images, log, board, start, state):
+        super().__init__(vqvae.config.sample_every, self.save, start)
+        self.vqvae, self.run, self.log, self.board = vqvae, run, log, board
+        self.grids = ReconstructionGrids(vqvae, images, run.samples)
+        self.usage = vqvae.vq_layer.usage
+        self.since, self.window = state.get("usage_since", start), None
+        self.saved_counts = state.get("usage_counts")
+
+    def on_epoch_begin(self, epoch, logs=None):
+        # fit resets every metric as its epoch begins: the counts saved by a stopped run go back just after
+        if self.saved_counts is not None:
+            self.usage.counts.assign(np.asarray(self.saved_counts).astype(self.usage.counts.dtype))
+        self.saved_counts = None
+
+    def save(self, step, logs=None):
+        self.log.flush()
+        counts = self.usage.counts.numpy().astype(np.int64)
+        window_ends = (step - 1) % self.every == 0
+        usage = {"usage_since": step} if window_ends else {"usage_since": self.since, "usage_counts": counts.tolist()}
+        model, run = self.vqvae.train_model, self.run
+        if step == 0 or not save_state(model, run.vqvae_weights, run.vqvae_checkpoint, step, usage):
+            return
+        self.grids.write(step)
+        self.window, self.since = (self.since + 1, step, counts), step
+        self.usage.reset_state()
+        if self.board is not None:
+            self.board.images(step, self.grids.written)
+            self.board.code_usage(step, counts)
+            self.board.flush()
+
+    def print_summary(self):
+        if self.window is not None:
+            first, last, counts = self.window
+            tqdm.write(f"codebook, steps {first}-{last}: {summary(counts, counted=TRAINING_COUNTED)}")
 
 
 # ---------------------------------------------------------------- prior
@@ -394,15 +418,11 @@ def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     a grid of samples every config.sample_every_epochs epochs (0: never).
     config.prior picks the kind (attention or pixelcnn). classes: a class-conditional prior, each
     image's class its first-level subfolder of the folder (names saved as config.classes)."""
-    from .grids import codes_grid
     from .priors import build_prior, compile_prior
-    from .priors.sampling import sample_codes
-    from .priors.tokens import START_TOKEN, class_tokens, codes_to_tokens, prior_nll
+    from .priors.tokens import START_TOKEN, class_tokens, codes_to_tokens
 
-    xla_off_under(strategy, config, "prior_jit_compile")
-    run = RunDir(run_dir)
-    if is_chief(strategy) and not resume and not overwrite and run.prior_files():
-        raise UsageError(f"{run_dir} already has a prior; resume=True continues it, overwrite=True replaces it")
+    run = open_run(run_dir, config, strategy, "prior_jit_compile", resume, overwrite,
+                   lambda run: run.prior_files(), "has a prior")
     seed = config.seed if config.prior_seed is None else config.prior_seed
     writes = writable_run(run, strategy)
     with resumable(writes.prior_checkpoint):
@@ -415,67 +435,64 @@ def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     if deterministic:
         seed_everything(seed, config.prior_jit_compile)
 
-    with strategy_scope(strategy):
-        prior = compile_prior(build_prior(config), config)
-        prior.optimizer.build(prior.trainable_variables)
-    vector_logs(prior, strategy)
-    start = 0
-    if resume:
-        start = load_checkpoint(run.prior_checkpoint, prior, prior.optimizer)["step"]
-        if already_done(start, total, "prior"):
-            return prior
-        print(f"resuming the prior from step {start} of {total}")
+    prior, state = build_and_resume(lambda: compile_prior(build_prior(config), config), strategy,
+                                    run.prior_checkpoint, resume, total, "prior")
+    if state is None:
+        return prior
+    start = state["step"]
     config.save(writes.config)
     board = TensorBoardWriter(writes.path("tensorboard", "prior")) if tensorboard else None
     log = StepLog(writes.prior_log, PRIOR_KEYS + ["val_nll"], steps_per_epoch, start, resume, board)
-    log.set_model(prior)  # not a callback here: it gets one row per epoch, from end_of_epoch
-    vqvae = None
+    log.set_model(prior)  # not a callback here: it gets one row per epoch, from PriorEpochs
 
     def save(step, logs=None):
         if step > 0:
             save_state(prior, writes.prior_weights, writes.prior_checkpoint, step)
 
-    def end_of_epoch(step, logs):
-        """Validation NLL, a log row and (every sample_every_epochs) a grid of random samples."""
-        nonlocal vqvae
-        epoch = (step - 1) // steps_per_epoch
-        val_nll = prior_nll(prior, val_tokens, batch_size) if len(val_tokens) else None
-        log.append(step, {**logs, "val_nll": val_nll})
-        log.flush()
+    run_callbacks = [
+        Every(config.sample_every, save, start),
+        PriorEpochs(config, run, writes, val_tokens, log, board, start, total, steps_per_epoch, seed),
+    ]
+    with stage_files(writes, strategy, board):
+        fit_stage(prior, token_dataset(train_tokens, batch_size, seed, start), start, total, run_callbacks, callbacks,
+                  save, writes.prior_checkpoint, strategy, PRIOR_KEYS, "prior", reset_every=steps_per_epoch)
+    return prior
+
+
+class PriorEpochs(StepCallback):
+    """At the end of each epoch (and of training): the validation NLL, a log row, and every
+    config.sample_every_epochs epochs a grid of random samples."""
+
+    def __init__(self, config, run, writes, val_tokens, log, board, start, total, steps_per_epoch, seed):
+        super().__init__(start)
+        self.config, self.run, self.writes, self.val_tokens, self.log, self.board = config, run, writes, val_tokens, log, board
+        self.total, self.steps_per_epoch, self.seed = total, steps_per_epoch, seed
+        self.vqvae = None  # loaded for the first grid
+
+    def on_step(self, step, logs):
+        if step % self.steps_per_epoch == 0 or step == self.total:
+            self.end_of_epoch(step, logs)
+
+    def end_of_epoch(self, step, logs):
+        from .grids import codes_grid
+        from .priors.sampling import sample_codes
+        from .priors.tokens import prior_nll
+
+        epoch = (step - 1) // self.steps_per_epoch
+        batch_size = self.config.prior_batch_size
+        val_nll = prior_nll(self.model, self.val_tokens, batch_size) if len(self.val_tokens) else None
+        self.log.append(step, {**logs, "val_nll": val_nll})
+        self.log.flush()
         tqdm.write(f"prior epoch {epoch}: loss {float(logs.get('loss', np.nan)):.4f}, "
                    f"accuracy {float(logs.get('accuracy', np.nan)):.4f}"
                    + (f", val_nll {val_nll:.4f}" if val_nll is not None else ""))
-        every = config.sample_every_epochs
-        if every and ((epoch + 1) % every == 0 or step == total):
-            if vqvae is None:
-                vqvae = load_vqvae(config, run)
-            grid = codes_grid(vqvae, sample_codes(prior, 64, config.grid_shape, seed=seed + epoch))
-            save_png(os.path.join(writes.samples, f"prior_sample_{epoch}.png"), grid)
-            if board is not None:
-                board.images(step, {"prior_sample": grid})
-                board.flush()
-
-    class EpochEnd(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            step = start + batch + 1
-            if step % steps_per_epoch == 0 or step == total:
-                end_of_epoch(step, logs or {})
-
-    run_callbacks = [
-        ResetMetrics(steps_per_epoch, start),
-        NanGuard(start),
-        Every(config.sample_every, save, start),
-        EpochEnd(),
-        TqdmProgress(total, start, PRIOR_KEYS, "prior"),
-        *callbacks,
-    ]
-    try:
-        with resumable(writes.prior_checkpoint):
-            fit_with_interrupt(prior, distributed(token_dataset(train_tokens, batch_size, seed, start), strategy),
-                               start, total, run_callbacks, save)
-    finally:
-        if board is not None:
-            board.close()
-        if not is_chief(strategy):
-            shutil.rmtree(writes.root, ignore_errors=True)
-    return prior
+        every = self.config.sample_every_epochs
+        if every and ((epoch + 1) % every == 0 or step == self.total):
+            if self.vqvae is None:
+                self.vqvae = load_vqvae(self.config, self.run)
+            codes = sample_codes(self.model, 64, self.config.grid_shape, seed=self.seed + epoch)
+            grid = codes_grid(self.vqvae, codes)
+            save_png(os.path.join(self.writes.samples, f"prior_sample_{epoch}.png"), grid)
+            if self.board is not None:
+                self.board.images(step, {"prior_sample": grid})
+                self.board.flush()
