@@ -203,6 +203,25 @@ def test_prior_data_is_recorded_beside_the_vqvaes_folder(run_copy, trained_run, 
     config = saved_config(run_copy)
     assert config["data"] == trained_run["data"] and config["prior_data"] == other
     assert np.load(os.path.join(run_copy, "codes.npy")).shape == (8, 4, 4)
+    # Resumed, the prior goes on with those codes: the same folder may be named, another may not.
+    status, _, err = call_main(train.main, ["prior", "--run", run_copy, "--resume", "--data", other, "--steps", "2"])
+    assert status == 0, err
+    status, _, err = call_main(train.main, ["prior", "--run", run_copy, "--resume", "--data", trained_run["data"],
+                                            "--steps", "3"])
+    assert status == 2 and "--restart trains one on another folder" in err and len(err.strip().splitlines()) == 1
+    assert saved_config(run_copy)["prior_data"] == other
+
+
+def test_resume_without_steps_goes_on_to_the_runs_own_last_step(run_copy):
+    """Not to the reference's 1000 epochs: the checkpoint keeps the last step the run asked for."""
+    import train
+
+    status, out, err = call_main(train.main, ["vqvae", "--run", run_copy, "--resume", "--steps", "7"])
+    assert status == 0, err
+    status, out, err = call_main(train.main, ["vqvae", "--run", run_copy, "--resume"])
+    assert status == 0 and "already at step 7" in out, (out, err)
+    status, out, err = call_main(train.main, ["prior", "--run", run_copy, "--resume"])
+    assert status == 0 and "the prior is already at step" in out, (out, err)
 
 
 def test_restart_is_a_new_prior_with_the_defaults_of_flags_not_given(run_copy):

@@ -170,6 +170,11 @@ def test_disk_full_before_the_first_checkpoint(tmp_path):
     assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr[-3000:]
     assert errors_of(full) == [f"error: cannot write {os.path.join(run, 'vqvae.weights.h5')}: file too large; "
                                "no checkpoint was written yet, so the run cannot resume: make room and train it anew"]
+    resume = train_cli("vqvae", "--data", data, "--run", run, *TINY_FLAGS, "--steps", "4", "--resume")
+    assert resume.returncode == 2 and errors_of(resume) == [
+        f"error: --resume: {run} stopped before its first checkpoint; train it anew: the same command without --resume"]
+    anew = train_cli("vqvae", "--data", data, "--run", run, *TINY_FLAGS, "--steps", "4")  # as the advice says
+    assert anew.returncode == 0, anew.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------- damaged files read back

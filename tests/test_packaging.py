@@ -36,7 +36,6 @@ def test_pyproject_and_requirements_txt_agree():
         wanted = requirements(f)
     declared = requirements(project["dependencies"] + project["optional-dependencies"]["test"])
     assert declared == wanted
-    assert {"jax", "torch"} <= set(project["optional-dependencies"])
     assert project["scripts"] == {"vqk-train": "vq_vae_keras.commands.train:run",
                                   "vqk-sample": "vq_vae_keras.commands.sample:run"}
 

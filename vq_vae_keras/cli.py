@@ -214,13 +214,18 @@ def add_steps_flags(parser, restart=False):
 def config_for_run(run, flags, resume, flag_names=None):
     """The Config of a VQ-VAE run: new from flags, or on --resume the saved one, which the flags
     may not contradict (a moved --data folder and --sample-every may change)."""
+    from .rundir import RunDir
+
     config_path = os.path.join(run, "config.json")
     if not resume:
-        if os.path.exists(config_path):
+        if RunDir(run).holds_vqvae():
             raise UsageError(f"{run} already holds a run; add --resume to continue it, or choose another --run")
         return validate_flags(Config(**{k: v for k, v in flags.items() if v is not None}), flags, flag_names)
     if not os.path.isfile(config_path):
         raise UsageError(f"--resume: no run to resume at {run} (no config.json)")
+    if not RunDir(run).holds_vqvae():
+        raise UsageError(f"--resume: {run} stopped before its first checkpoint; train it anew: the same command "
+                         "without --resume")
     return apply_flags(Config.load(config_path), flags, changeable=("data", "sample_every"), flag_names=flag_names)
 
 

@@ -222,3 +222,5 @@ class Config:
             return cls(**record).validate()
         except TypeError as e:
             raise UsageError(f"config {path}: {e}") from None
+        except UsageError as e:  # name the file: the field is in it, not on the command line
+            raise UsageError(f"config {path}: {e}", field=e.field) from None

@@ -125,9 +125,10 @@ def weights_file_bytes(model):
 
         buffer = io.BytesIO()
         store = saving_lib.H5IOStore(buffer, mode="w")
+        write_state = saving_lib._save_state  # private: a Keras that renames it takes the public path
     except (ImportError, AttributeError, TypeError, ValueError):
         return None
-    saving_lib._save_state(model, weights_store=store, assets_store=None, inner_path="", visited_saveables=set())
+    write_state(model, weights_store=store, assets_store=None, inner_path="", visited_saveables=set())
     store.close()
     return buffer.getvalue()
 

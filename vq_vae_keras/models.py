@@ -217,7 +217,8 @@ def seeded_initializers(seed):
     Keras gives each initializer made without a seed (glorot_uniform, uniform, ...) one of its own,
     drawn from Python's `random` as the layer makes it (Keras 3.9 to 3.15); that draw is seeded here and Python's
     random state put back afterwards, so nothing else in the process changes. The initializers
-    and their distributions are Keras's defaults, as in the reference; each layer gets its own seed."""
+    and their distributions are Keras's defaults, as in the reference; each layer gets its own seed.
+    Not thread-safe: another thread drawing from `random` during a build changes the weights."""
     state = random.getstate()
     random.seed(seed)
     try:

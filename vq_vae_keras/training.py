@@ -51,7 +51,7 @@ def seed_everything(seed, jit_compile=False):
 
 def resolve_total_steps(steps, epochs, steps_per_epoch):
     if steps is not None and epochs is not None:
-        raise UsageError("give --steps or --epochs, not both")
+        raise UsageError("give steps or epochs, not both")
     if steps is not None:
         return steps
     if steps_per_epoch is None:
@@ -103,20 +103,27 @@ def open_run(run_dir, config, strategy, jit_field, resume, overwrite, taken, wha
     return run
 
 
-def build_and_resume(build, strategy, checkpoint, resume, total, what):
+def build_and_resume(build, strategy, checkpoint, resume, total, what, total_given=True):
     """(model, checkpoint state): build() -> a compiled model, made in the strategy's scope with
     its optimizer's variables, restored from the checkpoint on resume (every worker reads the
-    chief's). state is None when a resumed run is already at `total`: nothing to train."""
+    chief's). state["total"] is the last step: `total`, or on a resume without steps or epochs
+    (total_given False) the one the run was started with. state is None when a resumed run is
+    already there: nothing to train."""
     with strategy_scope(strategy):
         model = build()
         model.optimizer.build(model.trainable_variables)
     vector_logs(model, strategy)
     if not resume:
-        return model, {"step": 0}
+        return model, {"step": 0, "total": total}
+    if not os.path.isfile(checkpoint):
+        raise UsageError(f"nothing to resume: no checkpoint at {checkpoint} (the run stopped before its first "
+                         "save): train it anew, without resume")
     state = load_checkpoint(checkpoint, model, model.optimizer)
-    if already_done(state["step"], total, what):
+    if total_given or "total" not in state:  # checkpoints of earlier releases do not say
+        state["total"] = total
+    if already_done(state["step"], state["total"], what):
         return model, None
-    print(f"resuming the {what} from step {state['step']} of {total}")
+    print(f"resuming the {what} from step {state['step']} of {state['total']}")
     return model, state
 
 
@@ -224,7 +231,7 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     from .evaluation import EvaluateEvery
 
     run = open_run(run_dir, config, strategy, "jit_compile", resume, overwrite,
-                   lambda run: os.path.exists(run.config), "holds a run")
+                   RunDir.holds_vqvae, "holds a run")
     if data is None:
         data = config.data
     if isinstance(data, (str, os.PathLike)):
@@ -245,9 +252,11 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, 
         vqvae = build_vqvae(config)
         return compile_vqvae(vqvae)
 
-    model, state = build_and_resume(build, strategy, run.vqvae_checkpoint, resume, total, "VQ-VAE")
+    model, state = build_and_resume(build, strategy, run.vqvae_checkpoint, resume, total, "VQ-VAE",
+                                    total_given=steps is not None or epochs is not None)
     if state is None:
         return vqvae
+    total = state["total"]
     if not resume and config.kmeans_init:
         kmeans_initialise(vqvae, source, config)
     start, writes = state["step"], writable_run(run, strategy)
@@ -260,7 +269,7 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     images = lambda step: source.random_images(32, np.random.default_rng([config.seed, step]))  # noqa: E731
     if strategy is not None:  # the counts live on every replica: a resumed window starts afresh there
         state = {**state, "usage_since": start, "usage_counts": None}
-    samples = SampleSteps(vqvae, writes, images, log, board, start, state)
+    samples = SampleSteps(vqvae, writes, images, log, board, start, state, total)
     run_callbacks = [
         *vqvae.vq_layer.training_callbacks(config, start),  # before the log: they may add to its row
         log,
@@ -290,8 +299,9 @@ class SampleSteps(Every):
     closing summary). A save between sample steps keeps them in the checkpoint, so a resumed run
     goes on counting from the sample step, not from where it stopped."""
 
-    def __init__(self, vqvae, run, images, log, board, start, state):
+    def __init__(self, vqvae, run, images, log, board, start, state, total):
         super().__init__(vqvae.config.sample_every, self.save, start)
+        self.total = total  # saved with each checkpoint: a resume without steps goes on to it
         self.vqvae, self.run, self.log, self.board = vqvae, run, log, board
         self.grids = ReconstructionGrids(vqvae, images, run.samples)
         self.usage = vqvae.vq_layer.usage
@@ -310,7 +320,8 @@ class SampleSteps(Every):
         window_ends = (step - 1) % self.every == 0
         usage = {"usage_since": step} if window_ends else {"usage_since": self.since, "usage_counts": counts.tolist()}
         model, run = self.vqvae.train_model, self.run
-        if step == 0 or not save_state(model, run.vqvae_weights, run.vqvae_checkpoint, step, usage):
+        if step == 0 or not save_state(model, run.vqvae_weights, run.vqvae_checkpoint, step,
+                                       {"total": self.total, **usage}):
             return
         self.grids.write(step)
         self.window, self.since = (self.since + 1, step, counts), step
@@ -436,10 +447,11 @@ def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False, 
         seed_everything(seed, config.prior_jit_compile)
 
     prior, state = build_and_resume(lambda: compile_prior(build_prior(config), config), strategy,
-                                    run.prior_checkpoint, resume, total, "prior")
+                                    run.prior_checkpoint, resume, total, "prior",
+                                    total_given=steps is not None or epochs is not None)
     if state is None:
         return prior
-    start = state["step"]
+    start, total = state["step"], state["total"]
     config.save(writes.config)
     board = TensorBoardWriter(writes.path("tensorboard", "prior")) if tensorboard else None
     log = StepLog(writes.prior_log, PRIOR_KEYS + ["val_nll"], steps_per_epoch, start, resume, board)
@@ -447,7 +459,7 @@ def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False, 
 
     def save(step, logs=None):
         if step > 0:
-            save_state(prior, writes.prior_weights, writes.prior_checkpoint, step)
+            save_state(prior, writes.prior_weights, writes.prior_checkpoint, step, {"total": total})
 
     run_callbacks = [
         Every(config.sample_every, save, start),

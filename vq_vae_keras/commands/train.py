@@ -238,7 +238,12 @@ def train_prior_command(args):
     reset = restart_defaults(config, flags) if args.restart else []
     if not args.resume:
         config.classes = None  # a new prior: conditional only with --classes
-    changeable = ("prior_data", "sample_every_epochs") if args.resume else tuple(flags)
+    elif flags.get("prior_data") is not None:  # the saved codes are what the prior goes on learning
+        if os.path.abspath(flags["prior_data"]) != os.path.abspath(config.prior_data or config.data or ""):
+            raise UsageError(f"--data {flags['prior_data']}: a resumed prior goes on with the codes of "
+                             f"{config.prior_data or config.data} (RUN/codes.npy); --restart trains one on another folder")
+        flags["prior_data"] = None
+    changeable = ("sample_every_epochs",) if args.resume else tuple(flags)
     config = apply_flags(config, flags, changeable=changeable, flag_names=names)
     check_flags_apply(args, parser, config)
     images = config.prior_data or config.data
