@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from .callbacks import TensorBoardWriter, csv_text, log_rows_until
+from .callbacks import StepCallback, TensorBoardWriter, csv_text, log_rows_until
 from .codebook import counts_perplexity, usage_counts
 from .data import ImageFolder, load_images
 from .errors import UsageError, warn
@@ -288,7 +288,7 @@ def format_table(results):
 
 # ----------------------------------------------------------------------------- during training
 
-class EvaluateEvery(keras.callbacks.Callback):
+class EvaluateEvery(StepCallback):
     """Every `every` training steps, and at the end of training, scores the VQ-VAE on held-out images
     and appends a row step, psnr, ssim, codes_used to csv_path (and, given tensorboard_dir, writes
     them as TensorBoard scalars eval/psnr, eval/ssim, eval/codes_used).
@@ -301,7 +301,7 @@ class EvaluateEvery(keras.callbacks.Callback):
     FIELDS = ("step", "psnr", "ssim", "codes_used")
 
     def __init__(self, vqvae, images, every, csv_path, tensorboard_dir=None, initial_step=0, batch_size=64):
-        super().__init__()
+        super().__init__(initial_step)
         if every < 1:
             raise UsageError(f"evaluation interval must be >= 1 step, got {every}")
         if isinstance(images, (str, os.PathLike)):
@@ -315,9 +315,8 @@ class EvaluateEvery(keras.callbacks.Callback):
     def _earlier_rows(self, initial_step):
         return log_rows_until(self.csv_path, initial_step) if initial_step else []
 
-    def on_train_batch_end(self, batch, logs=None):
-        self.step += 1
-        if self.step % self.every == 0:
+    def on_step(self, step, logs):
+        if step % self.every == 0:
             self.evaluate_now()
 
     def on_train_end(self, logs=None):
