@@ -10,6 +10,7 @@ the way, as ENOSPC would be.
 import contextlib
 import csv
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -129,10 +130,15 @@ def train_cli(*args, limit=None):
                           capture_output=True, text=True, timeout=300, preexec_fn=limited if limit else None)
 
 
+TF_LOG_LINE = re.compile(r"^([IWEF]\d{4} \d\d:\d\d:\d\d|WARNING: All log messages before absl::InitializeLog)")
+
+
 def errors_of(result):
-    """The lines of stderr that are not the progress bar (an error may follow a bar on its line)."""
+    """The lines of stderr that are not the progress bar (an error may follow a bar on its line),
+    nor TensorFlow's C++ log (TF 2.16 writes its XLA notices before it reads TF_CPP_MIN_LOG_LEVEL)."""
     lines = [line[line.find("error:"):] if "error:" in line else line for line in result.stderr.replace("\r", "\n").splitlines()]
-    return [line for line in lines if line.strip() and not line.startswith(("vqvae:", "prior:"))]
+    return [line for line in lines if line.strip() and not line.startswith(("vqvae:", "prior:"))
+            and not TF_LOG_LINE.match(line)]
 
 
 @pytest.mark.slow
