@@ -261,7 +261,7 @@ def check_flags_apply(args, parser, config):
         if only and getattr(args, action.dest) is not None:
             field, value = only
             if getattr(config, field) != value:
-                flag = field_flags(parser).get(field) or _flag(field)  # the prior's --lr-schedule sets prior_lr_schedule
+                flag = field_flags(parser).get(field) or _flag(field)  # the prior's --lr-schedule: prior_lr_schedule
                 raise UsageError(f"{action.option_strings[0]} applies to {flag} {value}, "
                                  f"this run uses {getattr(config, field)}", field=action.dest)
 

@@ -280,7 +280,8 @@ def learning_rate(config: Config, total_steps=None, prior=False):
     if not config.lr_scheduled(prior):
         return lr
     if total_steps is None and schedule == "cosine":
-        raise UsageError(f"{field('lr_schedule')} cosine decays over the run: give its total_steps", field("lr_schedule"))
+        raise UsageError(f"{field('lr_schedule')} cosine decays over the run: give its total_steps",
+                         field("lr_schedule"))
     if total_steps is not None and warmup >= total_steps:
         raise UsageError(f"{field('warmup_steps')} {warmup} must be fewer than the run's {total_steps} steps",
                          field("warmup_steps"))

@@ -13,8 +13,8 @@ import os
 import sys
 
 from ..cli import (DEFAULTS, ArgumentParser, add_field, add_steps_flags, apply_flags, check_flags_apply,
-                   config_for_run, field_flags, flags_named, folder, fraction, given_fields, import_tensorflow, nonnegative_float,
-                   nonnegative_int, not_a_file, output_file, positive_float, positive_int, console,
+                   config_for_run, field_flags, flags_named, folder, fraction, given_fields, import_tensorflow,
+                   nonnegative_float, nonnegative_int, not_a_file, output_file, positive_float, positive_int, console,
                    seed_int, unit_interval, validate_flags)
 from ..config import Config
 from ..errors import UsageError
