@@ -14,13 +14,14 @@ import pytest
 from conftest import ROOT, run_cli
 
 # A process that samples 4 code maps (seed 0) from a tiny attention prior built with the given
-# heads and weight seed, the cache rooted at argv[1] ("" : none), and saves them to argv[4].
+# heads and weight seed, the cache rooted at argv[1] ("": none), and saves them to argv[4].
 CHILD = """
 import sys
 import numpy as np
 from vq_vae_keras.priors.sampling import sample_codes, use_compile_cache
 root, heads, weights, out = sys.argv[1:]
-print("cache:", use_compile_cache(root or None))
+if root != "-":  # "-": no call, as in a user's script
+    print("cache:", use_compile_cache(root or None))
 from vq_vae_keras import Config
 from vq_vae_keras.priors import build_prior
 config = Config(img_dim=16, num_codes=8, prior_heads=int(heads), prior_head_dim=4, prior_depth=2,
@@ -100,6 +101,9 @@ def test_the_environment_decides(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     sample_in_process(tmp_path, root, env={"VQK_XLA_CACHE": str(elsewhere)})
     assert not root.exists() and len(entries(elsewhere)) == 1
+    library = tmp_path / "library"  # no use_compile_cache call: importing the package reads it
+    sample_in_process(tmp_path, "-", env={"VQK_XLA_CACHE": str(library)})
+    assert len(entries(library)) == 1
 
 
 @pytest.mark.slow

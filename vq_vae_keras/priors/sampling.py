@@ -59,7 +59,8 @@ def use_compile_cache(root):
     them again. Returns the folder, or None when off.
 
     TensorFlow reads its XLA flags once, when it first creates its devices: call this after
-    importing TensorFlow and before its first op (building a model is one), as `sample.py` does.
+    importing TensorFlow and before its first op (building a model is one), as `sample.py` does
+    (and this module, when imported, for VQK_XLA_CACHE; a Sampler is made too late for it).
     The environment decides first: VQK_XLA_CACHE (a folder for root; 0: off), then a
     TF_XLA_FLAGS that names its own --tf_xla_persistent_cache_directory (theirs is kept). A
     folder that cannot be written turns the cache off with one warning (TensorFlow would fail
@@ -84,6 +85,11 @@ def use_compile_cache(root):
     os.environ["TF_XLA_FLAGS"] = f"{flags} --tf_xla_persistent_cache_directory={quote}{folder}{quote}".strip()
     _cache_folder = folder
     return folder
+
+
+# Library users opt in with VQK_XLA_CACHE=DIR: read here, when the package imports its TensorFlow
+# modules, before the first model is built (later would be too late for TensorFlow).
+use_compile_cache(None)
 
 
 def _clear_compile_cache(error):
