@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, call_main, run_cli
 
 # A process that samples 4 code maps (seed 0) from a tiny attention prior built with the given
 # heads and weight seed, the cache rooted at argv[1] ("": none), and saves them to argv[4].
@@ -119,3 +119,10 @@ def test_sample_random_keeps_its_program_in_the_run(trained_run, tmp_path):
             "--out", str(tmp_path / "b.png"))
     assert entries(os.path.join(run, ".xla_cache")) == written
     np.testing.assert_array_equal(np.load(outs[0]), np.load(outs[1]))
+
+    import sample  # in this process too: the cache is not handed on to the caller's later processes
+
+    flags = os.environ.get("TF_XLA_FLAGS")
+    status, _, err = call_main(sample.main, ["random", "--run", run, "--n", "2", "--out", str(tmp_path / "c.png")])
+    assert status == 0, err
+    assert os.environ.get("TF_XLA_FLAGS") == flags

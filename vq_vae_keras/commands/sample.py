@@ -93,7 +93,7 @@ def main(argv=None, prog="sample.py"):
         from ..priors.sampling import use_compile_cache
         from ..rundir import RunDir
 
-        use_compile_cache(RunDir(args.run).xla_cache)  # before TensorFlow's first op: see there
+        use_compile_cache(RunDir(args.run).xla_cache, now=True)  # before TensorFlow's first op
     from ..data import ImageFolder
     from ..grids import codes_grid, interpolation_grid, reconstruction_grid
     from ..io import save_npy, save_png

@@ -53,7 +53,7 @@ def machine_key():
     return f"tf{tf.__version__}-vqk{__version__}-{digest}"
 
 
-def use_compile_cache(root):
+def use_compile_cache(root, now=False):
     """Keep the XLA programs this process compiles in a subfolder of root (one per TensorFlow,
     package version and machine: `machine_key`) and load them from there instead of compiling
     them again. Returns the folder, or None when off.
@@ -66,10 +66,13 @@ def use_compile_cache(root):
     folder that cannot be written turns the cache off with one warning (TensorFlow would fail
     the compilation that it cannot save). Entries are written whole (a temporary file, then a
     rename), so processes may share a folder. Deleting the folder is always safe.
+    now: have TensorFlow read its flags now (it creates its devices) and put TF_XLA_FLAGS back as
+    it was, so that the cache is this process's only, not its children's nor its callers'.
     """
     global _cache_folder
     root = os.environ.get(CACHE_ENV, root)
-    flags = os.environ.get("TF_XLA_FLAGS", "")
+    previous = os.environ.get("TF_XLA_FLAGS")
+    flags = previous or ""
     if not root or root == "0" or "--tf_xla_persistent_cache_directory" in flags:
         return None
     folder = os.path.join(os.path.abspath(os.path.expanduser(root)), machine_key())
@@ -84,6 +87,12 @@ def use_compile_cache(root):
         return None
     os.environ["TF_XLA_FLAGS"] = f"{flags} --tf_xla_persistent_cache_directory={quote}{folder}{quote}".strip()
     _cache_folder = folder
+    if now:
+        tf.config.list_logical_devices()
+        if previous is None:
+            del os.environ["TF_XLA_FLAGS"]
+        else:
+            os.environ["TF_XLA_FLAGS"] = previous
     return folder
 
 
