@@ -15,13 +15,22 @@ Prints, from one run (every figure a ratio of times measured in this run):
      --ref-stride-th position and scaled by the stride;
   3. the peak memory of one prior training step at the reference size (sequence 1024, batch 32),
      measured in a child process.
+
+    python bench/sample_speed.py --processes 3 [--run RUN]
+
+times only what a user waits for, whole `sample.py random --n 8` processes (64 samples) on a
+reference-size run (32x32 code map, the default prior; --run, else one trained a step in a
+temporary folder): per round, the run's XLA cache removed, a first process (compiles, writes the
+cache) then a second (loads it); the median of each and their ratio.
 """
 
 import argparse
 import os
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 
@@ -33,6 +42,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from vq_vae_keras.priors.sampling import default_batch_size  # noqa: E402
 from vq_vae_keras.priors.tokens import codes_to_tokens  # noqa: E402
+from vq_vae_keras.rundir import RunDir  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def reference_sample(prior, n, grid_shape, seed=0, stride=1):
@@ -113,6 +125,41 @@ def memory_child():
     print(f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f}")
 
 
+def reference_run(folder):
+    """A run at the reference size (128 px: a 32x32 code map, the default prior), each stage
+    trained one step on random images: sampling's cost does not depend on the weights."""
+    images = np.random.default_rng(0).uniform(-1, 1, (4, 128, 128, 3)).astype("float32")
+    config = vqk.Config(batch_size=4, prior_batch_size=4, sample_every_epochs=0)
+    vqk.train_vqvae(config, folder, steps=1, data=images)
+    vqk.train_prior(config, folder, steps=1, data=images)
+    return folder
+
+
+def process_rounds(run, rounds):
+    """Medians of the wall time of a first and a second `sample.py random --n 8` process, the
+    run's XLA cache removed before each first one (rounds interleaved)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VQK_XLA_CACHE", "TF_XLA_FLAGS")}
+    command = [sys.executable, os.path.join(ROOT, "sample.py"), "random", "--run", run, "--n", "8", "--seed", "0",
+               "--out", os.path.join(tempfile.mkdtemp(), "random.png")]
+    def cpu():
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
+    first, second = [], []  # (wall, CPU) seconds of each process
+    for round_ in range(rounds):
+        shutil.rmtree(RunDir(run).xla_cache, ignore_errors=True)
+        for times in (first, second):
+            start = cpu()
+            wall = timed(lambda: subprocess.run(command, env=env, check=True, capture_output=True))
+            times.append((wall, cpu() - start))
+        print(f"  round {round_ + 1}: first {first[-1][0]:.1f} s ({first[-1][1]:.1f} s CPU), "
+              f"second {second[-1][0]:.1f} s ({second[-1][1]:.1f} s CPU)")
+    first, second = np.median(first, axis=0), np.median(second, axis=0)
+    print(f"sample.py random --n 8 (64 samples, 32x32 code map), whole processes, medians of {rounds}: "
+          f"first {first[0]:.1f} s, second {second[0]:.1f} s: {first[0] / second[0]:.2f}x "
+          f"(CPU time {first[1]:.1f} s vs {second[1]:.1f} s: {first[1] / second[1]:.2f}x)")
+
+
 def main():
     warnings.filterwarnings("ignore", message=".*softmax over axis.*")  # the 1-token prefix: harmless
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,8 +170,14 @@ def main():
                         help="at 32x32, time the reference at every this-many positions (default 32)")
     parser.add_argument("--quick", action="store_true",
                         help="skip the reference's loop at 32x32 (about 20 min) and the memory measure")
+    parser.add_argument("--processes", type=int, metavar="ROUNDS",
+                        help="only time ROUNDS pairs of sample.py processes (first, second) at the reference size")
+    parser.add_argument("--run", help="with --processes: the run to sample (default: one built in a temporary folder)")
     args = parser.parse_args()
 
+    if args.processes:
+        with tempfile.TemporaryDirectory() as folder:
+            return process_rounds(args.run or reference_run(os.path.join(folder, "run")), args.processes)
     keras.utils.set_random_seed(0)
     config = vqk.Config()
     small, n = (args.ref_grid, args.ref_grid), args.ref_n

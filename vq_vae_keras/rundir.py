@@ -29,6 +29,7 @@ class RunDir:
     eval_log = property(lambda self: self.path("eval_log.csv"))
     vqvae_checkpoint = property(lambda self: self.path("checkpoint", "vqvae.npz"))
     prior_checkpoint = property(lambda self: self.path("checkpoint", "prior.npz"))
+    xla_cache = property(lambda self: self.path(".xla_cache"))  # sample.py random's compiled samplers
 
     def holds_vqvae(self) -> bool:
         """Whether a VQ-VAE was trained here: a weights file or a checkpoint was saved. A folder

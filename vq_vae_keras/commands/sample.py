@@ -89,6 +89,11 @@ def main(argv=None, prog="sample.py"):
     if args.command == "random" and args.classes and len(args.classes) > args.n:
         raise UsageError(f"--class given {len(args.classes)} times, but the grid has only {args.n} rows (--n)")
     import_tensorflow()
+    if args.command == "random":
+        from ..priors.sampling import use_compile_cache
+        from ..rundir import RunDir
+
+        use_compile_cache(RunDir(args.run).xla_cache, now=True)  # before TensorFlow's first op
     from ..data import ImageFolder
     from ..grids import codes_grid, interpolation_grid, reconstruction_grid
     from ..io import save_npy, save_png

@@ -285,4 +285,4 @@ class CachedSampler(Sampler):
         token = tf.constant(np.broadcast_to(start, (batch,)), tf.int32)
         options = (tf.constant(seed, tf.int64), tf.constant(temperature, tf.float32), tf.constant(top_k, tf.int32),
                    tf.constant(top_p, tf.float32))
-        return self.function(token, *options).numpy()
+        return self.call(token, *options).numpy()

@@ -166,7 +166,7 @@ class RowSampler(Sampler):
         options = (tf.constant(seed, tf.int64), tf.constant(temperature, tf.float32), tf.constant(top_k, tf.int32),
                    tf.constant(top_p, tf.float32))
         for row in range(h):
-            stacks, codes = self.function(tf.constant(row), stacks, codes, classes, *options)
+            stacks, codes = self.call(tf.constant(row), stacks, codes, classes, *options)
         return codes.numpy()
 
     def compiled(self, row, stacks, codes, classes, seed, temperature, top_k, top_p):

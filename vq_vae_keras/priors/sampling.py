@@ -5,10 +5,18 @@ Each prior kind hands out its own compiled sampler (`prior.sampler()`), which ru
 own layers one position at a time and draws each code with `draw`; so this module knows no prior
 kind. A prior, to `sample_codes`, is anything with `height`, `width`, `num_codes`, `classes`
 (names, or None) and `sampler()`.
+
+`use_compile_cache` keeps XLA's compiled samplers on disk, so that a new process (each
+`sample.py` call) loads the program instead of compiling it again.
 """
 
+import glob
+import hashlib
 import math
 import os
+import platform
+import tempfile
+import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,9 +24,99 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from ..errors import UsageError
+from .. import __version__
+from ..errors import UsageError, warn
 
 _samplers = weakref.WeakKeyDictionary()
+
+CACHE_ENV = "VQK_XLA_CACHE"  # a folder for use_compile_cache's root; 0: no cache
+_cache_folder = None  # the folder use_compile_cache turned on in this process
+_cache_lock = threading.Lock()
+
+
+def machine_key():
+    """What TensorFlow's cache key lacks: its entries are native code for this processor (and
+    GPU), in this TensorFlow's format. Its key has only the device type and the program (the
+    variables are its parameters, not constants: new weights reuse an entry), whose function
+    names carry the process's count of traced functions: the same command on the same run
+    repeats them, another script writes its own entries."""
+    hardware = [platform.machine(), platform.processor()]
+    try:
+        with open("/proc/cpuinfo") as f:
+            hardware += sorted({line for line in f if line.startswith(("model name", "flags"))})
+    except OSError:
+        pass
+    for path in sorted(glob.glob("/proc/driver/nvidia/gpus/*/information")):
+        with open(path) as f:
+            hardware.append(f.readline())  # "Model: NVIDIA H100 ..."
+    digest = hashlib.sha256("\n".join(hardware).encode()).hexdigest()[:12]
+    return f"tf{tf.__version__}-vqk{__version__}-{digest}"
+
+
+def use_compile_cache(root, now=False):
+    """Keep the XLA programs this process compiles in a subfolder of root (one per TensorFlow,
+    package version and machine: `machine_key`) and load them from there instead of compiling
+    them again. Returns the folder, or None when off.
+
+    TensorFlow reads its XLA flags once, when it first creates its devices: call this after
+    importing TensorFlow and before its first op (building a model is one), as `sample.py` does
+    (and this module, when imported, for VQK_XLA_CACHE; a Sampler is made too late for it).
+    The environment decides first: VQK_XLA_CACHE (a folder for root; 0: off), then a
+    TF_XLA_FLAGS that names its own --tf_xla_persistent_cache_directory (theirs is kept). A
+    folder that cannot be written turns the cache off with one warning (TensorFlow would fail
+    the compilation that it cannot save). Entries are written whole (a temporary file, then a
+    rename), so processes may share a folder. Deleting the folder is always safe.
+    now: have TensorFlow read its flags now (it creates its devices) and put TF_XLA_FLAGS back as
+    it was, so that the cache is this process's only, not its children's nor its callers'.
+    """
+    global _cache_folder
+    root = os.environ.get(CACHE_ENV, root)
+    previous = os.environ.get("TF_XLA_FLAGS")
+    flags = previous or ""
+    if not root or root == "0" or "--tf_xla_persistent_cache_directory" in flags:
+        return None
+    folder = os.path.join(os.path.abspath(os.path.expanduser(root)), machine_key())
+    quote = "'" if "'" not in folder else '"'
+    try:
+        if quote in folder:
+            raise OSError(0, "both quote characters in its path")
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        warn(f"compiling without the XLA cache: cannot write to {folder} ({error.strerror or error})")
+        return None
+    os.environ["TF_XLA_FLAGS"] = f"{flags} --tf_xla_persistent_cache_directory={quote}{folder}{quote}".strip()
+    _cache_folder = folder
+    if now:
+        tf.config.list_logical_devices()
+        if previous is None:
+            del os.environ["TF_XLA_FLAGS"]
+        else:
+            os.environ["TF_XLA_FLAGS"] = previous
+    return folder
+
+
+# Library users opt in with VQK_XLA_CACHE=DIR: read here, when the package imports its TensorFlow
+# modules, before the first model is built (later would be too late for TensorFlow).
+use_compile_cache(None)
+
+
+def _clear_compile_cache(error):
+    """Remove the cache's entries after a first call failed: TensorFlow fails a call whose entry
+    it cannot load (cut short, say) rather than compile anew. False when this process has no
+    cache of its own or it was already cleared."""
+    global _cache_folder
+    folder, _cache_folder = _cache_folder, None
+    if folder is None:
+        return False
+    for path in glob.glob(os.path.join(glob.escape(folder), "*.pb")):
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+    reason = str(error.message).splitlines()[0] if error.message else type(error).__name__
+    warn(f"XLA cache entry in {folder} not loaded ({reason}): cache cleared, compiling anew")
+    return True
 
 
 class Sampler:
@@ -36,6 +134,26 @@ class Sampler:
     def __init__(self, model):
         self._model = weakref.ref(model)
         self.function = tf.function(self.compiled, jit_compile=True, autograph=False)
+        self._ran = False
+
+    def call(self, *args):
+        """self.function(*args). The first call compiles, or loads the program from the compile
+        cache; an entry that cannot be loaded clears the cache and compiles with a new function
+        (whose key no entry has)."""
+        function = self.function
+        try:
+            result = function(*args)
+        except tf.errors.OpError as error:
+            if self._ran:
+                raise
+            with _cache_lock:  # sample_codes's threads fail together: one clears, all retry
+                if self.function is function:
+                    if not _clear_compile_cache(error):
+                        raise
+                    self.function = tf.function(self.compiled, jit_compile=True, autograph=False)
+            result = self.function(*args)
+        self._ran = True
+        return result
 
     @classmethod
     def of(cls, model):
