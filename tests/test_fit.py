@@ -293,3 +293,30 @@ def test_fused_batch_norm_trains_as_keras_own_did():
     np.testing.assert_array_equal(runs[True][2], runs[False][2])
     runs[True][3].train_model.set_weights(runs[False][1])  # same weights, same names: one loads into the other
     np.testing.assert_allclose(runs[True][3].encode(x), runs[False][3].encode(x), rtol=1e-6, atol=1e-6)
+
+
+def test_the_default_plain_graph_trains_as_xla_did(tmp_path):
+    """jit_compile is off by default since XLA's CPU convolutions measured slower than oneDNN's
+    (bench/README.md): a few steps without XLA give the losses, weights and codes of the same steps
+    with XLA (the default before), within float noise, and weights saved by one load into the other.
+    SGD for the reason given in test_fused_batch_norm_trains_as_keras_own_did."""
+    assert vqk.Config().jit_compile is False
+    x = images(8, seed=9)
+    runs = {}
+    for jit in (True, False):
+        keras.utils.set_random_seed(10)
+        vqvae = vqk.build_vqvae(tiny_config(jit_compile=jit))
+        model = vqvae.train_model
+        model.compile(optimizer=keras.optimizers.SGD(0.05), jit_compile=jit)
+        losses = [model.train_on_batch(x, return_dict=True)["loss"] for _ in range(4)]
+        assert model.jit_compile is jit
+        runs[jit] = losses, model.get_weights(), vqvae.quantize(vqvae.encode(x))[0], vqvae
+    np.testing.assert_allclose(runs[False][0], runs[True][0], rtol=1e-5)
+    for a, b in zip(runs[False][1], runs[True][1]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(runs[False][2], runs[True][2])
+    path = str(tmp_path / "xla.weights.h5")
+    runs[True][3].train_model.save_weights(path)
+    runs[False][3].train_model.load_weights(path)
+    for a, b in zip(runs[False][3].train_model.get_weights(), runs[True][1]):
+        np.testing.assert_array_equal(a, b)
