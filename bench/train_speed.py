@@ -10,21 +10,23 @@ same in-memory batch; every figure also as a ratio to the bare float32 step of i
     python bench/train_speed.py --train-py --rounds 3 --steps 10 --ref-steps 2   # train.py's loop vs the bare step
 
 Rows:
-  bare              model.train_on_batch on one fixed batch (float32, no XLA): the baseline
+  bare              model.train_on_batch on one fixed batch (float32, no XLA, the default): the baseline
   bare xla          the same with jit_compile=True
   bare <precision>  the same under a mixed precision policy
   loop files        vqk.train_vqvae on a folder of PNGs, decoded every step, steady state
   loop files auto   the same with cache="auto", what train.py vqvae runs: a small folder kept in memory
   loop memory       vqk.train_vqvae on an in-memory array
-  loop ... xla      the same with XLA (train.py's default), also as a ratio to the bare XLA step
+  loop ... xla      the same with XLA (--jit; the default until it measured slower on CPU), also as
+                    a ratio to the bare XLA step
   pytorch float32   the same architecture in PyTorch (TorchVQVAE below), same batch, Adam
   pytorch bf16 autocast   the same under torch.autocast("cpu", dtype=torch.bfloat16)
 The bare and PyTorch rows are measured in rounds interleaved with each other, and the bare ones
 again after the loop rows, so a machine that gets busier shows up as a drift between the two bare
 figures. PyTorch is optional, not a dependency: without it, its rows are skipped with a message.
 --memory: at the reference config (128 px, z_dim 128, batch 64), the RSS rise of a step over the
-built model, Keras (its default step) and PyTorch float32, each in a fresh process: the peak during the first step (Keras also traces its graph
-there) and during steps 2-3, each over the RSS of the built model. RSS polled every 2 ms by a thread.
+built model, Keras (its default step) and PyTorch float32, each in a fresh process: the peak during
+the first step (Keras also traces its graph there) and during steps 2-3, each over the RSS of the
+built model. RSS polled every 2 ms by a thread.
 --demo also times a fixed workload (50 bare steps at the demo's config) right before and after the
 demo, so that its wall time can be compared across machine loads as a number of workloads.
 """
@@ -183,7 +185,7 @@ def bench_config(name, config, steps, rounds, precisions, folder, loop=True):
             times[label].append(time_steps(step, steps))
     images = vqk.load_images(folder, config.img_dim)
     loop_steps = steps + 8
-    for jit in (False, True) if loop else ():  # the loop with and without XLA (train.py's default: with)
+    for jit in (False, True) if loop else ():  # the loop with and without XLA (train.py's default: without)
         loop = vqk.Config(**{**config.to_dict(), "jit_compile": jit})
         suffix = " xla" if jit else ""
         on_disk = vqk.Config(**{**loop.to_dict(), "data": folder})
