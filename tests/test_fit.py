@@ -248,7 +248,8 @@ def test_fused_batch_norm_matches_numpy_and_keras_own():
     moving statistics are NumPy's batch norm (biased variance, as Keras's), the gradients Keras's own."""
     rng = np.random.default_rng(1)
     x, w = rng.normal(2, 3, (6, 5, 5, 4)).astype(np.float32), rng.normal(0, 1, (6, 5, 5, 4)).astype(np.float32)
-    layers = {"fused": vqk.models.BatchNormalization(momentum=0.9), "keras": keras.layers.BatchNormalization(momentum=0.9)}
+    layers = {"fused": vqk.models.BatchNormalization(momentum=0.9),
+              "keras": keras.layers.BatchNormalization(momentum=0.9)}
     results = {}
     for name, layer in layers.items():
         layer.build(x.shape)
