@@ -45,6 +45,9 @@ KINDS = [
     ("transposed conv: forward", r"deconv.*(conv_transpose|Conv2DBackpropInput)"),
     ("conv: input grad", r"gradient_tape/.*Conv2DBackpropInput"),
     ("conv: filter grad", r"gradient_tape/.*Conv2DBackpropFilter"),
+    ("conv: filter grad", r"^convolution-window-dilated"),  # XLA: a strided conv's filter gradient, no op_name
+    ("XLA layout copies", r"^transpose_copy_fusion|^copy"),
+    ("XLA reduce-window (no op_name)", r"reduce-window"),
     ("conv: forward", r"(Conv2D|convolution)(?!Backprop)"),
     ("bias grad", r"BiasAddGrad"),
     ("batch norm", r"_bn|/bn\d|batch_norm|moments|batchnorm"),
