@@ -6,20 +6,27 @@ same in-memory batch; every figure also as a ratio to the bare float32 step of i
     python bench/train_speed.py --skip-small --bare-only --rounds 1 --ref-steps 2   # 128 px, bare and PyTorch rows
     python bench/train_speed.py --skip-reference --bare-only --z-dim 128            # the PyTorch target's config
     python bench/train_speed.py --demo           # also the wall time of `python train.py`, normalised
+    python bench/train_speed.py --memory --skip-small --skip-reference   # only the memory rows (128 px)
+    python bench/train_speed.py --train-py --rounds 3 --steps 10 --ref-steps 2   # train.py's loop vs the bare step
 
 Rows:
-  bare              model.train_on_batch on one fixed batch (float32, no XLA): the baseline
+  bare              model.train_on_batch on one fixed batch (float32, no XLA, the default): the baseline
   bare xla          the same with jit_compile=True
   bare <precision>  the same under a mixed precision policy
   loop files        vqk.train_vqvae on a folder of PNGs, decoded every step, steady state
   loop files auto   the same with cache="auto", what train.py vqvae runs: a small folder kept in memory
   loop memory       vqk.train_vqvae on an in-memory array
-  loop ... xla      the same with XLA (train.py's default), also as a ratio to the bare XLA step
+  loop ... xla      the same with XLA (--jit; the default until it measured slower on CPU), also as
+                    a ratio to the bare XLA step
   pytorch float32   the same architecture in PyTorch (TorchVQVAE below), same batch, Adam
   pytorch bf16 autocast   the same under torch.autocast("cpu", dtype=torch.bfloat16)
 The bare and PyTorch rows are measured in rounds interleaved with each other, and the bare ones
 again after the loop rows, so a machine that gets busier shows up as a drift between the two bare
 figures. PyTorch is optional, not a dependency: without it, its rows are skipped with a message.
+--memory: at the reference config (128 px, z_dim 128, batch 64), the RSS rise of a step over the
+built model, Keras (its default step) and PyTorch float32, each in a fresh process: the peak during
+the first step (Keras also traces its graph there) and during steps 2-3, each over the RSS of the
+built model. RSS polled every 2 ms by a thread.
 --demo also times a fixed workload (50 bare steps at the demo's config) right before and after the
 demo, so that its wall time can be compared across machine loads as a number of workloads.
 """
@@ -73,13 +80,14 @@ class StepTimer(keras.callbacks.Callback):
         return (t[-1] - t[0]) / (len(t) - 1)
 
 
-def loop_step(config, data, steps, cache=None):
+def loop_step(config, data, steps, cache=None, deterministic=False):
     """Seconds per step of train_vqvae in steady state (no sample step inside the window)."""
     run = tempfile.mkdtemp(prefix="train_speed_")
     timer = StepTimer(skip=min(5, steps // 3))
     try:
         config = vqk.Config(**{**config.to_dict(), "sample_every": 10 ** 6})
-        vqk.train_vqvae(config, run, steps=steps, data=data, callbacks=[timer], cache=cache)
+        vqk.train_vqvae(config, run, steps=steps, data=data, callbacks=[timer], cache=cache,
+                        deterministic=deterministic)
     finally:
         shutil.rmtree(run, ignore_errors=True)
     return timer.per_step()
@@ -177,7 +185,7 @@ def bench_config(name, config, steps, rounds, precisions, folder, loop=True):
             times[label].append(time_steps(step, steps))
     images = vqk.load_images(folder, config.img_dim)
     loop_steps = steps + 8
-    for jit in (False, True) if loop else ():  # the loop with and without XLA (train.py's default: with)
+    for jit in (False, True) if loop else ():  # the loop with and without XLA (train.py's default: without)
         loop = vqk.Config(**{**config.to_dict(), "jit_compile": jit})
         suffix = " xla" if jit else ""
         on_disk = vqk.Config(**{**loop.to_dict(), "data": folder})
@@ -194,6 +202,69 @@ def bench_config(name, config, steps, rounds, precisions, folder, loop=True):
     if "pytorch bf16 autocast" in times and "bare mixed_bfloat16" in times:
         ratio = min(times["bare mixed_bfloat16"]) / min(times["pytorch bf16 autocast"])
         print(f"  keras mixed_bfloat16 / pytorch bf16 autocast: {ratio:.2f}x (below 1: keras is faster)")
+
+
+def bench_train_py(name, config, steps, rounds, folder):
+    """What `train.py vqvae --data FOLDER` runs (the library loop on files, cache="auto", seeded with
+    op determinism) against the bare step of the same config, in interleaved rounds: medians.
+    train.py's op determinism is process-wide, so it is on for the bare step too."""
+    import statistics
+
+    from vq_vae_keras.training import seed_everything
+
+    seed_everything(config.seed, config.jit_compile)
+    x = np.random.default_rng(0).uniform(-1, 1, (config.batch_size, config.img_dim, config.img_dim, 3))
+    model, x = bare_model(config), x.astype("float32")
+    on_disk = vqk.Config(**{**config.to_dict(), "data": folder})
+    bare, loop = [], []
+    for _ in range(rounds):
+        bare.append(time_steps(lambda: model.train_on_batch(x), steps))
+        loop.append(loop_step(on_disk, folder, steps + (8 if steps > 4 else 4), cache="auto", deterministic=True))
+    b, lp = statistics.median(bare), statistics.median(loop)
+    print(f"\n{name}: train.py vqvae's loop against the bare step (default config, jit_compile "
+          f"{config.jit_compile}), {rounds} interleaved rounds, medians")
+    print(f"  bare step      {1000 * b:8.1f} ms/step   rounds: {' '.join(f'{1000 * t:.0f}' for t in bare)}")
+    print(f"  train.py loop  {1000 * lp:8.1f} ms/step   rounds: {' '.join(f'{1000 * t:.0f}' for t in loop)}   "
+          f"{lp / b:.2f}x bare")
+
+
+def rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def memory_child(side, img_dim, z_dim):
+    """In a fresh process: the peak RSS of the first step and of steps 2-3, minus the built model's, in MiB."""
+    import threading
+
+    config = vqk.Config(img_dim=img_dim, z_dim=z_dim, batch_size=64)
+    x = np.random.default_rng(0).uniform(-1, 1, (64, img_dim, img_dim, 3)).astype("float32")
+    step = torch_steps(config, x)["pytorch float32"] if side == "pytorch" else (
+        lambda model=bare_model(config): model.train_on_batch(x))
+    peak, done = [0.0], threading.Event()
+
+    def poll():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_mib())
+            time.sleep(0.002)
+
+    built = rss_mib()
+    threading.Thread(target=poll, daemon=True).start()
+    step()
+    first, peak[0] = peak[0], rss_mib()
+    step(), step()
+    done.set()
+    print(f"MEMORY {first - built:.0f} {peak[0] - built:.0f}")
+
+
+def bench_memory(img_dim, z_dim):
+    print(f"\nmemory, {img_dim} px, z_dim {z_dim}, batch 64: RSS rise over the built model (MiB), fresh process each")
+    for side in ("keras", "pytorch"):
+        out = subprocess.run([sys.executable, __file__, "--memory-child", side, str(img_dim), str(z_dim)],
+                             capture_output=True, text=True).stdout
+        line = [l for l in out.splitlines() if l.startswith("MEMORY")]
+        first, later = line[0].split()[1:] if line else ("?", "?")
+        print(f"  {side:8s} first step {first:>6s} MiB   steps 2-3 {later:>6s} MiB")
 
 
 def time_demo(root):
@@ -226,18 +297,31 @@ def main():
     parser.add_argument("--bare-only", action="store_true", help="bare and PyTorch steps only, no loop rows")
     parser.add_argument("--precisions", default="mixed_bfloat16", help="comma-separated (default mixed_bfloat16)")
     parser.add_argument("--demo", action="store_true", help="also time `python train.py` (writes runs/demo)")
+    parser.add_argument("--train-py", action="store_true", help="instead: train.py vqvae's loop against the bare "
+                        "step, interleaved rounds (turns on op determinism for the process, as train.py does)")
+    parser.add_argument("--memory", action="store_true", help="also the RSS rise of a step, Keras and PyTorch")
+    parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)  # SIDE IMG_DIM Z_DIM, in a fresh process
     args = parser.parse_args()
+    if args.memory_child:
+        return memory_child(args.memory_child[0], int(args.memory_child[1]), int(args.memory_child[2]))
     precisions = [p for p in args.precisions.split(",") if p]
 
     workdir = tempfile.mkdtemp(prefix="train_speed_data_")
     try:
         folder = make_demo_images(os.path.join(workdir, "images"), count=640, size=128)
-        if not args.skip_small:
+        if not args.skip_small and not args.train_py:
             bench_config("32 px", vqk.Config(img_dim=32, z_dim=args.z_dim, batch_size=64), args.steps, args.rounds,
                          precisions, folder, loop=not args.bare_only)
-        if not args.skip_reference:
+        if not args.skip_reference and not args.train_py:
             bench_config("reference config", vqk.Config(), args.ref_steps, args.rounds, precisions, folder,
                          loop=not args.bare_only)
+        if args.train_py:
+            for name, config, steps in (("32 px", vqk.Config(img_dim=32, z_dim=args.z_dim, batch_size=64), args.steps),
+                                        ("reference config", vqk.Config(), args.ref_steps)):
+                if not (args.skip_small if config.img_dim == 32 else args.skip_reference):
+                    bench_train_py(name, config, steps, args.rounds, folder)
+        if args.memory:
+            bench_memory(128, 128)  # the reference config: where memory matters
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if args.demo:

@@ -241,3 +241,83 @@ def test_metric_names_are_the_keys_the_model_logs(overrides):
     names = vqk.models.metric_names(config)
     assert sorted(logs) == sorted(names) and names[:2] == ["loss", "mse_x"]
     assert ("mse_z" in names) == (config.quantizer in ("vq", "ema"))
+
+
+def test_fused_batch_norm_matches_numpy_and_keras_own():
+    """The package's BatchNormalization trains with TensorFlow's fused kernel: the output and the
+    moving statistics are NumPy's batch norm (biased variance, as Keras's), the gradients Keras's own."""
+    rng = np.random.default_rng(1)
+    x, w = rng.normal(2, 3, (6, 5, 5, 4)).astype(np.float32), rng.normal(0, 1, (6, 5, 5, 4)).astype(np.float32)
+    layers = {"fused": vqk.models.BatchNormalization(momentum=0.9),
+              "keras": keras.layers.BatchNormalization(momentum=0.9)}
+    results = {}
+    for name, layer in layers.items():
+        layer.build(x.shape)
+        layer.gamma.assign(np.linspace(0.5, 2, 4))
+        layer.beta.assign(np.linspace(-1, 1, 4))
+        xt = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            y = layer(xt, training=True)
+            loss = tf.reduce_sum(y * w)
+        results[name] = [y, *tape.gradient(loss, [xt, layer.gamma, layer.beta])]
+    mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
+    expected = np.linspace(0.5, 2, 4) * (x - mean) / np.sqrt(var + 1e-3) + np.linspace(-1, 1, 4)
+    np.testing.assert_allclose(results["fused"][0], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layers["fused"].moving_mean.numpy(), 0.1 * mean, rtol=1e-5)
+    np.testing.assert_allclose(layers["fused"].moving_variance.numpy(), 0.9 + 0.1 * var, rtol=1e-5)
+    for fused, own in zip(results["fused"][1:], results["keras"][1:]):
+        np.testing.assert_allclose(fused, own, rtol=1e-4, atol=1e-4 * np.abs(own).max())
+
+
+def test_fused_batch_norm_trains_as_keras_own_did():
+    """A few steps with the fused batch norm against the same model on Keras's own
+    BatchNormalization call (the path before): the same losses and weights within float noise,
+    the same codes, and weights that load into either. SGD, not Adam: a conv bias before a batch
+    norm has a gradient of zero up to float noise, which Adam would scale to full steps on both paths."""
+    x = images(8, seed=6)
+    runs = {}
+    for fused in (True, False):
+        keras.utils.set_random_seed(8)
+        vqvae = vqk.build_vqvae(tiny_config(jit_compile=False))
+        if not fused:
+            for layer in [*vqvae.encoder.layers, *vqvae.decoder.layers]:
+                if isinstance(layer, vqk.models.BatchNormalization):
+                    layer.call = keras.layers.BatchNormalization.call.__get__(layer)
+        model = vqvae.train_model
+        model.compile(optimizer=keras.optimizers.SGD(0.05), jit_compile=False)
+        losses = [model.train_on_batch(x, return_dict=True)["loss"] for _ in range(4)]
+        runs[fused] = losses, model.get_weights(), vqvae.quantize(vqvae.encode(x))[0], vqvae
+    np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=1e-5)
+    for a, b in zip(runs[True][1], runs[False][1]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(runs[True][2], runs[False][2])
+    runs[True][3].train_model.set_weights(runs[False][1])  # same weights, same names: one loads into the other
+    np.testing.assert_allclose(runs[True][3].encode(x), runs[False][3].encode(x), rtol=1e-6, atol=1e-6)
+
+
+def test_the_default_plain_graph_trains_as_xla_did(tmp_path):
+    """jit_compile is off by default since XLA's CPU convolutions measured slower than oneDNN's
+    (bench/README.md): a few steps without XLA give the losses, weights and codes of the same steps
+    with XLA (the default before), within float noise, and weights saved by one load into the other.
+    SGD for the reason given in test_fused_batch_norm_trains_as_keras_own_did."""
+    assert vqk.Config().jit_compile is False
+    x = images(8, seed=9)
+    runs = {}
+    for jit in (True, False):
+        keras.utils.set_random_seed(10)
+        vqvae = vqk.build_vqvae(tiny_config(jit_compile=jit))
+        model = vqvae.train_model
+        model.compile(optimizer=keras.optimizers.SGD(0.05), jit_compile=jit)
+        losses = [model.train_on_batch(x, return_dict=True)["loss"] for _ in range(4)]
+        assert model.jit_compile is jit
+        runs[jit] = losses, model.get_weights(), vqvae.quantize(vqvae.encode(x))[0], vqvae
+    np.testing.assert_allclose(runs[False][0], runs[True][0], rtol=1e-5)
+    for a, b in zip(runs[False][1], runs[True][1]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(runs[False][2], runs[True][2])
+    path = str(tmp_path / "xla.weights.h5")
+    runs[True][3].train_model.save_weights(path)
+    runs[False][3].train_model.load_weights(path)
+    for a, b in zip(runs[False][3].train_model.get_weights(), runs[True][1]):
+        np.testing.assert_array_equal(a, b)

@@ -269,9 +269,8 @@ def test_prior_after_an_array_run_trains_on_those_images_not_a_folder_the_config
 
 
 def test_a_strategy_turns_xla_off_from_python_as_from_the_cli(image_dir, tmp_path):
-    """One rule for the API and train.py: a default Config (XLA on) trains under a strategy, without XLA."""
-    config = tiny_config(data=image_dir, sample_every=100)
-    assert config.jit_compile is True
+    """One rule for the API and train.py: a Config asking for XLA trains under a strategy, without XLA."""
+    config = tiny_config(data=image_dir, sample_every=100, jit_compile=True)
     vqvae = train_vqvae(config, str(tmp_path / "run"), steps=2, strategy=vqk.make_strategy("mirrored"))
     assert vqvae.train_model.jit_compile is False
     assert vqk.Config.load(str(tmp_path / "run" / "config.json")).jit_compile is False

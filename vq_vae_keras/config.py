@@ -83,7 +83,7 @@ class Config:
     sample_every: int = 100
     # speed: results within float noise of the reference, except as README says
     precision: str = "float32"  # "float32", "mixed_bfloat16" or "mixed_float16"
-    jit_compile: bool = True  # XLA for the VQ-VAE's training step (measured faster on CPU; float noise)
+    jit_compile: bool = False  # XLA for the VQ-VAE's training step (slower than oneDNN on CPU: bench/README.md)
     prior_jit_compile: bool = False  # XLA for the prior's (not measured faster on CPU at the demo's size)
     sample_every_epochs: int = 1  # prior: sample grid every N epochs; 0: never
     # several devices
