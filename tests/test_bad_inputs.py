@@ -71,6 +71,16 @@ ROWS = [
     ("train.py vqvae --data {data} --run {new} --steps 4294967296", "argument --steps: must be in [1, 2147483647]"),
     ("train.py vqvae --data {data} --run {new} --epochs 0", "argument --epochs"),
     ("train.py vqvae --data {data} --run {new} --steps 2 --epochs 2", "not allowed with argument"),
+    # ---- train.py vqvae: learning-rate schedule
+    ("train.py vqvae --data {data} --run {new} --lr-schedule step", "argument --lr-schedule: invalid choice"),
+    ("train.py vqvae --data {data} --run {new} --warmup-steps -1", "argument --warmup-steps: must be >= 0"),
+    ("train.py vqvae --data {data} --run {new} --warmup-steps 8 --steps 8",
+     "--warmup-steps: warmup_steps 8 must be fewer than the run's 8 steps"),
+    ("train.py vqvae --data {data} --run {new} --lr-min-ratio 0.1",
+     "--lr-min-ratio: lr_min_ratio applies to lr_schedule cosine, not constant"),
+    ("train.py vqvae --data {data} --run {new} --lr-schedule cosine --lr-min-ratio 1",
+     "argument --lr-min-ratio: must be in [0, 1)"),
+    ("train.py vqvae --data {data} --run {run} --resume --lr-schedule cosine", "--lr-schedule cosine contradicts"),
     # ---- train.py vqvae: codebook options
     ("train.py vqvae --data {data} --run {new} --quantizer kmeans", "argument --quantizer: invalid choice"),
     ("train.py vqvae --data {data} --run {new} --quantizer ema --ema-decay 1", "argument --ema-decay: must be in (0, 1)"),
@@ -153,6 +163,15 @@ ROWS = [
     ("train.py prior --run {noprior} --val-split 1", "--val-split: val_split must be in [0, 1)"),
     ("train.py prior --run {noprior} --val-split -0.1", "argument --val-split"),
     ("train.py prior --run {run} --resume --val-split 0.2", "--val-split 0.2 contradicts"),
+    ("train.py prior --run {run} --resume --lr 0", "argument --lr: must be > 0"),
+    ("train.py prior --run {run} --resume --lr 0.01", "--lr 0.01 contradicts the run's saved prior_lr"),
+    ("train.py prior --run {noprior} --lr-schedule linear", "argument --lr-schedule: invalid choice"),
+    ("train.py prior --run {noprior} --warmup-steps 1.5", "argument --warmup-steps"),
+    ("train.py prior --run {noprior} --warmup-steps 6 --steps 6",
+     "--warmup-steps: prior_warmup_steps 6 must be fewer than the run's 6 steps"),
+    ("train.py prior --run {noprior} --lr-min-ratio 0", "--lr-min-ratio applies to --lr-schedule cosine, this run uses constant"),
+    ("train.py prior --run {noprior} --lr-schedule cosine --lr-min-ratio -0.1", "argument --lr-min-ratio"),
+    ("train.py prior --run {run} --resume --lr-schedule cosine", "--lr-schedule cosine contradicts"),
     ("train.py prior --run {noprior} --sample-every-epochs -1", "argument --sample-every-epochs"),
     ("train.py prior --run {noprior} --sample-every-epochs 1.5", "argument --sample-every-epochs"),
     ("train.py prior --run {noprior} --jit=1", "ignored explicit argument"),
@@ -244,7 +263,7 @@ BASE = {
     ("sample.py", "evaluate"): "--run {run} --data {data}",
 }
 NUMBER_TYPES = {cli.positive_int, cli.nonnegative_int, cli.seed_int, cli.count, cli.grid_size, cli.positive_float,
-                cli.nonnegative_float, cli.unit_interval, cli.probability}
+                cli.nonnegative_float, cli.unit_interval, cli.probability, cli.fraction}
 
 
 def commands():

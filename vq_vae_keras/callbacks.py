@@ -124,6 +124,18 @@ class NanGuard(StepCallback):
                                 "the last checkpoint was kept (try a lower --lr)")
 
 
+class LearningRate(keras.callbacks.Callback):
+    """Logs the learning rate each step trained with as "lr": the optimizer's own (its schedule
+    at the step it is about to take). Put it before the callbacks that read the logs."""
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+    def on_train_batch_end(self, batch, logs=None):
+        if logs is not None:
+            logs["lr"] = self.lr
+
+
 class ResetMetrics(StepCallback):
     """Reset the running means before every `every`-th step (1: the logs are per-batch values),
     in one compiled call. Code usage is left alone: it is reset by the window that reports it."""
@@ -261,9 +273,9 @@ class StepLog(StepCallback):
         self._append(self.rows)
         if self.tensorboard is not None:
             lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-            for row in self.rows:
-                self.tensorboard.scalars(row["step"], {**{k: v for k, v in row.items() if k in self.keys},
-                                                       "learning_rate": lr})
+            for row in self.rows:  # a scheduled rate is in the row (LearningRate), a constant one is lr
+                self.tensorboard.scalars(row["step"], {**{k: v for k, v in row.items() if k in self.keys and k != "lr"},
+                                                       "learning_rate": row.get("lr", lr)})
             self.tensorboard.flush()
         self.rows = []
 
@@ -354,5 +366,5 @@ class StopOnSignal(keras.callbacks.Callback):
         self.previous = {}
 
 
-__all__ = ["Checkpoint", "Every", "GumbelAnneal", "NanGuard", "NonFiniteLoss", "ReconstructionGrids", "ResetMetrics", "StepLog",
-           "StopOnSignal", "TensorBoardWriter", "TqdmProgress"]
+__all__ = ["Checkpoint", "Every", "GumbelAnneal", "LearningRate", "NanGuard", "NonFiniteLoss", "ReconstructionGrids",
+           "ResetMetrics", "StepLog", "StopOnSignal", "TensorBoardWriter", "TqdmProgress"]

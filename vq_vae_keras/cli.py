@@ -5,6 +5,7 @@ TensorFlow is imported only once the arguments have been parsed and checked.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -21,7 +22,8 @@ EXIT_FAILED = 1
 # The help shows these, so a default is written once: in the Config.
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
 CHOICES = {"quantizer": config_module.QUANTIZERS, "gumbel_schedule": config_module.SCHEDULES,
-           "precision": config_module.PRECISIONS, "prior": config_module.PRIORS}
+           "precision": config_module.PRECISIONS, "prior": config_module.PRIORS,
+           "lr_schedule": config_module.LR_SCHEDULES, "prior_lr_schedule": config_module.LR_SCHEDULES}
 
 
 def quiet_tensorflow_logs():
@@ -151,6 +153,7 @@ positive_float = _number(float, "> 0", 0.0, open_low=True)
 nonnegative_float = _number(float, ">= 0", 0.0)
 unit_interval = _number(float, "in (0, 1)", 0.0, 1.0, open_low=True, open_high=True)
 probability = _number(float, "in (0, 1]", 0.0, 1.0, open_low=True)
+fraction = _number(float, "in [0, 1)", 0.0, 1.0, open_high=True)
 
 
 def folder(text):
@@ -188,15 +191,22 @@ def _flag(name, flag_names=None):
     return (flag_names or {}).get(name, f"--{name.replace('_', '-')}")
 
 
-def validate_flags(config, flags, flag_names=None):
-    """config.validate(), a complaint about a field set by a flag naming that flag."""
+@contextlib.contextmanager
+def flags_named(flags, flag_names=None):
+    """A UsageError about a field set by a flag names that flag."""
     try:
-        return config.validate()
+        yield
     except UsageError as e:
         field = e.field or str(e).split(" ")[0]  # older messages start with the field's name
         if flags.get(field) is not None:
             raise UsageError(f"{_flag(field, flag_names)}: {e}", field=field) from None
         raise
+
+
+def validate_flags(config, flags, flag_names=None):
+    """config.validate(), a complaint about a field set by a flag naming that flag."""
+    with flags_named(flags, flag_names):
+        return config.validate()
 
 
 def add_steps_flags(parser, restart=False):
@@ -251,7 +261,8 @@ def check_flags_apply(args, parser, config):
         if only and getattr(args, action.dest) is not None:
             field, value = only
             if getattr(config, field) != value:
-                raise UsageError(f"{action.option_strings[0]} applies to --{field.replace('_', '-')} {value}, "
+                flag = field_flags(parser).get(field) or _flag(field)  # the prior's --lr-schedule sets prior_lr_schedule
+                raise UsageError(f"{action.option_strings[0]} applies to {flag} {value}, "
                                  f"this run uses {getattr(config, field)}", field=action.dest)
 
 

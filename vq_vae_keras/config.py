@@ -27,6 +27,7 @@ QUANTIZER_OPTIONS = {
 }
 MAX_FSQ_CODES = 2 ** 16  # the prior has a softmax over every code
 SCHEDULES = ("cosine", "linear", "exponential")
+LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 PRIORS = ("attention", "pixelcnn")
 
@@ -39,6 +40,10 @@ class Config:
     num_codes: int = 64
     batch_size: int = 64
     lr: float = 1e-3
+    # learning-rate schedule (a departure, off by default: the reference's Adam keeps lr throughout)
+    lr_schedule: str = "constant"  # "constant" or "cosine": from lr down to lr * lr_min_ratio at the run's last step
+    warmup_steps: int = 0  # linear warm-up from 0 to lr over the first steps (either schedule); 0: none
+    lr_min_ratio: float = 0.0  # cosine: the last step's lr as a fraction of lr (Keras's alpha)
     beta: float = 0.25  # weight of the commitment term mse_z (vq, ema: gumbel and fsq have none)
     # codebook health: every option off by default, which is the reference
     quantizer: str = "vq"  # "vq" (the reference), "ema" (EMA codebook), "gumbel" (Gumbel-softmax), "fsq"
@@ -60,6 +65,9 @@ class Config:
     prior_depth: int = 4
     prior_batch_size: int = 32
     prior_lr: float = 1e-3
+    prior_lr_schedule: str = "constant"  # the prior's lr_schedule, warmup_steps and lr_min_ratio
+    prior_warmup_steps: int = 0
+    prior_lr_min_ratio: float = 0.0
     val_split: float = 0.0  # codes held out for val_nll; 0: train on every code map, as the reference
     prior_seed: Optional[int] = None  # None: the run's seed
     # prior kind and class conditioning: departures, off by default
@@ -124,6 +132,14 @@ class Config:
         need(self.num_codes >= 2, f"num_codes must be at least 2, got {self.num_codes}", "num_codes")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}", "lr")
         need(self.prior_lr > 0, f"prior_lr must be > 0, got {self.prior_lr}", "prior_lr")
+        for prefix in ("", "prior_"):
+            schedule, warmup, ratio = (prefix + name for name in ("lr_schedule", "warmup_steps", "lr_min_ratio"))
+            need(getattr(self, schedule) in LR_SCHEDULES,
+                 f"{schedule} must be one of {', '.join(LR_SCHEDULES)}, got {getattr(self, schedule)!r}", schedule)
+            need(getattr(self, warmup) >= 0, f"{warmup} must be >= 0, got {getattr(self, warmup)}", warmup)
+            need(0 <= getattr(self, ratio) < 1, f"{ratio} must be in [0, 1), got {getattr(self, ratio)}", ratio)
+            need(getattr(self, ratio) == 0 or getattr(self, schedule) == "cosine",
+                 f"{ratio} applies to {schedule} cosine, not {getattr(self, schedule)}", ratio)
         need(self.beta >= 0, f"beta must be >= 0, got {self.beta}", "beta")
         need(0 <= self.val_split < 1, f"val_split must be in [0, 1), got {self.val_split}", "val_split")
         need(self.quantizer in QUANTIZERS, f"quantizer must be one of {', '.join(QUANTIZERS)}, got {self.quantizer!r}", "quantizer")
@@ -177,6 +193,11 @@ class Config:
     def takes(self, option) -> bool:
         """Whether a Config field applies to this config's quantizer (QUANTIZER_OPTIONS)."""
         return all(self.quantizer in kinds for group, kinds in QUANTIZER_OPTIONS.items() if option in group)
+
+    def lr_scheduled(self, prior=False) -> bool:
+        """Whether the VQ-VAE's (or the prior's) learning rate follows a schedule (models.learning_rate)."""
+        prefix = "prior_" if prior else ""
+        return getattr(self, prefix + "lr_schedule") != "constant" or getattr(self, prefix + "warmup_steps") > 0
 
     def gumbel_temperature_at(self, step) -> float:
         """The annealed Gumbel-softmax temperature at a global step."""

@@ -295,6 +295,20 @@ def _listing(names, most=3):
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
+def checkpoint_state(path):
+    """The JSON state of a checkpoint (what load_checkpoint returns), read without its variables."""
+    try:
+        with np.load(path) as archive:
+            return json.loads(archive["state"].tobytes().decode())
+    except Exception as e:
+        raise _unreadable(path, e) from None
+
+
+def _unreadable(path, error):
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return UsageError(f"cannot read checkpoint {path}: {reason}")
+
+
 def load_checkpoint(path, model, optimizer):
     """Restore model and optimizer variables in place, by name; return the saved state dict.
     Any missing, extra or reshaped variable is a UsageError, and then nothing is changed."""
@@ -306,8 +320,7 @@ def load_checkpoint(path, model, optimizer):
         state = json.loads(files.pop("state").tobytes().decode())
         saved_format = int(files.pop("format", 1))
     except Exception as e:  # zip, pickle, JSON and key errors: all mean "not our checkpoint"
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"cannot read checkpoint {path}: {reason}") from None
+        raise _unreadable(path, e) from None
     if saved_format != CHECKPOINT_FORMAT:
         raise UsageError(f"checkpoint {path} is in an older format (variables by position) that cannot be "
                          "restored safely; train again without --resume")

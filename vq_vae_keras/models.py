@@ -237,10 +237,11 @@ def metric_names(config: Config) -> list:
 
 def log_names(config: Config) -> list:
     """The columns of the training log: metric_names, with the quantizer's training callbacks'
-    own (the Gumbel temperature) beside its terms."""
+    own (the Gumbel temperature) beside its terms, and "lr" where a schedule sets it."""
     names = metric_names(config)
     at = names.index("perplexity")
-    return names[:at] + list(quantizer_class(config).callback_log_names) + names[at:]
+    lr = ["lr"] if config.lr_scheduled() else []  # callbacks.LearningRate's: a constant lr has no column
+    return names[:at] + list(quantizer_class(config).callback_log_names) + names[at:] + lr
 
 
 def build_vqvae(config: Config) -> VQVAE:
@@ -268,9 +269,35 @@ def build_vqvae(config: Config) -> VQVAE:
     return VQVAE(config, encoder, quantizer, decoder, train_model, vq_layer)
 
 
-def compile_vqvae(vqvae: VQVAE) -> keras.Model:
-    """Adam(config.lr), XLA as config.jit_compile asks. The loss is the model's own (VQVAEObjective):
-    nothing to pass here, and `train_model.compile(optimizer=...)` from user code does the same."""
+def learning_rate(config: Config, total_steps=None, prior=False):
+    """Adam's learning rate for the VQ-VAE (or with prior=True the prior: the prior_ fields): lr
+    itself, as the reference, or a function of the optimizer's step (so a checkpoint, which keeps
+    the step, resumes it exactly): a linear warm-up from 0 over warmup_steps, then lr (schedule
+    "constant") or a cosine from lr down to lr * lr_min_ratio at total_steps, the run's last step."""
+    field = (lambda name: "prior_" + name) if prior else (lambda name: name)
+    lr, schedule, warmup, ratio = (getattr(config, field(name)) for name in
+                                   ("lr", "lr_schedule", "warmup_steps", "lr_min_ratio"))
+    if not config.lr_scheduled(prior):
+        return lr
+    if total_steps is None and schedule == "cosine":
+        raise UsageError(f"{field('lr_schedule')} cosine decays over the run: give its total_steps", field("lr_schedule"))
+    if total_steps is not None and warmup >= total_steps:
+        raise UsageError(f"{field('warmup_steps')} {warmup} must be fewer than the run's {total_steps} steps",
+                         field("warmup_steps"))
+    # Keras's CosineDecay warms up from its initial rate to warmup_target, then decays over
+    # decay_steps; alpha 1 keeps the target, which is the constant schedule's warm-up alone.
+    if schedule == "cosine":
+        decay_steps, alpha = total_steps - warmup, ratio
+    else:
+        decay_steps, alpha = 1, 1.0
+    return keras.optimizers.schedules.CosineDecay(0.0, decay_steps, alpha=alpha, warmup_target=lr, warmup_steps=warmup)
+
+
+def compile_vqvae(vqvae: VQVAE, total_steps=None) -> keras.Model:
+    """Adam at config.lr (or its schedule over total_steps, learning_rate), XLA as config.jit_compile
+    asks. The loss is the model's own (VQVAEObjective): nothing to pass here, and
+    `train_model.compile(optimizer=...)` from user code does the same."""
     model = vqvae.train_model
-    model.compile(optimizer=keras.optimizers.Adam(vqvae.config.lr), jit_compile=vqvae.config.jit_compile)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate(vqvae.config, total_steps)),
+                  jit_compile=vqvae.config.jit_compile)
     return model

@@ -22,15 +22,15 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from .callbacks import (Every, NanGuard, StepCallback, NonFiniteLoss, ReconstructionGrids, ResetMetrics,  # noqa: F401
-                        StepLog, StopOnSignal, TensorBoardWriter, TqdmProgress, save_state)
+from .callbacks import (Every, LearningRate, NanGuard, StepCallback, NonFiniteLoss, ReconstructionGrids,  # noqa: F401
+                        ResetMetrics, StepLog, StopOnSignal, TensorBoardWriter, TqdmProgress, save_state)
 from .codebook import TRAINING_COUNTED, kmeans, summary
 from .config import Config
 from .data import ImageArray, ImageFolder, epoch_batches, index_dataset, load_images
 from .distribute import distributed, is_chief, strategy_scope, vector_logs, xla_off_under
-from .errors import UsageError
-from .io import load_checkpoint, resumable, save_model, save_npy, save_png
-from .models import build_vqvae, compile_vqvae, log_names
+from .errors import UsageError, warn
+from .io import checkpoint_state, load_checkpoint, resumable, save_model, save_npy, save_png
+from .models import build_vqvae, compile_vqvae, learning_rate, log_names
 from .run import RunDir, load_vqvae
 
 REFERENCE_EPOCHS = 1000
@@ -103,27 +103,36 @@ def open_run(run_dir, config, strategy, jit_field, resume, overwrite, taken, wha
     return run
 
 
-def build_and_resume(build, strategy, checkpoint, resume, total, what, total_given=True):
-    """(model, checkpoint state): build() -> a compiled model, made in the strategy's scope with
-    its optimizer's variables, restored from the checkpoint on resume (every worker reads the
-    chief's). state["total"] is the last step: `total`, or on a resume without steps or epochs
-    (total_given False) the one the run was started with. state is None when a resumed run is
-    already there: nothing to train."""
+def build_and_resume(build, strategy, checkpoint, resume, total, what, total_given=True, decays=False):
+    """(model, checkpoint state): build(lr_steps) -> a compiled model whose learning-rate schedule
+    ends at step lr_steps, made in the strategy's scope with its optimizer's variables, restored
+    from the checkpoint on resume (every worker reads the chief's). state["total"] is the last
+    step: `total`, or on a resume without steps or epochs (total_given False) the one the run was
+    started with. state["lr_steps"] is the total the run started with: a resume keeps its schedule
+    (decays: one that depends on it, said in a warning where the resume goes elsewhere). state is
+    None when a resumed run is already there: nothing to train."""
+    lr_steps = total
+    if resume:
+        if not os.path.isfile(checkpoint):
+            raise UsageError(f"nothing to resume: no checkpoint at {checkpoint} (the run stopped before its first "
+                             "save): train it anew, without resume")
+        lr_steps = checkpoint_state(checkpoint).get("lr_steps", total)  # earlier releases: a constant lr
     with strategy_scope(strategy):
-        model = build()
+        model = build(lr_steps)
         model.optimizer.build(model.trainable_variables)
     vector_logs(model, strategy)
     if not resume:
-        return model, {"step": 0, "total": total}
-    if not os.path.isfile(checkpoint):
-        raise UsageError(f"nothing to resume: no checkpoint at {checkpoint} (the run stopped before its first "
-                         "save): train it anew, without resume")
+        return model, {"step": 0, "total": total, "lr_steps": total}
     state = load_checkpoint(checkpoint, model, model.optimizer)
+    state["lr_steps"] = lr_steps
     if total_given or "total" not in state:  # checkpoints of earlier releases do not say
         state["total"] = total
     if already_done(state["step"], state["total"], what):
         return model, None
     print(f"resuming the {what} from step {state['step']} of {state['total']}")
+    if decays and state["total"] != lr_steps:
+        warn(f"the {what}'s learning rate keeps the run's cosine schedule, which ends at step {lr_steps}, "
+             f"not {state['total']}")
     return model, state
 
 
@@ -247,13 +256,14 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, 
 
     vqvae = None
 
-    def build():
+    def build(lr_steps):
         nonlocal vqvae
         vqvae = build_vqvae(config)
-        return compile_vqvae(vqvae)
+        return compile_vqvae(vqvae, lr_steps)
 
     model, state = build_and_resume(build, strategy, run.vqvae_checkpoint, resume, total, "VQ-VAE",
-                                    total_given=steps is not None or epochs is not None)
+                                    total_given=steps is not None or epochs is not None,
+                                    decays=config.lr_schedule == "cosine")
     if state is None:
         return vqvae
     total = state["total"]
@@ -272,6 +282,7 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     samples = SampleSteps(vqvae, writes, images, log, board, start, state, total)
     run_callbacks = [
         *vqvae.vq_layer.training_callbacks(config, start),  # before the log: they may add to its row
+        *([LearningRate()] if config.lr_scheduled() else []),
         log,
         samples,
     ]
@@ -301,7 +312,8 @@ class SampleSteps(Every):
 
     def __init__(self, vqvae, run, images, log, board, start, state, total):
         super().__init__(vqvae.config.sample_every, self.save, start)
-        self.total = total  # saved with each checkpoint: a resume without steps goes on to it
+        # saved with each checkpoint: a resume without steps goes on to total, and keeps the schedule
+        self.total, self.lr_steps = total, state["lr_steps"]
         self.vqvae, self.run, self.log, self.board = vqvae, run, log, board
         self.grids = ReconstructionGrids(vqvae, images, run.samples)
         self.usage = vqvae.vq_layer.usage
@@ -321,7 +333,7 @@ class SampleSteps(Every):
         usage = {"usage_since": step} if window_ends else {"usage_since": self.since, "usage_counts": counts.tolist()}
         model, run = self.vqvae.train_model, self.run
         if step == 0 or not save_state(model, run.vqvae_weights, run.vqvae_checkpoint, step,
-                                       {"total": self.total, **usage}):
+                                       {"total": self.total, "lr_steps": self.lr_steps, **usage}):
             return
         self.grids.write(step)
         self.window, self.since = (self.since + 1, step, counts), step
@@ -436,6 +448,8 @@ def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False, 
                    lambda run: run.prior_files(), "has a prior")
     seed = config.seed if config.prior_seed is None else config.prior_seed
     writes = writable_run(run, strategy)
+    if steps is not None and not resume:  # a warm-up longer than the run is refused before codes.npy is written
+        learning_rate(config, steps, prior=True)
     with resumable(writes.prior_checkpoint):
         codes, labels = prior_codes(config, run, resume, classes, writes, data)
     first = START_TOKEN if labels is None else class_tokens(labels, config.num_codes)  # the class is the start
@@ -446,22 +460,26 @@ def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     if deterministic:
         seed_everything(seed, config.prior_jit_compile)
 
-    prior, state = build_and_resume(lambda: compile_prior(build_prior(config), config), strategy,
+    prior, state = build_and_resume(lambda lr_steps: compile_prior(build_prior(config), config, lr_steps), strategy,
                                     run.prior_checkpoint, resume, total, "prior",
-                                    total_given=steps is not None or epochs is not None)
+                                    total_given=steps is not None or epochs is not None,
+                                    decays=config.prior_lr_schedule == "cosine")
     if state is None:
         return prior
     start, total = state["step"], state["total"]
     config.save(writes.config)
     board = TensorBoardWriter(writes.path("tensorboard", "prior")) if tensorboard else None
-    log = StepLog(writes.prior_log, PRIOR_KEYS + ["val_nll"], steps_per_epoch, start, resume, board)
+    lr = ["lr"] if config.lr_scheduled(prior=True) else []  # the epoch's last step's
+    log = StepLog(writes.prior_log, PRIOR_KEYS + ["val_nll"] + lr, steps_per_epoch, start, resume, board)
     log.set_model(prior)  # not a callback here: it gets one row per epoch, from PriorEpochs
 
     def save(step, logs=None):
         if step > 0:
-            save_state(prior, writes.prior_weights, writes.prior_checkpoint, step, {"total": total})
+            save_state(prior, writes.prior_weights, writes.prior_checkpoint, step,
+                       {"total": total, "lr_steps": state["lr_steps"]})
 
     run_callbacks = [
+        *([LearningRate()] if lr else []),  # before PriorEpochs, which logs it
         Every(config.sample_every, save, start),
         PriorEpochs(config, run, writes, val_tokens, log, board, start, total, steps_per_epoch, seed),
     ]

@@ -13,7 +13,7 @@ import os
 import sys
 
 from ..cli import (DEFAULTS, ArgumentParser, add_field, add_steps_flags, apply_flags, check_flags_apply,
-                   config_for_run, field_flags, folder, given_fields, import_tensorflow, nonnegative_float,
+                   config_for_run, field_flags, flags_named, folder, fraction, given_fields, import_tensorflow, nonnegative_float,
                    nonnegative_int, not_a_file, output_file, positive_float, positive_int, console,
                    seed_int, unit_interval, validate_flags)
 from ..config import Config
@@ -46,6 +46,7 @@ def build_parser(prog="train.py"):
     add_field(vq, "num_codes", "codes in the codebook", type=positive_int)
     add_field(vq, "batch_size", "images per training step (the global batch under --distribute)", type=positive_int)
     add_field(vq, "lr", "Adam learning rate", type=positive_float)
+    add_schedule_flags(vq)
     add_field(vq, "beta", "weight of the commitment term", type=nonnegative_float)
     add_field(vq, "sample_every", "grids and checkpoint every N steps", type=positive_int, metavar="N")
     add_field(vq, "seed", "seed of weights, data order and dropout of the run", type=seed_int)
@@ -99,6 +100,8 @@ def build_parser(prog="train.py"):
     add_field(prior, "prior_seed", "seed of the prior's weights and data order", flag="--seed", type=seed_int,
               default_text="the run's --seed")
     add_steps_flags(prior, restart=True)
+    add_field(prior, "prior_lr", "Adam learning rate", flag="--lr", type=positive_float)
+    add_schedule_flags(prior, "prior_")
     add_field(prior, "val_split", "hold out this fraction of the code maps for val_nll (0: train on all, as the "
                                   "reference)", type=nonnegative_float, metavar="F")
     add_field(prior, "sample_every_epochs", "grid of prior samples every N epochs (0: never)",
@@ -122,6 +125,18 @@ def build_parser(prog="train.py"):
                        help="class-conditional prior: each image's class is its first-level subfolder of the images")
     add_distribute_flags(prior)
     return parser
+
+
+def add_schedule_flags(parser, prefix=""):
+    """--lr-schedule, --warmup-steps, --lr-min-ratio: the fields of a stage (prefix "prior_": the prior's)."""
+    group = parser.add_argument_group("learning-rate schedule (a departure from the reference, off by default)")
+    add_field(group, prefix + "lr_schedule", "constant: --lr throughout (the reference); cosine: from --lr down to "
+                                             "--lr x --lr-min-ratio at the run's last step", flag="--lr-schedule")
+    add_field(group, prefix + "warmup_steps", "linear warm-up from 0 to --lr over the first N steps, with "
+                                              "either schedule", flag="--warmup-steps", type=nonnegative_int,
+              metavar="N")
+    add_field(group, prefix + "lr_min_ratio", "cosine: the last step's rate as a fraction of --lr",
+              flag="--lr-min-ratio", type=fraction, metavar="R", only=(prefix + "lr_schedule", "cosine"))
 
 
 def add_distribute_flags(parser):
@@ -209,9 +224,10 @@ def train_vqvae_command(args):
     from ..training import train_vqvae
 
     evaluation = {} if args.eval_every is None else {"eval_every": args.eval_every}
-    train_vqvae(config, args.run, steps=args.steps, epochs=args.epochs, resume=args.resume,
-                cache=args.cache or "auto", deterministic=True, tensorboard=args.tensorboard, eval_data=args.eval_data,
-                strategy=strategy, **evaluation)
+    with flags_named(flags, names):  # what is checked against the run's length: --warmup-steps
+        train_vqvae(config, args.run, steps=args.steps, epochs=args.epochs, resume=args.resume,
+                    cache=args.cache or "auto", deterministic=True, tensorboard=args.tensorboard,
+                    eval_data=args.eval_data, strategy=strategy, **evaluation)
     print(f"VQ-VAE weights: {os.path.join(args.run, 'vqvae.weights.h5')}; grids in {os.path.join(args.run, 'samples')}")
 
 
@@ -275,8 +291,9 @@ def train_prior_command(args):
             os.remove(path)
         if reset:
             print(f"--restart: a new prior; flags not given take their defaults: {', '.join(reset)}")
-    train_prior(config, args.run, steps=args.steps, epochs=args.epochs, resume=args.resume, deterministic=True,
-                tensorboard=args.tensorboard, classes=args.classes, strategy=strategy)
+    with flags_named(flags, names):
+        train_prior(config, args.run, steps=args.steps, epochs=args.epochs, resume=args.resume, deterministic=True,
+                    tensorboard=args.tensorboard, classes=args.classes, strategy=strategy)
     print(f"prior weights: {os.path.join(args.run, 'prior.weights.h5')}")
 
 

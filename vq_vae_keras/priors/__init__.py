@@ -12,7 +12,7 @@ pick and compile the config's kind.
 import keras
 
 from ..config import Config
-from ..models import seeded_initializers
+from ..models import learning_rate, seeded_initializers
 from .attention import Prior
 from .pixelcnn import PixelCNN
 
@@ -31,11 +31,13 @@ def build_prior(config: Config) -> keras.Model:
                      config.prior_depth, config.classes)
 
 
-def compile_prior(prior: keras.Model, config: Config) -> keras.Model:
-    """Compile a prior for training on (tokens[:, :-1], codes): Adam at config.prior_lr, sparse
-    categorical cross-entropy on its probabilities (the reference's loss), accuracy logged as
-    "accuracy", XLA as config.prior_jit_compile says. Returns the prior."""
-    prior.compile(optimizer=keras.optimizers.Adam(config.prior_lr), loss="sparse_categorical_crossentropy",
+def compile_prior(prior: keras.Model, config: Config, total_steps=None) -> keras.Model:
+    """Compile a prior for training on (tokens[:, :-1], codes): Adam at config.prior_lr (or its
+    schedule over total_steps, models.learning_rate), sparse categorical cross-entropy on its
+    probabilities (the reference's loss), accuracy logged as "accuracy", XLA as
+    config.prior_jit_compile says. Returns the prior."""
+    prior.compile(optimizer=keras.optimizers.Adam(learning_rate(config, total_steps, prior=True)),
+                  loss="sparse_categorical_crossentropy",
                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
                   jit_compile=config.prior_jit_compile)
     return prior
