@@ -43,8 +43,11 @@ from vq_vae_keras.quantizers import CodebookLayer  # noqa: E402
 from vq_vae_keras.training import train_vqvae  # noqa: E402
 
 EXISTING = {"quantizer": "ema", "kmeans_init": True, "restart_dead": 50}
+RECOMMENDED = {**EXISTING, "lr_schedule": "cosine"}
 OPTIONS = {
     "default (vq)": {},
+    "recommended: ema + kmeans-init + restart-dead 50 + lr-schedule cosine": RECOMMENDED,
+    "lr-schedule cosine": {"lr_schedule": "cosine"},
     "ema + kmeans-init + restart-dead 50": EXISTING,
     "vq + kmeans-init + restart-dead 50": {"kmeans_init": True, "restart_dead": 50},
     "fsq 4x4x4": {"quantizer": "fsq", "fsq_levels": [4, 4, 4]},
@@ -161,7 +164,7 @@ def main():
         parser.error(f"--eval-at steps must be in 1..{args.steps}")
 
     def settings(name, step):
-        constant = OPTIONS[name].get("lr_schedule", "constant") == "constant"
+        constant = OPTIONS[name].get("lr_schedule", "constant") == "constant" and not OPTIONS[name].get("warmup_steps")
         at = f"steps {step}" if constant or step == args.steps else f"steps {step} of {args.steps}"
         return (f"{os.path.abspath(args.data) if args.data else 'shapes'} held-out "
                 f"{os.path.abspath(args.held_out) if args.held_out else 'shapes'} {at} img {args.img_dim} "
