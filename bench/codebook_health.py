@@ -1,12 +1,16 @@
 """Codebook options side by side, several seeds each, against an equal-bitrate palette codec.
 
-    python bench/codebook_health.py [--data DIR --held-out DIR] [--steps 1500] [--seeds 3]
-                                    [--options NAME,...] [--csv FILE]
+    python bench/codebook_health.py [--data DIR --held-out DIR] [--steps 1500] [--eval-at S,...]
+                                    [--seeds 3] [--options NAME,...] [--csv FILE]
 
 Trains the default (the reference's VQ) and each option below for the same number of steps on the
 same folder, once per seed, then scores held-out images through encoder -> quantizer -> decoder:
 PSNR (per image on the 0..255 scale, averaged, as `sample.py evaluate`) and the fraction of codes
 used. Reports each option's mean, sample standard deviation and range over the seeds.
+--eval-at 1500,6000 scores each run at those steps too (one 6000-step run gives both rows: the
+learning rate is constant by default, so its state at step 1500 is a 1500-step run's; an option with
+a learning-rate schedule gets its rows labelled "at S of N steps" instead). "train usage" is the
+fraction of codes the quantizer chose in training mode over the 500 steps before each scoring step.
 
 Baseline row, computed in the same run: the palette codec at the VQ-VAE's bit rate. Each image
 becomes its (img_dim/4)^2 thumbnail (area average), each thumbnail pixel one of num_codes colours
@@ -24,20 +28,26 @@ import csv
 import os
 import sys
 import tempfile
+from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import vq_vae_keras as vqk  # noqa: E402  (first: it quiets TensorFlow's start-up)
 import numpy as np  # noqa: E402
+import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from vq_vae_keras.codebook import kmeans, usage_counts  # noqa: E402
 from vq_vae_keras.data import make_demo_images  # noqa: E402
 from vq_vae_keras.evaluation import mse, psnr_from_mse, to_uint8  # noqa: E402
+from vq_vae_keras.quantizers import CodebookLayer  # noqa: E402
 from vq_vae_keras.training import train_vqvae  # noqa: E402
 
 EXISTING = {"quantizer": "ema", "kmeans_init": True, "restart_dead": 50}
+RECOMMENDED = {**EXISTING, "lr_schedule": "cosine"}
 OPTIONS = {
     "default (vq)": {},
+    "recommended: ema + kmeans-init + restart-dead 50 + lr-schedule cosine": RECOMMENDED,
+    "lr-schedule cosine": {"lr_schedule": "cosine"},
     "ema + kmeans-init + restart-dead 50": EXISTING,
     "vq + kmeans-init + restart-dead 50": {"kmeans_init": True, "restart_dead": 50},
     "fsq 4x4x4": {"quantizer": "fsq", "fsq_levels": [4, 4, 4]},
@@ -50,6 +60,7 @@ OPTIONS = {
     "ema + kmeans + restarts + rotation + cosine": {**EXISTING, "rotation_trick": True, "cosine_codebook": True},
 }
 PALETTE = "palette codec (equal bit rate)"
+USAGE_WINDOW = 500  # steps
 
 
 def palette_codec(train, held_out, num_codes, seed=0):
@@ -72,12 +83,44 @@ def held_out_scores(vqvae, images, num_codes):
     return float(psnr), float((usage_counts(codes, num_codes) > 0).mean())
 
 
-def read_rows(path, settings):
+class ScoreAt(keras.callbacks.Callback):
+    """Held-out scores at the given steps; the fraction of codes used in training mode over every
+    USAGE_WINDOW steps (the quantizer's usage counts, which nothing else resets after step 1 in a
+    run that never samples), and over the window before each scoring step."""
+
+    def __init__(self, held_out, steps, num_codes):
+        super().__init__()
+        self.held_out, self.steps, self.num_codes = held_out, set(steps), num_codes
+        self.step, self.last_counts, self.curve, self.scores = 0, 0, [], {}
+
+    def on_train_begin(self, logs=None):
+        layers = {layer.name: layer for layer in self.model.layers}
+        self.vq_layer = next(layer for layer in layers.values() if isinstance(layer, CodebookLayer))
+        predict = lambda name: lambda x: layers[name].predict(x, batch_size=100, verbose=0)  # noqa: E731
+        self.vqvae = SimpleNamespace(encode=predict("encoder"), decode=predict("decoder"),
+                                     quantize=lambda z: [np.asarray(t) for t in self.vq_layer(z)])
+
+    def window_usage(self):
+        counts = self.vq_layer.usage.counts.numpy()
+        window = counts - self.last_counts if np.all(counts >= self.last_counts) else counts
+        self.last_counts = counts
+        return float((window > 0).mean())
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        if self.step % USAGE_WINDOW == 0 or self.step in self.steps:
+            used = self.window_usage()
+            self.curve.append(f"{self.step}:{used:.2f}")
+            if self.step in self.steps:
+                self.scores[self.step] = (*held_out_scores(self.vqvae, self.held_out, self.num_codes), used,
+                                          " ".join(self.curve))
+
+
+def read_rows(path):
     if not path or not os.path.isfile(path):
         return {}
     with open(path) as f:
-        return {(r["option"], int(r["seed"])): (float(r["psnr"]), float(r["codes_used"]))
-                for r in csv.DictReader(f) if r["settings"] == settings}
+        return {(r["settings"], r["option"], int(r["seed"])): r for r in csv.DictReader(f)}
 
 
 def append_row(path, row):
@@ -102,6 +145,7 @@ def main():
     parser.add_argument("--data", help="training folder (default: the demo's shapes)")
     parser.add_argument("--held-out", help="held-out folder (default: other demo shapes)")
     parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--eval-at", help="comma-separated steps to score at as well (default: only --steps)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per option")
     parser.add_argument("--options", help=f"comma-separated names (default: all): {', '.join(OPTIONS)}")
     parser.add_argument("--img-dim", type=int, default=32)
@@ -115,8 +159,15 @@ def main():
     unknown = [n for n in names if n not in OPTIONS]
     if unknown:
         parser.error(f"unknown options: {', '.join(unknown)}")
-    settings = (f"{os.path.abspath(args.data) if args.data else 'shapes'} held-out "
-                f"{os.path.abspath(args.held_out) if args.held_out else 'shapes'} steps {args.steps} img {args.img_dim} "
+    eval_at = sorted({args.steps, *(int(s) for s in args.eval_at.split(",") if s)} if args.eval_at else {args.steps})
+    if eval_at[0] < 1 or eval_at[-1] > args.steps:
+        parser.error(f"--eval-at steps must be in 1..{args.steps}")
+
+    def settings(name, step):
+        constant = OPTIONS[name].get("lr_schedule", "constant") == "constant" and not OPTIONS[name].get("warmup_steps")
+        at = f"steps {step}" if constant or step == args.steps else f"steps {step} of {args.steps}"
+        return (f"{os.path.abspath(args.data) if args.data else 'shapes'} held-out "
+                f"{os.path.abspath(args.held_out) if args.held_out else 'shapes'} {at} img {args.img_dim} "
                 f"z {args.z_dim} codes {args.num_codes} batch {args.batch_size}")
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,31 +176,39 @@ def main():
                                                                      size=64, seed=1), args.img_dim)
         palette, palette_used = palette_codec(vqk.load_images(data, args.img_dim), held_out, args.num_codes)
         print(f"{PALETTE}: held-out psnr {palette:.2f} dB, colours used {palette_used:.2f}", flush=True)
-        results = read_rows(args.csv, settings)
+        rows = read_rows(args.csv)
         for seed in range(args.seeds):  # seed-major: a bench cut short still has every option at seed 0
             for name in names:
-                if (name, seed) in results or args.report_only:
+                if args.report_only or all((settings(name, s), name, seed) in rows for s in eval_at):
                     continue
                 config = vqk.Config(data=data, img_dim=args.img_dim, z_dim=args.z_dim, num_codes=args.num_codes,
                                     batch_size=args.batch_size, seed=seed, sample_every=10**9, **OPTIONS[name])
-                vqvae = train_vqvae(config, os.path.join(tmp, f"run_{len(results)}"), steps=args.steps,
-                                    deterministic=True)
-                results[name, seed] = held_out_scores(vqvae, held_out, args.num_codes)
-                print(f"{name}, seed {seed}: psnr {results[name, seed][0]:.2f} dB, "
-                      f"codes used {results[name, seed][1]:.2f}", flush=True)
-                append_row(args.csv, {"settings": settings, "option": name, "seed": seed,
-                                      "psnr": results[name, seed][0], "codes_used": results[name, seed][1]})
+                score = ScoreAt(held_out, eval_at, args.num_codes)
+                train_vqvae(config, os.path.join(tmp, f"run_{len(rows)}"), steps=args.steps, deterministic=True,
+                            callbacks=[score])
+                for step, (psnr, used, train_used, curve) in sorted(score.scores.items()):
+                    row = {"settings": settings(name, step), "option": name, "seed": seed, "psnr": psnr,
+                           "codes_used": used, "train_usage": train_used, "usage_curve": curve}
+                    rows[row["settings"], name, seed] = row
+                    append_row(args.csv, row)
+                    print(f"{name}, seed {seed}, step {step}: psnr {psnr:.2f} dB, codes used {used:.2f}, "
+                          f"train usage {train_used:.2f}", flush=True)
 
-    print(f"\n{args.steps} steps, {args.img_dim} px, z_dim {args.z_dim}, {args.num_codes} codes, batch "
-          f"{args.batch_size}, {len(held_out)} held-out images; mean +- std [min, max] over seeds 0..{args.seeds - 1}")
-    print("| run | seeds | held-out PSNR (dB) | vs palette (dB) | codes used |\n|---|---|---|---|---|")
-    print(f"| {PALETTE} | - | {palette:6.2f} | 0 | {palette_used:6.2f} |")
-    for name in names:
-        runs = [results[name, s] for s in range(args.seeds) if (name, s) in results]
-        if not runs:
-            continue
-        psnrs, used = [r[0] for r in runs], [r[1] for r in runs]
-        print(f"| {name} | {len(runs)} | {spread(psnrs)} | {np.mean(psnrs) - palette:+.2f} | {spread(used)} |")
+    for step in eval_at:
+        print(f"\n{step} steps, {args.img_dim} px, z_dim {args.z_dim}, {args.num_codes} codes, batch "
+              f"{args.batch_size}, {len(held_out)} held-out images; mean +- std [min, max] over seeds 0..{args.seeds - 1}")
+        print("| run | seeds | held-out PSNR (dB) | vs palette (dB) | codes used (held-out) | train usage |\n"
+              "|---|---|---|---|---|---|")
+        print(f"| {PALETTE} | - | {palette:6.2f} | 0 | {palette_used:6.2f} | - |")
+        for name in names:
+            runs = [rows[settings(name, step), name, s] for s in range(args.seeds) if (settings(name, step), name, s) in rows]
+            if not runs:
+                continue
+            psnrs = [float(r["psnr"]) for r in runs]
+            train = [float(r["train_usage"]) for r in runs if r.get("train_usage")]
+            label = name if "of" not in settings(name, step).split() else f"{name} (at {step} of {args.steps})"
+            print(f"| {label} | {len(runs)} | {spread(psnrs)} | {np.mean(psnrs) - palette:+.2f} | "
+                  f"{spread([float(r['codes_used']) for r in runs])} | {spread(train) if train else '-'} |")
 
 
 if __name__ == "__main__":
