@@ -57,11 +57,13 @@ KINDS = [
 ]
 
 
-def kind_of(name):
-    for kind, pattern in KINDS:
+def kind_of(name, kinds=None, other="other (relu, add, tanh, copies)"):
+    """The first (kind, pattern) row of kinds (KINDS: TensorFlow's and XLA's op names) whose pattern
+    the op name matches, else other."""
+    for kind, pattern in kinds or KINDS:
         if re.search(pattern, name):
             return kind
-    return "other (relu, add, tanh, copies)"
+    return other
 
 
 def make_batch(args):
@@ -183,10 +185,7 @@ TORCH_KINDS = [  # aten ops: a convolution's two gradients are one op (convoluti
 
 
 def torch_kind(name):
-    for kind, pattern in TORCH_KINDS:
-        if re.search(pattern, name):
-            return kind
-    return "other (relu, add, tanh, mse, copies, autograd)"
+    return kind_of(name, TORCH_KINDS, "other (relu, add, tanh, mse, copies, autograd)")
 
 
 def onednn_profile(args):
