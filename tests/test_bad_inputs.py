@@ -117,7 +117,6 @@ ROWS = [
     ("train.py vqvae --data {data} --run {new} --precision", "argument --precision: expected one argument"),
     ("train.py vqvae --data {data} --run {new} --jit=yes", "ignored explicit argument"),
     ("train.py vqvae --data {data} --run {new} --no-jit=1", "ignored explicit argument"),
-    ("train.py vqvae --data {data} --run {run} --resume --no-jit", "--jit-compile False contradicts"),
     ("train.py vqvae --data {data} --run {run} --resume --precision mixed_float16", "--precision mixed_float16 contradicts"),
     ("train.py vqvae --data {data} --run {new} --tensorboard=on", "ignored explicit argument"),
     # ---- several devices

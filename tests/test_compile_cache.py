@@ -126,3 +126,21 @@ def test_sample_random_keeps_its_program_in_the_run(trained_run, tmp_path):
     status, _, err = call_main(sample.main, ["random", "--run", run, "--n", "2", "--out", str(tmp_path / "c.png")])
     assert status == 0, err
     assert os.environ.get("TF_XLA_FLAGS") == flags
+
+
+def test_an_error_no_entry_can_cause_leaves_the_cache_alone(tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    from vq_vae_keras.priors import sampling
+
+    folder = tmp_path / "entries"
+    folder.mkdir()
+    monkeypatch.setattr(sampling, "_cache_folder", str(folder))
+    damaged = tf.errors.OutOfRangeError(None, None, "read past the end")
+    assert not sampling._clear_compile_cache(damaged)  # no entry to blame: the error is the caller's
+    entry = folder / "cluster_0.pb"
+    entry.write_bytes(b"program")
+    assert not sampling._clear_compile_cache(tf.errors.ResourceExhaustedError(None, None, "out of memory"))
+    assert entry.exists() and sampling._cache_folder == str(folder)
+    assert sampling._clear_compile_cache(damaged)
+    assert not entry.exists() and sampling._cache_folder is None

@@ -268,6 +268,11 @@ def test_fused_batch_norm_matches_numpy_and_keras_own():
     np.testing.assert_allclose(layers["fused"].moving_variance.numpy(), 0.9 + 0.1 * var, rtol=1e-5)
     for fused, own in zip(results["fused"][1:], results["keras"][1:]):
         np.testing.assert_allclose(fused, own, rtol=1e-4, atol=1e-4 * np.abs(own).max())
+    # Keras's own path computes the same numbers: the fused kernel must be what actually ran.
+    ops_of = lambda layer: {op.type for op in tf.function(lambda t: layer(t, training=True))  # noqa: E731
+                            .get_concrete_function(tf.TensorSpec(x.shape)).graph.get_operations()}
+    assert any(op.startswith("FusedBatchNorm") for op in ops_of(layers["fused"]))
+    assert not any(op.startswith("FusedBatchNorm") for op in ops_of(layers["keras"]))
 
 
 def test_fused_batch_norm_trains_as_keras_own_did():

@@ -39,8 +39,11 @@ def test_an_earlier_release_run_loads_and_gives_the_same_numbers(old_run):
 @pytest.mark.slow
 def test_an_earlier_release_run_resumes_both_stages(old_run):
     run, images_dir = old_run
-    run_cli("train.py", "vqvae", "--run", run, "--resume", "--data", images_dir, "--steps", "5")
-    run_cli("train.py", "prior", "--run", run, "--resume", "--steps", "5")
+    # Trained with XLA, then the default: a resume may turn it off (speed alone), and records that.
+    run_cli("train.py", "vqvae", "--run", run, "--resume", "--data", images_dir, "--steps", "5", "--no-jit")
+    run_cli("train.py", "prior", "--run", run, "--resume", "--steps", "5", "--jit")
+    saved = vqk.Config.load(os.path.join(run, "config.json"))
+    assert (saved.jit_compile, saved.prior_jit_compile) == (False, True)
     with open(os.path.join(run, "log.csv")) as f:
         assert [line.split(",")[0] for line in f.read().split()[1:]] == ["1", "2", "3", "4", "5"]
     assert vqk.load_run(run).prior is not None

@@ -223,7 +223,8 @@ def add_steps_flags(parser, restart=False):
 
 def config_for_run(run, flags, resume, flag_names=None):
     """The Config of a VQ-VAE run: new from flags, or on --resume the saved one, which the flags
-    may not contradict (a moved --data folder and --sample-every may change)."""
+    may not contradict (a moved --data folder, --sample-every and --jit/--no-jit, which changes speed
+    alone, may change)."""
     from .rundir import RunDir
 
     config_path = os.path.join(run, "config.json")
@@ -236,7 +237,7 @@ def config_for_run(run, flags, resume, flag_names=None):
     if not RunDir(run).holds_vqvae():
         raise UsageError(f"--resume: {run} stopped before its first checkpoint; train it anew: the same command "
                          "without --resume")
-    return apply_flags(Config.load(config_path), flags, changeable=("data", "sample_every"), flag_names=flag_names)
+    return apply_flags(Config.load(config_path), flags, changeable=("data", "sample_every", "jit_compile"), flag_names=flag_names)
 
 
 def apply_flags(config, flags, changeable, flag_names=None):

@@ -259,7 +259,7 @@ def train_prior_command(args):
             raise UsageError(f"--data {flags['prior_data']}: a resumed prior goes on with the codes of "
                              f"{config.prior_data or config.data} (RUN/codes.npy); --restart trains one on another folder")
         flags["prior_data"] = None
-    changeable = ("sample_every_epochs",) if args.resume else tuple(flags)
+    changeable = ("sample_every_epochs", "prior_jit_compile") if args.resume else tuple(flags)
     config = apply_flags(config, flags, changeable=changeable, flag_names=names)
     check_flags_apply(args, parser, config)
     images = config.prior_data or config.data

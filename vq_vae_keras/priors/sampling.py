@@ -103,13 +103,16 @@ use_compile_cache(None)
 
 def _clear_compile_cache(error):
     """Remove the cache's entries after a first call failed: TensorFlow fails a call whose entry
-    it cannot load (cut short, say) rather than compile anew. False when this process has no
-    cache of its own or it was already cleared."""
+    it cannot load (cut short, say) rather than compile anew. False, leaving the cache alone,
+    where no entry can be to blame: this process has no cache of its own, it was already cleared,
+    it holds no entry, or the error is running out of memory (a large --n on a GPU)."""
     global _cache_folder
-    folder, _cache_folder = _cache_folder, None
-    if folder is None:
+    folder = _cache_folder
+    found = glob.glob(os.path.join(glob.escape(folder), "*.pb")) if folder else []
+    if not found or isinstance(error, tf.errors.ResourceExhaustedError):
         return False
-    for path in glob.glob(os.path.join(glob.escape(folder), "*.pb")):
+    _cache_folder = None
+    for path in found:
         try:
             os.remove(path)
         except OSError:
