@@ -143,6 +143,14 @@ def test_a_resumed_run_trains_at_the_same_rates(image_dir, tmp_path, capsys):
     assert [r["lr"] for r in longer[:12]] == [r["lr"] for r in resumed]
     np.testing.assert_allclose([float(r["lr"]) for r in longer[12:]], 2e-4, rtol=1e-5)
 
+    # From Python, a Config with another rate or schedule is refused naming the field, nothing written
+    for changed in ({"lr_schedule": "constant", "lr_min_ratio": 0.0}, {"warmup_steps": 2}, {"lr": 1e-3}):
+        before = open(os.path.join(stopped, "config.json")).read()
+        with pytest.raises(vqk.UsageError, match=f"{next(iter(changed))} .* differs from the run's") as error:
+            train_vqvae(tiny_config(data=image_dir, **{**SCHEDULED, **changed}), stopped, steps=16, resume=True)
+        assert error.value.field == next(iter(changed))
+        assert open(os.path.join(stopped, "config.json")).read() == before
+
 
 def test_the_priors_rate_follows_its_epochs_and_resumes(image_dir, tmp_path, capsys):
     run = str(tmp_path / "run")

@@ -41,9 +41,9 @@ class Config:
     batch_size: int = 64
     lr: float = 1e-3
     # learning-rate schedule (a departure, off by default: the reference's Adam keeps lr throughout)
-    lr_schedule: str = "constant"  # "constant" or "cosine": from lr down to lr * lr_min_ratio at the run's last step
+    lr_schedule: str = "constant"  # "constant" or "cosine": from lr down to lr * lr_min_ratio as the run ends
     warmup_steps: int = 0  # linear warm-up from 0 to lr over the first steps (either schedule); 0: none
-    lr_min_ratio: float = 0.0  # cosine: the last step's lr as a fraction of lr (Keras's alpha)
+    lr_min_ratio: float = 0.0  # cosine: the lr the run ends at, as a fraction of lr (Keras's alpha)
     beta: float = 0.25  # weight of the commitment term mse_z (vq, ema: gumbel and fsq have none)
     # codebook health: every option off by default, which is the reference
     quantizer: str = "vq"  # "vq" (the reference), "ema" (EMA codebook), "gumbel" (Gumbel-softmax), "fsq"

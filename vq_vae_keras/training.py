@@ -95,12 +95,27 @@ def fit_with_interrupt(model, dataset, start, total, callbacks, save):
 
 def open_run(run_dir, config, strategy, jit_field, resume, overwrite, taken, what):
     """A stage's run directory, checked before anything is read or written: XLA off under a
-    strategy (the one rule), and a run where taken(run) refused unless resume or overwrite."""
+    strategy (the one rule), a run where taken(run) refused unless resume or overwrite, and a
+    resume that asks for another learning rate than the run's (keep_schedule)."""
     xla_off_under(strategy, config, jit_field)
     run = RunDir(run_dir)
+    if resume and os.path.isfile(run.config):
+        keep_schedule(config, Config.load(run.config), prefix=jit_field[:-len("jit_compile")])
     if is_chief(strategy) and not resume and not overwrite and taken(run):
         raise UsageError(f"{run_dir} already {what}; resume=True continues it, overwrite=True replaces it")
     return run
+
+
+def keep_schedule(config, saved, prefix=""):
+    """A resumed stage goes on at its checkpoint's learning rate (the rate, or the schedule's step
+    and shape, in the optimizer's state): a Config from Python that asks for another is an error
+    naming the field (the command line refuses such flags itself), not a silent change or a
+    checkpoint that does not fit. prefix "prior_": the prior's fields."""
+    for name in ("lr", "lr_schedule", "warmup_steps", "lr_min_ratio"):
+        field = prefix + name
+        if getattr(config, field) != getattr(saved, field):
+            raise UsageError(f"{field} {getattr(config, field)!r} differs from the run's {getattr(saved, field)!r}: "
+                             "a resumed run keeps its learning rate (start a new run to change it)", field)
 
 
 def build_and_resume(build, strategy, checkpoint, resume, total, what, total_given=True, decays=False):

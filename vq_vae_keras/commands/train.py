@@ -131,11 +131,11 @@ def add_schedule_flags(parser, prefix=""):
     """--lr-schedule, --warmup-steps, --lr-min-ratio: the fields of a stage (prefix "prior_": the prior's)."""
     group = parser.add_argument_group("learning-rate schedule (a departure from the reference, off by default)")
     add_field(group, prefix + "lr_schedule", "constant: --lr throughout (the reference); cosine: from --lr down to "
-                                             "--lr x --lr-min-ratio at the run's last step", flag="--lr-schedule")
+                                             "--lr x --lr-min-ratio, reached as the run ends", flag="--lr-schedule")
     add_field(group, prefix + "warmup_steps", "linear warm-up from 0 to --lr over the first N steps, with "
                                               "either schedule", flag="--warmup-steps", type=nonnegative_int,
               metavar="N")
-    add_field(group, prefix + "lr_min_ratio", "cosine: the last step's rate as a fraction of --lr",
+    add_field(group, prefix + "lr_min_ratio", "cosine: the rate the run ends at, as a fraction of --lr",
               flag="--lr-min-ratio", type=fraction, metavar="R", only=(prefix + "lr_schedule", "cosine"))
 
 
