@@ -1,7 +1,7 @@
 """Codebook options side by side, several seeds each, against an equal-bitrate palette codec.
 
     python bench/codebook_health.py [--data DIR --held-out DIR] [--steps 1500] [--eval-at S,...]
-                                    [--seeds 3] [--options NAME,...] [--csv FILE]
+                                    [--seeds 3] [--first-seed 0] [--options NAME,...] [--csv FILE]
 
 Trains the default (the reference's VQ) and each option below for the same number of steps on the
 same folder, once per seed, then scores held-out images through encoder -> quantizer -> decoder:
@@ -147,6 +147,7 @@ def main():
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--eval-at", help="comma-separated steps to score at as well (default: only --steps)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per option")
+    parser.add_argument("--first-seed", type=int, default=0, help="train seeds from this one (another process has the others)")
     parser.add_argument("--options", help=f"comma-separated names (default: all): {', '.join(OPTIONS)}")
     parser.add_argument("--img-dim", type=int, default=32)
     parser.add_argument("--z-dim", type=int, default=32)
@@ -177,7 +178,7 @@ def main():
         palette, palette_used = palette_codec(vqk.load_images(data, args.img_dim), held_out, args.num_codes)
         print(f"{PALETTE}: held-out psnr {palette:.2f} dB, colours used {palette_used:.2f}", flush=True)
         rows = read_rows(args.csv)
-        for seed in range(args.seeds):  # seed-major: a bench cut short still has every option at seed 0
+        for seed in range(args.first_seed, args.seeds):  # seed-major: a bench cut short still has every option at seed 0
             for name in names:
                 if args.report_only or all((settings(name, s), name, seed) in rows for s in eval_at):
                     continue
