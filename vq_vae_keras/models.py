@@ -38,7 +38,8 @@ class BatchNormalization(layers.BatchNormalization):
         # Keras normalises with moments and element-wise ops: about a dozen kernels forward and
         # backward per layer, the largest share of a CPU step without XLA (bench/README.md,
         # training speed). TensorFlow's fused kernel computes the same in one pass each way.
-        fusable = (training and self.trainable and mask is None and not self.synchronized and not self.renorm
+        fusable = (training and self.trainable and mask is None and not self.synchronized
+                   and not getattr(self, "renorm", False)  # Keras 3.10+
                    and self.scale and self.center and len(inputs.shape) == 4 and self.axis in (-1, 3)
                    and keras.backend.backend() == "tensorflow")
         if not fusable:
