@@ -147,7 +147,8 @@ def main():
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--eval-at", help="comma-separated steps to score at as well (default: only --steps)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per option")
-    parser.add_argument("--first-seed", type=int, default=0, help="train seeds from this one (another process has the others)")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="train seeds from this one (another process has the others)")
     parser.add_argument("--options", help=f"comma-separated names (default: all): {', '.join(OPTIONS)}")
     parser.add_argument("--img-dim", type=int, default=32)
     parser.add_argument("--z-dim", type=int, default=32)
@@ -178,7 +179,8 @@ def main():
         palette, palette_used = palette_codec(vqk.load_images(data, args.img_dim), held_out, args.num_codes)
         print(f"{PALETTE}: held-out psnr {palette:.2f} dB, colours used {palette_used:.2f}", flush=True)
         rows = read_rows(args.csv)
-        for seed in range(args.first_seed, args.seeds):  # seed-major: a bench cut short still has every option at seed 0
+        # seed-major: a bench cut short still has every option at seed 0
+        for seed in range(args.first_seed, args.seeds):
             for name in names:
                 if args.report_only or all((settings(name, s), name, seed) in rows for s in eval_at):
                     continue
@@ -197,12 +199,14 @@ def main():
 
     for step in eval_at:
         print(f"\n{step} steps, {args.img_dim} px, z_dim {args.z_dim}, {args.num_codes} codes, batch "
-              f"{args.batch_size}, {len(held_out)} held-out images; mean +- std [min, max] over seeds 0..{args.seeds - 1}")
+              f"{args.batch_size}, {len(held_out)} held-out images; "
+              f"mean +- std [min, max] over seeds 0..{args.seeds - 1}")
         print("| run | seeds | held-out PSNR (dB) | vs palette (dB) | codes used (held-out) | train usage |\n"
               "|---|---|---|---|---|---|")
         print(f"| {PALETTE} | - | {palette:6.2f} | 0 | {palette_used:6.2f} | - |")
         for name in names:
-            runs = [rows[settings(name, step), name, s] for s in range(args.seeds) if (settings(name, step), name, s) in rows]
+            keys = [(settings(name, step), name, s) for s in range(args.seeds)]
+            runs = [rows[key] for key in keys if key in rows]
             if not runs:
                 continue
             psnrs = [float(r["psnr"]) for r in runs]

@@ -202,7 +202,7 @@ class VectorQuantizer(CodebookLayer):
         # dense matrix to Adam, and Keras 3's Adam moves such a row by at most lr a step, where it
         # moves a gathered row used n times in a batch by up to sqrt(n) lr (each use counts in
         # Adam's second moment on its own): a cosine codebook some 20 times slower than the
-        # default's, 0.45 dB lower at 1500 steps on photographs (bench/README.md).
+        # default's, 0.5 dB lower at 1500 steps on photographs (same seed; bench/README.md).
         return l2_normalize(ops.take(self.codebook, ops.cast(codes, "int32"), axis=0))
 
     def distances(self, z):
@@ -470,8 +470,9 @@ class RotationTrick(keras.layers.Layer):
     Without the paper's gain lambda = |e| / |z| (its lambda R z is e itself; here R z + a constant
     is): that gain ties the encoder's gradient to the codebook's scale, 0.03 at the reference's
     +-0.05 codebook against |z| ~ 6, and cost 1.2 dB of held-out PSNR at 1500 steps on photographs
-    (bench/README.md, "Codebook options on photographs"). With an EMA codebook, as in the paper,
-    the codes follow the encoder and the gain stays near 1. Computed in float32 under any dtype policy.
+    (same seed; bench/README.md, "Codebook options on photographs"). With an EMA codebook, as in
+    the paper, the codes follow the encoder and the gain stays near 1. Computed in float32 under any
+    dtype policy.
     """
 
     def __init__(self, **kwargs):
