@@ -9,6 +9,11 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# No XLA compile cache for the tests (test_compile_cache.py opts in for its own processes): TensorFlow
+# 2.16 reads its XLA flags at its first compilation, so one in-process `sample.py random` would
+# otherwise turn the cache on for every later test of the process.
+os.environ.setdefault("VQK_XLA_CACHE", "0")
+
 import vq_vae_keras as vqk  # noqa: E402
 
 # 16 px: no residual blocks, 4x4 code grid. Every test model is this small.

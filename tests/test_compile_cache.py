@@ -107,7 +107,8 @@ def test_the_environment_decides(tmp_path):
 
 
 @pytest.mark.slow
-def test_sample_random_keeps_its_program_in_the_run(trained_run, tmp_path):
+def test_sample_random_keeps_its_program_in_the_run(trained_run, tmp_path, monkeypatch):
+    monkeypatch.delenv("VQK_XLA_CACHE", raising=False)  # conftest's "0", for the two processes below
     run = str(tmp_path / "run")  # a copy: other tests sample from the shared run too
     shutil.copytree(trained_run["run"], run, ignore=shutil.ignore_patterns(".xla_cache"))
     outs = [str(tmp_path / f"codes{i}.npy") for i in range(2)]
@@ -120,8 +121,11 @@ def test_sample_random_keeps_its_program_in_the_run(trained_run, tmp_path):
     assert entries(os.path.join(run, ".xla_cache")) == written
     np.testing.assert_array_equal(np.load(outs[0]), np.load(outs[1]))
 
-    import sample  # in this process too: the cache is not handed on to the caller's later processes
+    # In this process too (the cache off, as conftest has it: on TensorFlow 2.16, which reads its
+    # XLA flags at its first compilation, it would stay on for the rest of the test session).
+    import sample
 
+    monkeypatch.setenv("VQK_XLA_CACHE", "0")
     flags = os.environ.get("TF_XLA_FLAGS")
     status, _, err = call_main(sample.main, ["random", "--run", run, "--n", "2", "--out", str(tmp_path / "c.png")])
     assert status == 0, err
