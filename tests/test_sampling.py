@@ -144,7 +144,8 @@ def test_the_compiled_loop_updates_the_caches_in_place(prior, short_segments, ba
     cache (each copy of a cache at every position read and wrote the whole cache; the layout of
     the caches decides whether XLA can write in place). A check on the program, not a timing."""
     config, _ = prior
-    sampler = build_prior(config).sampler()  # a fresh prior: traced here, with 3 segments
+    fresh = build_prior(config)  # traced here, with 3 segments; kept alive: its sampler holds it weakly
+    sampler = fresh.sampler()
     args = (tf.zeros((batch,), tf.int32), tf.constant([0, 0], tf.int64), tf.constant(1.0), tf.constant(8),
             tf.constant(1.0))
     hlo = sampler.function.experimental_get_compiler_ir(*args)(stage="optimized_hlo", platform_name="CPU")
@@ -289,3 +290,17 @@ def test_cli_top_p(trained_run, tmp_path):
             "--out", str(tmp_path / "random.png"))
     assert np.load(codes).shape[0] == 4  # bad values of --top-p: rows of tests/test_bad_inputs.py
     assert vqk.sample_codes is sample_codes
+
+
+def test_a_sampler_whose_prior_is_gone_says_so(prior):
+    """A sampler holds its prior weakly (it never keeps one alive); once the prior is collected,
+    using the sampler is a clear error, not an AttributeError on None deep in the trace."""
+    import gc
+
+    config, _ = prior
+    fresh = build_prior(config)
+    sampler = fresh.sampler()
+    del fresh
+    gc.collect()
+    with pytest.raises(ReferenceError, match="prior no longer exists"):
+        sampler.model

@@ -167,7 +167,10 @@ class Sampler:
 
     @property
     def model(self):
-        return self._model()
+        model = self._model()
+        if model is None:  # the sampler holds its prior weakly: keep a reference to the prior
+            raise ReferenceError("this sampler's prior no longer exists: keep the prior, call prior.sampler() when needed")
+        return model
 
     def tracing_count(self):
         return self.function.experimental_get_tracing_count()
