@@ -28,6 +28,7 @@ QUANTIZER_OPTIONS = {
 MAX_FSQ_CODES = 2 ** 16  # the prior has a softmax over every code
 SCHEDULES = ("cosine", "linear", "exponential")
 LR_SCHEDULES = ("constant", "cosine")
+OPTIMIZER_FIELDS = ("lr", "lr_schedule", "warmup_steps", "lr_min_ratio")  # each with a prior_ twin
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 PRIORS = ("attention", "pixelcnn")
 
@@ -132,8 +133,8 @@ class Config:
         need(self.num_codes >= 2, f"num_codes must be at least 2, got {self.num_codes}", "num_codes")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}", "lr")
         need(self.prior_lr > 0, f"prior_lr must be > 0, got {self.prior_lr}", "prior_lr")
-        for prefix in ("", "prior_"):
-            schedule, warmup, ratio = (prefix + name for name in ("lr_schedule", "warmup_steps", "lr_min_ratio"))
+        for prior in (False, True):
+            schedule, warmup, ratio = (self.stage_field(name, prior) for name in OPTIMIZER_FIELDS[1:])
             need(getattr(self, schedule) in LR_SCHEDULES,
                  f"{schedule} must be one of {', '.join(LR_SCHEDULES)}, got {getattr(self, schedule)!r}", schedule)
             need(getattr(self, warmup) >= 0, f"{warmup} must be >= 0, got {getattr(self, warmup)}", warmup)
@@ -194,10 +195,15 @@ class Config:
         """Whether a Config field applies to this config's quantizer (QUANTIZER_OPTIONS)."""
         return all(self.quantizer in kinds for group, kinds in QUANTIZER_OPTIONS.items() if option in group)
 
+    @staticmethod
+    def stage_field(name, prior=False) -> str:
+        """The name of a field that each stage has its own of: "lr" is the VQ-VAE's, "prior_lr" the prior's."""
+        return "prior_" + name if prior else name
+
     def lr_scheduled(self, prior=False) -> bool:
         """Whether the VQ-VAE's (or the prior's) learning rate follows a schedule (models.learning_rate)."""
-        prefix = "prior_" if prior else ""
-        return getattr(self, prefix + "lr_schedule") != "constant" or getattr(self, prefix + "warmup_steps") > 0
+        return (getattr(self, self.stage_field("lr_schedule", prior)) != "constant"
+                or getattr(self, self.stage_field("warmup_steps", prior)) > 0)
 
     def gumbel_temperature_at(self, step) -> float:
         """The annealed Gumbel-softmax temperature at a global step."""

@@ -12,7 +12,7 @@ import numpy as np
 from keras import layers, ops
 from tqdm.auto import tqdm
 
-from .config import Config
+from .config import OPTIMIZER_FIELDS, Config
 from .distribute import ReplicaLocalLosses
 from .errors import UsageError
 from .quantizers import PACKAGE, CodebookLayer, build_quantizer, quantizer_class
@@ -298,9 +298,8 @@ def learning_rate(config: Config, total_steps=None, prior=False):
     itself, as the reference, or a function of the optimizer's step (so a checkpoint, which keeps
     the step, resumes it exactly): a linear warm-up from 0 over warmup_steps, then lr (schedule
     "constant") or a cosine from lr down to lr * lr_min_ratio at total_steps, the run's last step."""
-    field = (lambda name: "prior_" + name) if prior else (lambda name: name)
-    lr, schedule, warmup, ratio = (getattr(config, field(name)) for name in
-                                   ("lr", "lr_schedule", "warmup_steps", "lr_min_ratio"))
+    field = lambda name: Config.stage_field(name, prior)  # noqa: E731
+    lr, schedule, warmup, ratio = (getattr(config, field(name)) for name in OPTIMIZER_FIELDS)
     if not config.lr_scheduled(prior):
         return lr
     if total_steps is None and schedule == "cosine":

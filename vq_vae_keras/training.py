@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .callbacks import (Every, LearningRate, NanGuard, StepCallback, NonFiniteLoss, ReconstructionGrids,  # noqa: F401
                         ResetMetrics, StepLog, StopOnSignal, TensorBoardWriter, TqdmProgress, save_state)
 from .codebook import TRAINING_COUNTED, kmeans, summary
-from .config import Config
+from .config import OPTIMIZER_FIELDS, Config
 from .data import ImageArray, ImageFolder, epoch_batches, index_dataset, load_images
 from .distribute import distributed, is_chief, strategy_scope, vector_logs, xla_off_under
 from .errors import UsageError, warn
@@ -93,26 +93,26 @@ def fit_with_interrupt(model, dataset, start, total, callbacks, save):
         raise KeyboardInterrupt
 
 
-def open_run(run_dir, config, strategy, jit_field, resume, overwrite, taken, what):
-    """A stage's run directory, checked before anything is read or written: XLA off under a
-    strategy (the one rule), a run where taken(run) refused unless resume or overwrite, and a
-    resume that asks for another learning rate than the run's (keep_schedule)."""
-    xla_off_under(strategy, config, jit_field)
+def open_run(run_dir, config, strategy, prior, resume, overwrite, taken, what):
+    """A stage's run directory (prior: the prior's stage), checked before anything is read or
+    written: XLA off under a strategy (the one rule), a run where taken(run) refused unless resume
+    or overwrite, and a resume that asks for another learning rate than the run's (keep_schedule)."""
+    xla_off_under(strategy, config, Config.stage_field("jit_compile", prior))
     run = RunDir(run_dir)
     if resume and os.path.isfile(run.config):
-        keep_schedule(config, Config.load(run.config), prefix=jit_field[:-len("jit_compile")])
+        keep_schedule(config, Config.load(run.config), prior)
     if is_chief(strategy) and not resume and not overwrite and taken(run):
         raise UsageError(f"{run_dir} already {what}; resume=True continues it, overwrite=True replaces it")
     return run
 
 
-def keep_schedule(config, saved, prefix=""):
+def keep_schedule(config, saved, prior=False):
     """A resumed stage goes on at its checkpoint's learning rate (the rate, or the schedule's step
     and shape, in the optimizer's state): a Config from Python that asks for another is an error
     naming the field (the command line refuses such flags itself), not a silent change or a
-    checkpoint that does not fit. prefix "prior_": the prior's fields."""
-    for name in ("lr", "lr_schedule", "warmup_steps", "lr_min_ratio"):
-        field = prefix + name
+    checkpoint that does not fit. prior: the prior's fields."""
+    for name in OPTIMIZER_FIELDS:
+        field = Config.stage_field(name, prior)
         if getattr(config, field) != getattr(saved, field):
             raise UsageError(f"{field} {getattr(config, field)!r} differs from the run's {getattr(saved, field)!r}: "
                              "a resumed run keeps its learning rate (start a new run to change it)", field)
@@ -254,7 +254,7 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     """
     from .evaluation import EvaluateEvery
 
-    run = open_run(run_dir, config, strategy, "jit_compile", resume, overwrite,
+    run = open_run(run_dir, config, strategy, False, resume, overwrite,
                    RunDir.holds_vqvae, "holds a run")
     if data is None:
         data = config.data
@@ -459,7 +459,7 @@ def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     from .priors import build_prior, compile_prior
     from .priors.tokens import START_TOKEN, class_tokens, codes_to_tokens
 
-    run = open_run(run_dir, config, strategy, "prior_jit_compile", resume, overwrite,
+    run = open_run(run_dir, config, strategy, True, resume, overwrite,
                    lambda run: run.prior_files(), "has a prior")
     seed = config.seed if config.prior_seed is None else config.prior_seed
     writes = writable_run(run, strategy)
