@@ -50,21 +50,32 @@ def restricted_logits(logits, temperature, top_k, top_p):
     return np.where(keep, logits, -np.inf)
 
 
-def assert_replayed(model, codes, seed, batch_size, temperature=1.0, top_k=8, top_p=1.0):
+def numpy_noise(seed, sample, position, num_codes):
+    """The sampler's uniforms for one sample at one position, from the spec in sampling.noise,
+    in NumPy's uint32 arithmetic (MurmurHash3's finaliser written out here, not imported)."""
+    def mix(h):  # on uint32 arrays, whose products wrap modulo 2**32
+        h = h ^ (h >> np.uint32(16))
+        h = h * np.uint32(0x85EBCA6B)
+        h = h ^ (h >> np.uint32(13))
+        h = h * np.uint32(0xC2B2AE35)
+        return h ^ (h >> np.uint32(16))
+
+    h = np.array([0x9E3779B9], np.uint32)
+    for word in (seed % 2**32, seed >> 32, sample, position):
+        h = mix(h ^ np.uint32(word))
+    h = mix(h ^ np.arange(num_codes, dtype=np.uint32))
+    return ((h >> np.uint32(8)).astype(np.float64) + 0.5) / 2**24
+
+
+def assert_replayed(model, codes, seed, temperature=1.0, top_k=8, top_p=1.0):
     """Each code drawn is the Gumbel-max draw that the FULL model's logits (teacher forced on the
-    drawn prefix, restricted in NumPy) give with the sampler's noise."""
+    drawn prefix, restricted in NumPy) give with the sampler's noise (NumPy's, from its spec)."""
     n, length = len(codes), codes[0].size
     probs = model.predict(codes_to_tokens(codes)[:, :-1], verbose=0).astype(np.float64)
-    # the sampler's noise: XLA's random numbers differ from the eager kernel's, so compile it too
-    compiled_noise = tf.function(lambda s: tf.random.stateless_uniform((batch_size, 8), s,
-                                                                       minval=np.finfo(np.float32).tiny, maxval=1.0),
-                                 jit_compile=True)
     margins = []
     for j in range(n):
-        batch, row = divmod(j, batch_size)
         for i in range(length):
-            # the sampler's noise stream: (seed, batch index * length + position), one row per sample
-            uniform = compiled_noise(tf.constant([seed, batch * length + i], tf.int64)).numpy()[row]
+            uniform = numpy_noise(seed, j, i, probs.shape[-1])
             scores = restricted_logits(np.log(probs[j, i]), temperature, top_k, top_p) - np.log(-np.log(uniform))
             best = np.sort(scores)[::-1]
             if best[0] - best[1] > 1e-4:  # not a near-tie that float rounding may flip
@@ -79,7 +90,47 @@ def test_the_compiled_loop_draws_from_the_full_model(prior, short_segments, opti
     position, not only their argmax."""
     config, model = prior
     codes = sample_codes(model, 4, config.grid_shape, seed=11, batch_size=2, **options)
-    assert_replayed(model, codes, 11, 2, **options)
+    assert_replayed(model, codes, 11, **options)
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**40 + 3])
+def test_the_noise_is_its_spec_in_numpy_eager_and_compiled(seed):
+    """sampling.noise, eager and under XLA (as the samplers run it), against its spec written
+    out in NumPy: every row a sample (from the batch's first), every column a code."""
+    from vq_vae_keras.priors.sampling import noise
+
+    first, rows, num_codes, position = 5, 3, 70, 33
+    expected = np.stack([numpy_noise(seed, first + r, position, num_codes) for r in range(rows)])
+    args = (tf.constant([seed, first], tf.int64), tf.constant(position), rows, num_codes)
+    eager = noise(*args).numpy()
+    compiled = tf.function(lambda s, p: noise(s, p, rows, num_codes), jit_compile=True)(*args[:2]).numpy()
+    np.testing.assert_array_equal(eager, expected.astype(np.float32))
+    np.testing.assert_array_equal(compiled, expected.astype(np.float32))
+    assert 0 < expected.min() and expected.max() < 1  # log(-log(u)) is finite
+
+
+def test_the_noise_is_uniform_and_its_draws_independent():
+    """Across samples, positions and codes: the mean and variance of U(0, 1), no correlation
+    between neighbouring codes, samples or positions, and no two (sample, position) rows alike."""
+    from vq_vae_keras.priors.sampling import noise
+
+    u = np.stack([noise(tf.constant([3, 0], tf.int64), p, 200, 64).numpy() for p in range(50)])  # (50, 200, 64)
+    assert abs(u.mean() - 0.5) < 0.003 and abs(u.var() - 1 / 12) < 0.002
+    for axis in range(3):
+        a, b = np.moveaxis(u, axis, 0)[:-1].ravel(), np.moveaxis(u, axis, 0)[1:].ravel()
+        assert abs(np.corrcoef(a, b)[0, 1]) < 0.01, axis
+    assert len({row.tobytes() for row in u.reshape(-1, 64)}) == 50 * 200
+
+
+@pytest.mark.parametrize("options", [dict(), dict(temperature=0.8, top_k=5, top_p=0.9)])
+def test_a_seed_gives_the_same_codes_whatever_the_batch_size(prior, options):
+    """Each sample's noise depends on its index in the draw, not on its batch: one sample per
+    batch (a CPU's default for long maps), uneven batches, all at once (a GPU's default)."""
+    config, model = prior
+    codes = [sample_codes(model, 5, config.grid_shape, seed=9, batch_size=b, **options) for b in (1, 2, 5)]
+    np.testing.assert_array_equal(codes[0], codes[1])
+    np.testing.assert_array_equal(codes[0], codes[2])
+    assert (sample_codes(model, 5, config.grid_shape, seed=10, batch_size=5, **options) != codes[0]).mean() > 0.3
 
 
 def test_greedy_equals_the_full_model_argmax_on_several_grids(short_segments):
@@ -221,7 +272,7 @@ def test_top_p_never_draws_outside_the_nucleus_and_p_1_is_plain_sampling(prior):
     # P = 1: the plain Gumbel-max draw from the full softmax (no code cut), not merely what
     # top_p=None gives (that becomes 1.0 before the sampler); codes outside the 0.5 nucleus come up.
     plain = sample_codes(model, 6, config.grid_shape, top_p=1.0, seed=3, batch_size=3)
-    assert_replayed(model, plain, 3, 3)
+    assert_replayed(model, plain, 3)
     probs = model.predict(codes_to_tokens(plain)[:, :-1], verbose=0).astype(np.float64)
     outside = [not nucleus(probs[j, i] / probs[j, i].sum(), 0.5)[plain[j].flat[i]] for j in range(6) for i in range(36)]
     assert sum(outside) > 20

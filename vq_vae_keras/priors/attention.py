@@ -242,7 +242,7 @@ class CachedSampler(Sampler):
         self.length = prior.height * prior.width
         # Samples per batch on a CPU: one for maps of 256 positions or more (one sample's caches
         # stay in the processor's cache), else 16 (short maps are bound by per-step overhead, which
-        # a batch shares). Not a share of the cores: a seed gives the same codes on every CPU.
+        # a batch shares). Speed alone: the codes do not depend on the batch size (sampling.noise).
         self.cpu_batch_size = 1 if self.length >= 256 else 16
 
     def compiled(self, token, seed, temperature, top_k, top_p):
@@ -262,7 +262,7 @@ class CachedSampler(Sampler):
                                                        open_length, tf.TensorSpec(codes.shape, tf.int32)])
         def position(i, token, caches, codes):
             logits, caches = prior.call_with_cache(token[:, None], caches, i)
-            code = draw(logits[:, 0], temperature, top_k, top_p, tf.stack([seed[0], seed[1] + tf.cast(i, tf.int64)]))
+            code = draw(logits[:, 0], temperature, top_k, top_p, seed, i)
             return i + 1, code + 1, caches, ops.slice_update(codes, [0, i], code[:, None])
 
         def body(i, token, caches, codes):

@@ -194,8 +194,7 @@ class RowSampler(Sampler):
                 if i + 1 < model.depth:
                     lines[i + 1] = ops.slice_update(lines[i + 1], [0, 0, col + reach, 0], out)
             position = row * w + col
-            code = draw(model.logits(out)[:, 0, 0], temperature, top_k, top_p,
-                        tf.stack([seed[0], seed[1] + tf.cast(position, tf.int64)]))
+            code = draw(model.logits(out)[:, 0, 0], temperature, top_k, top_p, seed, position)
             codes = ops.slice_update(codes, [0, position], code[:, None])
             x = ops.cast(model.embedding(code + 1), model.compute_dtype)[:, None, None, :]
             lines[0] = ops.slice_update(lines[0], [0, 0, col + 1 + reach, 0], x)  # right of it

@@ -181,16 +181,53 @@ class Sampler:
 
     def sample(self, batch, seed, temperature, top_k, top_p, classes=None):
         """(batch, height * width) int32 codes. batch: a Python int (one trace per batch size);
-        seed: a pair of ints, position p's noise being draw's seed (seed[0], seed[1] + p);
+        seed: a pair of ints, the draw's seed and the index of this batch's first sample among all
+        the draw's samples (`noise`: a sample's noise does not depend on its batch);
         top_k: an int (num_codes: no restriction); top_p: a float (1.0: none); classes: (batch,)
         class ids, or None."""
         raise NotImplementedError
 
 
-def draw(logits, temperature, top_k, top_p, seed):
+NOISE_KEY = 0x9E3779B9  # the hash's starting state (any constant; this one is the golden ratio's)
+
+
+def mix32(h):
+    """MurmurHash3's 32-bit finaliser: a bijection of uint32 whose every output bit depends on
+    every input bit."""
+    h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, tf.constant(16, tf.uint32)))
+    h = h * tf.constant(0x85EBCA6B, tf.uint32)
+    h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, tf.constant(13, tf.uint32)))
+    h = h * tf.constant(0xC2B2AE35, tf.uint32)
+    return tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, tf.constant(16, tf.uint32)))
+
+
+def noise(seed, position, rows, num_codes):
+    """(rows, num_codes) float32 uniforms in (0, 1): for row r, code k, a hash of the words
+    (seed's low 32 bits, its high 32 bits, sample seed[1] + r, position, k), each mixed in turn
+    (h = mix32(h ^ word), from NOISE_KEY), its top 24 bits u as (u + 0.5) / 2**24.
+
+    A counter-based generator: a sample's noise is a function of its index among all the draw's
+    samples, not of the batch it runs in, so the same seed gives the same codes whatever the
+    batch size, on a CPU or a GPU (tf.random's stateless streams fill a batch's rows from one key,
+    so the codes depended on how the samples were batched)."""
+    seed = tf.cast(seed, tf.int64)
+    low = tf.cast(tf.bitwise.bitwise_and(seed[0], tf.constant(0xFFFFFFFF, tf.int64)), tf.uint32)
+    high = tf.cast(tf.bitwise.right_shift(seed[0], tf.constant(32, tf.int64)), tf.uint32)  # seed >= 0
+    samples = tf.cast(seed[1] + tf.cast(tf.range(rows), tf.int64), tf.uint32)  # XLA has no uint32 range
+    h = mix32(tf.bitwise.bitwise_xor(tf.constant(NOISE_KEY, tf.uint32), low))
+    h = mix32(tf.bitwise.bitwise_xor(h, high))
+    h = mix32(tf.bitwise.bitwise_xor(h, samples))[:, None]
+    h = mix32(tf.bitwise.bitwise_xor(h, tf.cast(position, tf.uint32)))
+    h = mix32(tf.bitwise.bitwise_xor(h, tf.cast(tf.range(num_codes), tf.uint32)[None, :]))
+    top = tf.cast(tf.bitwise.right_shift(h, tf.constant(8, tf.uint32)), tf.float32)  # exact in float32
+    return (top + 0.5) * (1.0 / 2**24)
+
+
+def draw(logits, temperature, top_k, top_p, seed, position=0):
     """One code per row of logits (batch, K) from softmax(logits / temperature), restricted to the
     top_k likeliest codes, then to the nucleus: the fewest likeliest codes whose probability (after
-    top-k) reaches top_p. Codes tied with the last one kept are kept too.
+    top-k) reaches top_p. Codes tied with the last one kept are kept too. seed: (the draw's seed,
+    the first row's sample index); position: the code's position in the map (`noise`).
 
     Gumbel-max: argmax(logits + Gumbel noise) is a draw from softmax(logits), and unlike
     tf.random.categorical it compiles with XLA. The options are tensors: changing them does not
@@ -209,7 +246,7 @@ def draw(logits, temperature, top_k, top_p, seed):
         return tf.where(logits < threshold, tf.constant(-np.inf, tf.float32), logits)
 
     logits = tf.cond((top_k < num_codes) | (top_p < 1.0), restrict, lambda: logits)
-    uniform = tf.random.stateless_uniform(tf.shape(logits), seed, minval=np.finfo(np.float32).tiny, maxval=1.0)
+    uniform = noise(seed, position, tf.shape(logits)[0], num_codes)
     return tf.cast(tf.argmax(logits - tf.math.log(-tf.math.log(uniform)), axis=-1), tf.int32)
 
 
@@ -277,7 +314,8 @@ def sample_codes(prior, n, grid_shape, temperature=1.0, top_k=None, seed=None, t
     """n code maps (n, h, w) int32 drawn from the prior, position by position.
 
     temperature=1, top_k=None and top_p=None is the reference's plain sampling; other values are
-    departures. The same seed (and batch_size) gives the same codes; seed=None draws a fresh one.
+    departures. The same seed gives the same codes, whatever batch_size and on a CPU or a GPU (up to
+    float rounding of the prior's probabilities); seed=None draws a fresh one.
     classes (class-conditional priors): a class name or id for all samples, or one per sample;
     None: every class in turn, in equal consecutive blocks.
     Samples run in batches of batch_size, in parallel on the CPU cores; the last is padded so that
@@ -288,15 +326,13 @@ def sample_codes(prior, n, grid_shape, temperature=1.0, top_k=None, seed=None, t
     h, w = grid_shape
     ids = sample_classes(prior, n, classes)
     sampler = prior.sampler()
-    length = h * w
     seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else int(seed)
     batch = default_batch_size(sampler, n) if batch_size is None else min(batch_size, n)
     bar = tqdm(total=n * h * w, desc="sampling", unit="code", disable=not progress)
 
     def one_batch(index):
-        # Each batch's noise comes from its own stream: seed, then batch index * length + position.
         rows = None if ids is None else np.resize(ids[index * batch:(index + 1) * batch], batch)  # last: padded
-        codes = sampler.sample(batch, (seed, index * length), float(temperature), top_k or prior.num_codes,
+        codes = sampler.sample(batch, (seed, index * batch), float(temperature), top_k or prior.num_codes,
                                1.0 if top_p is None else float(top_p), classes=rows)
         bar.update(min(batch, n - index * batch) * h * w)  # the last batch's padding is not progress
         return codes
