@@ -4,6 +4,7 @@ Reference names: e_model -> encoder, q_model -> quantizer, g_model -> decoder, t
 """
 
 import contextlib
+import logging
 import random
 from dataclasses import dataclass
 
@@ -105,6 +106,17 @@ def build_decoder(config: Config) -> keras.Model:
     return keras.Model(z_in, x, name="decoder")
 
 
+class OneTracePerModel(logging.Filter):
+    """Drops TensorFlow's retracing warning for predict_whole_batches' calls. TensorFlow counts
+    traces per Python function, and every Keras model's predict step is the same function
+    (Keras's one_step_on_data): a process that predicts with five models (the encoder, the
+    quantizer, the decoder, a reloaded run's...) warns of "excessive retracing" although each
+    model traced once."""
+
+    def filter(self, record):
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
 def predict_whole_batches(model, x, batch_size):
     """model.predict(x) on whole batches only: x is padded with zeros to a multiple of batch_size
     and the outputs cut back to len(x). Each model then compiles its predict step once, whatever
@@ -115,7 +127,12 @@ def predict_whole_batches(model, x, batch_size):
     x = np.asarray(x, np.float32)
     pad = batch_size if len(x) == 0 else -len(x) % batch_size  # no images: one batch of zeros, cut to 0 rows
     padded = np.concatenate([x, np.zeros((pad, *x.shape[1:]), np.float32)])
-    out = model.predict(padded, batch_size=batch_size, verbose=0)
+    quiet, logger = OneTracePerModel(), logging.getLogger("tensorflow")
+    logger.addFilter(quiet)
+    try:
+        out = model.predict(padded, batch_size=batch_size, verbose=0)
+    finally:
+        logger.removeFilter(quiet)
     return [o[:len(x)] for o in out] if isinstance(out, (list, tuple)) else out[:len(x)]
 
 
