@@ -294,3 +294,20 @@ def test_an_empty_log_is_no_damage(tmp_path):
     open(path, "w").close()
     StepLog(path, ["loss"], 3, start=4, resume=True)
     assert not os.path.exists(path + ".damaged") and open(path).read() == "step,epoch,loss\n"
+
+
+def test_a_second_damaged_log_does_not_overwrite_the_first(tmp_path, capsys):
+    """Each damaged log is kept aside under a name of its own: a run damaged three times (crashes
+    mid-write) keeps all three, never replacing what an earlier one kept aside."""
+    from vq_vae_keras.callbacks import log_rows_until
+
+    path = str(tmp_path / "log.csv")
+    damages = {"1,0,0.5\n2,0,0.4\n3,0": ["1", "2"], "1,0,0.5\n\x00 garbage\n": ["1"], "1,0,0.5\n2,0": ["1"]}
+    for damage, kept in damages.items():
+        with open(path, "w", newline="") as f:
+            f.write("step,epoch,loss\n" + damage)
+        assert [row["step"] for row in log_rows_until(path, 10)] == kept
+        assert "is damaged" in capsys.readouterr().err
+    assert not os.path.exists(path)
+    aside = [path + ".damaged", path + ".damaged.2", path + ".damaged.3"]
+    assert [open(name, newline="").read() for name in aside] == ["step,epoch,loss\n" + d for d in damages]

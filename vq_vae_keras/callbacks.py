@@ -10,6 +10,7 @@ each flush. Steps are counted from the optimizer's iteration count at the start 
 import contextlib
 import csv
 import io
+import itertools
 import math
 import os
 import signal
@@ -199,8 +200,9 @@ def csv_text(fields, rows):
 def log_rows_until(path, step):
     """The rows of a CSV log (a column "step") up to step, for a resumed run; [] if there is none.
     A damaged log (a row cut short by a crash or a full disk, a line of garbage) cannot say what
-    it held: it is kept aside as PATH.damaged with a warning, and the rows before the damage are
-    kept. The log is a record only: training resumes from the checkpoint either way."""
+    it held: it is kept aside as PATH.damaged (PATH.damaged.2, ... if that exists: an earlier
+    damaged log is never overwritten) with a warning, and the rows before the damage are kept.
+    The log is a record only: training resumes from the checkpoint either way."""
     if not os.path.isfile(path):
         return []
     rows, reader = [], None
@@ -218,6 +220,10 @@ def log_rows_until(path, step):
                     rows.append(row)
     except (ValueError, UnicodeDecodeError, csv.Error) as e:
         aside = path + ".damaged"
+        for number in itertools.count(2):
+            if not os.path.lexists(aside):
+                break
+            aside = f"{path}.damaged.{number}"
         try:
             os.replace(path, aside)
         except OSError as moving:
