@@ -52,7 +52,7 @@ def restricted_logits(logits, temperature, top_k, top_p):
 
 def numpy_noise(seed, sample, position, num_codes):
     """The sampler's uniforms for one sample at one position, from the spec in sampling.noise,
-    in NumPy's uint32 arithmetic (MurmurHash3's finaliser written out here, not imported)."""
+    in NumPy's uint32 arithmetic and float32 (MurmurHash3's finaliser written out here)."""
     def mix(h):  # on uint32 arrays, whose products wrap modulo 2**32
         h = h ^ (h >> np.uint32(16))
         h = h * np.uint32(0x85EBCA6B)
@@ -60,11 +60,12 @@ def numpy_noise(seed, sample, position, num_codes):
         h = h * np.uint32(0xC2B2AE35)
         return h ^ (h >> np.uint32(16))
 
-    h = np.array([0x9E3779B9], np.uint32)
-    for word in (seed % 2**32, seed >> 32, sample, position):
-        h = mix(h ^ np.uint32(word))
-    h = mix(h ^ np.arange(num_codes, dtype=np.uint32))
-    return ((h >> np.uint32(8)).astype(np.float64) + 0.5) / 2**24
+    a = np.array([0x9E3779B9], np.uint32)
+    for word in (seed % 2**32, sample, position):
+        a = mix(a ^ np.uint32(word))
+    b = mix(np.array([0x7F4A7C15], np.uint32) ^ np.uint32(seed >> 32))
+    h = mix(mix(a ^ np.arange(num_codes, dtype=np.uint32)) + b)
+    return (((h >> np.uint32(9)).astype(np.float64) + 0.5) / 2**23).astype(np.float32)
 
 
 def assert_replayed(model, codes, seed, temperature=1.0, top_k=8, top_p=1.0):
@@ -104,9 +105,30 @@ def test_the_noise_is_its_spec_in_numpy_eager_and_compiled(seed):
     args = (tf.constant([seed, first], tf.int64), tf.constant(position), rows, num_codes)
     eager = noise(*args).numpy()
     compiled = tf.function(lambda s, p: noise(s, p, rows, num_codes), jit_compile=True)(*args[:2]).numpy()
-    np.testing.assert_array_equal(eager, expected.astype(np.float32))
-    np.testing.assert_array_equal(compiled, expected.astype(np.float32))
-    assert 0 < expected.min() and expected.max() < 1  # log(-log(u)) is finite
+    np.testing.assert_array_equal(eager, expected)
+    np.testing.assert_array_equal(compiled, expected)
+
+
+def test_the_noise_never_reaches_0_or_1():
+    """log(-log(u)) must be finite for every hash value: the extremes of the uint32 -> (0, 1) map
+    (with 24 bits, 2**32 - 1 rounded to 1.0 in float32: an infinite Gumbel score)."""
+    from vq_vae_keras.priors.sampling import unit_interval
+
+    u = unit_interval(tf.constant([0, 1, 2**31, 2**32 - 512, 2**32 - 1], tf.uint32)).numpy()
+    assert u.dtype == np.float32 and (u > 0).all() and (u < 1).all()
+    assert np.isfinite(np.log(-np.log(u))).all()
+
+
+def test_seeds_up_to_2_63_do_not_fold_onto_32_bits():
+    """The seed's two halves go to separate lanes, so two seeds differing in either half draw other
+    noise at every code. (Mixed through one 32-bit state, 0 and 5566720164 drew the same noise.)"""
+    from vq_vae_keras.priors.sampling import noise
+
+    def draws(seed):
+        return np.stack([noise(tf.constant([seed, 0], tf.int64), p, 8, 16).numpy() for p in (0, 1)])
+
+    for a, b in [(0, 5566720164), (5, 2**32 + 5), (2**40 + 5, 2**40 + 6), (2**62, 0)]:
+        assert (draws(a) != draws(b)).all(), (a, b)
 
 
 def test_the_noise_is_uniform_and_its_draws_independent():

@@ -134,7 +134,7 @@ class Config:
         need(self.lr > 0, f"lr must be > 0, got {self.lr}", "lr")
         need(self.prior_lr > 0, f"prior_lr must be > 0, got {self.prior_lr}", "prior_lr")
         for prior in (False, True):
-            schedule, warmup, ratio = (self.stage_field(name, prior) for name in OPTIMIZER_FIELDS[1:])
+            schedule, warmup, ratio = (self.stage_field(name, prior) for name in ("lr_schedule", "warmup_steps", "lr_min_ratio"))
             need(getattr(self, schedule) in LR_SCHEDULES,
                  f"{schedule} must be one of {', '.join(LR_SCHEDULES)}, got {getattr(self, schedule)!r}", schedule)
             need(getattr(self, warmup) >= 0, f"{warmup} must be >= 0, got {getattr(self, warmup)}", warmup)

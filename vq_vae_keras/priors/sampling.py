@@ -188,39 +188,50 @@ class Sampler:
         raise NotImplementedError
 
 
-NOISE_KEY = 0x9E3779B9  # the hash's starting state (any constant; this one is the golden ratio's)
+NOISE_KEYS = (0x9E3779B9, 0x7F4A7C15)  # the hash's two starting states (any two constants)
+
+
+def xor(a, b):
+    return tf.bitwise.bitwise_xor(a, b)
 
 
 def mix32(h):
     """MurmurHash3's 32-bit finaliser: a bijection of uint32 whose every output bit depends on
     every input bit."""
-    h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, tf.constant(16, tf.uint32)))
+    h = xor(h, tf.bitwise.right_shift(h, tf.constant(16, tf.uint32)))
     h = h * tf.constant(0x85EBCA6B, tf.uint32)
-    h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, tf.constant(13, tf.uint32)))
+    h = xor(h, tf.bitwise.right_shift(h, tf.constant(13, tf.uint32)))
     h = h * tf.constant(0xC2B2AE35, tf.uint32)
-    return tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, tf.constant(16, tf.uint32)))
+    return xor(h, tf.bitwise.right_shift(h, tf.constant(16, tf.uint32)))
+
+
+def unit_interval(h):
+    """uint32 -> float32 in (0, 1): its top 23 bits u as (u + 0.5) / 2**23, exact in float32 (24
+    bits would round 2**24 - 0.5 up to 1.0, an infinite Gumbel score)."""
+    top = tf.cast(tf.bitwise.right_shift(h, tf.constant(9, tf.uint32)), tf.float32)
+    return (top + 0.5) * (1.0 / 2**23)
 
 
 def noise(seed, position, rows, num_codes):
-    """(rows, num_codes) float32 uniforms in (0, 1): for row r, code k, a hash of the words
-    (seed's low 32 bits, its high 32 bits, sample seed[1] + r, position, k), each mixed in turn
-    (h = mix32(h ^ word), from NOISE_KEY), its top 24 bits u as (u + 0.5) / 2**24.
+    """(rows, num_codes) float32 uniforms in (0, 1), for row r and code k a hash of (seed, sample
+    seed[1] + r, position, k): one lane a = mix32 of (seed's low 32 bits, sample, position) in
+    turn (a = mix32(a ^ word), from NOISE_KEYS[0]), the other b = mix32(NOISE_KEYS[1] ^ seed's high
+    32 bits), then unit_interval(mix32(mix32(a ^ k) + b)). Two seeds differing in either half give
+    different noise for every code.
 
     A counter-based generator: a sample's noise is a function of its index among all the draw's
-    samples, not of the batch it runs in, so the same seed gives the same codes whatever the
-    batch size, on a CPU or a GPU (tf.random's stateless streams fill a batch's rows from one key,
-    so the codes depended on how the samples were batched)."""
+    samples, not of the batch it runs in, so the same seed draws the same noise whatever the batch
+    size, on a CPU or a GPU (tf.random's stateless streams fill a batch's rows from one key, so the
+    codes depended on how the samples were batched)."""
     seed = tf.cast(seed, tf.int64)
     low = tf.cast(tf.bitwise.bitwise_and(seed[0], tf.constant(0xFFFFFFFF, tf.int64)), tf.uint32)
     high = tf.cast(tf.bitwise.right_shift(seed[0], tf.constant(32, tf.int64)), tf.uint32)  # seed >= 0
     samples = tf.cast(seed[1] + tf.cast(tf.range(rows), tf.int64), tf.uint32)  # XLA has no uint32 range
-    h = mix32(tf.bitwise.bitwise_xor(tf.constant(NOISE_KEY, tf.uint32), low))
-    h = mix32(tf.bitwise.bitwise_xor(h, high))
-    h = mix32(tf.bitwise.bitwise_xor(h, samples))[:, None]
-    h = mix32(tf.bitwise.bitwise_xor(h, tf.cast(position, tf.uint32)))
-    h = mix32(tf.bitwise.bitwise_xor(h, tf.cast(tf.range(num_codes), tf.uint32)[None, :]))
-    top = tf.cast(tf.bitwise.right_shift(h, tf.constant(8, tf.uint32)), tf.float32)  # exact in float32
-    return (top + 0.5) * (1.0 / 2**24)
+    a = mix32(xor(tf.constant(NOISE_KEYS[0], tf.uint32), low))
+    a = mix32(xor(a, samples))[:, None]
+    a = mix32(xor(a, tf.cast(position, tf.uint32)))
+    b = mix32(xor(tf.constant(NOISE_KEYS[1], tf.uint32), high))
+    return unit_interval(mix32(mix32(xor(a, tf.cast(tf.range(num_codes), tf.uint32)[None, :])) + b))
 
 
 def draw(logits, temperature, top_k, top_p, seed, position=0):
@@ -314,8 +325,9 @@ def sample_codes(prior, n, grid_shape, temperature=1.0, top_k=None, seed=None, t
     """n code maps (n, h, w) int32 drawn from the prior, position by position.
 
     temperature=1, top_k=None and top_p=None is the reference's plain sampling; other values are
-    departures. The same seed gives the same codes, whatever batch_size and on a CPU or a GPU (up to
-    float rounding of the prior's probabilities); seed=None draws a fresh one.
+    departures. The same seed draws the same noise whatever batch_size, on a CPU or a GPU (`noise`),
+    so the same codes where the prior's probabilities are the same (float rounding can tip a
+    near-tie); seed=None draws a fresh one.
     classes (class-conditional priors): a class name or id for all samples, or one per sample;
     None: every class in turn, in equal consecutive blocks.
     Samples run in batches of batch_size, in parallel on the CPU cores; the last is padded so that
