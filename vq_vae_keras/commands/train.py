@@ -101,7 +101,7 @@ def build_parser(prog="train.py"):
               default_text="the run's --seed")
     add_steps_flags(prior, restart=True)
     add_field(prior, "prior_lr", "Adam learning rate", flag="--lr", type=positive_float)
-    add_schedule_flags(prior, "prior_")
+    add_schedule_flags(prior, prior=True)
     add_field(prior, "val_split", "hold out this fraction of the code maps for val_nll (0: train on all, as the "
                                   "reference)", type=nonnegative_float, metavar="F")
     add_field(prior, "sample_every_epochs", "grid of prior samples every N epochs (0: never)",
@@ -127,16 +127,17 @@ def build_parser(prog="train.py"):
     return parser
 
 
-def add_schedule_flags(parser, prefix=""):
-    """--lr-schedule, --warmup-steps, --lr-min-ratio: the fields of a stage (prefix "prior_": the prior's)."""
+def add_schedule_flags(parser, prior=False):
+    """--lr-schedule, --warmup-steps, --lr-min-ratio: the fields of a stage (prior: the prior's)."""
+    field = lambda name: Config.stage_field(name, prior)  # noqa: E731
     group = parser.add_argument_group("learning-rate schedule (a departure from the reference, off by default)")
-    add_field(group, prefix + "lr_schedule", "constant: --lr throughout (the reference); cosine: from --lr down to "
-                                             "--lr x --lr-min-ratio, reached as the run ends", flag="--lr-schedule")
-    add_field(group, prefix + "warmup_steps", "linear warm-up from 0 to --lr over the first N steps, with "
-                                              "either schedule", flag="--warmup-steps", type=nonnegative_int,
+    add_field(group, field("lr_schedule"), "constant: --lr throughout (the reference); cosine: from --lr down to "
+                                          "--lr x --lr-min-ratio, reached as the run ends", flag="--lr-schedule")
+    add_field(group, field("warmup_steps"), "linear warm-up from 0 to --lr over the first N steps, with "
+                                           "either schedule", flag="--warmup-steps", type=nonnegative_int,
               metavar="N")
-    add_field(group, prefix + "lr_min_ratio", "cosine: the rate the run ends at, as a fraction of --lr",
-              flag="--lr-min-ratio", type=fraction, metavar="R", only=(prefix + "lr_schedule", "cosine"))
+    add_field(group, field("lr_min_ratio"), "cosine: the rate the run ends at, as a fraction of --lr",
+              flag="--lr-min-ratio", type=fraction, metavar="R", only=(field("lr_schedule"), "cosine"))
 
 
 def add_distribute_flags(parser):
