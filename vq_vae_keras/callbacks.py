@@ -325,14 +325,15 @@ class TensorBoardWriter:
                 tensor = tf.stack([tf.as_string(grid.shape[1]), tf.as_string(grid.shape[0]), png])
                 tf.summary.write(name, tensor, step=step, metadata=meta)
 
-    def code_usage(self, step, counts):
-        """Counts (num_codes,) as a histogram over code indices and as a bar-chart image."""
+    def code_usage(self, step, counts, suffix=""):
+        """Counts (num_codes,) as a histogram over code indices and as a bar-chart image
+        (code_usage, code_usage_chart; the top level's with suffix "_top")."""
         counts = np.asarray(counts, np.float64)
         edges = np.arange(len(counts), dtype=np.float64)
         buckets = np.stack([edges, edges + 1, counts], axis=1)  # (left, right, count) per code
         with self.writer.as_default():
-            tf.summary.write("code_usage", buckets, step=step, metadata=_metadata("histograms", self.TENSOR))
-        self.images(step, {"code_usage_chart": histogram_image(counts)})
+            tf.summary.write("code_usage" + suffix, buckets, step=step, metadata=_metadata("histograms", self.TENSOR))
+        self.images(step, {"code_usage_chart" + suffix: histogram_image(counts)})
 
     def flush(self):
         self.writer.flush()

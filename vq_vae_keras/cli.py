@@ -23,7 +23,8 @@ EXIT_FAILED = 1
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
 CHOICES = {"quantizer": config_module.QUANTIZERS, "gumbel_schedule": config_module.SCHEDULES,
            "precision": config_module.PRECISIONS, "prior": config_module.PRIORS,
-           "lr_schedule": config_module.LR_SCHEDULES, "prior_lr_schedule": config_module.LR_SCHEDULES}
+           "lr_schedule": config_module.LR_SCHEDULES, "prior_lr_schedule": config_module.LR_SCHEDULES,
+           "levels": config_module.LEVELS}
 
 
 def quiet_tensorflow_logs():

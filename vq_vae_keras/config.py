@@ -31,6 +31,7 @@ LR_SCHEDULES = ("constant", "cosine")
 OPTIMIZER_FIELDS = ("lr", "lr_schedule", "warmup_steps", "lr_min_ratio")  # each with a prior_ twin
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 PRIORS = ("attention", "pixelcnn")
+LEVELS = (1, 2)
 
 
 @dataclass
@@ -60,6 +61,9 @@ class Config:
     gumbel_anneal_steps: int = 5000  # ... over this many steps ...
     gumbel_schedule: str = "cosine"  # ... along "cosine", "linear" or "exponential"
     gumbel_kl_weight: float = 5e-4  # weight of KL(q || uniform) per code position
+    # VQ-VAE-2 (a departure, off by default: one level is the reference)
+    levels: int = 1  # 2: a top level of codes at img_dim/8 conditions the bottom level at img_dim/4
+    top_num_codes: Optional[int] = None  # codes in the top level's codebook; None: num_codes
     # prior ("PixelAtt", the comment block at the end of the reference)
     prior_heads: int = 8
     prior_head_dim: int = 32
@@ -99,6 +103,16 @@ class Config:
     def grid_shape(self) -> tuple:
         """(h, w) of the latent code grid."""
         return (self.img_dim // 4, self.img_dim // 4)
+
+    @property
+    def top_grid_shape(self) -> tuple:
+        """(h, w) of the top level's code grid (levels 2)."""
+        return (self.img_dim // 8, self.img_dim // 8)
+
+    @property
+    def top_codes(self) -> int:
+        """Codes in the top level's codebook (levels 2): top_num_codes, or num_codes."""
+        return self.num_codes if self.top_num_codes is None else self.top_num_codes
 
     @property
     def prior_dim(self) -> int:
@@ -173,6 +187,17 @@ class Config:
         need(self.gumbel_schedule in SCHEDULES,
              f"gumbel_schedule must be one of {', '.join(SCHEDULES)}, got {self.gumbel_schedule!r}", "gumbel_schedule")
         need(self.gumbel_kl_weight >= 0, f"gumbel_kl_weight must be >= 0, got {self.gumbel_kl_weight}", "gumbel_kl_weight")
+        need(self.levels in LEVELS, f"levels must be 1 or 2, got {self.levels}", "levels")
+        if self.levels == 2:
+            need(self.img_dim % 8 == 0, f"img_dim must be a multiple of 8 with levels 2 (the top codes are at "
+                                        f"img_dim/8), got {self.img_dim}", "img_dim")
+        else:
+            need(self.top_num_codes is None, "top_num_codes applies to levels 2 (--levels 2)", "top_num_codes")
+        if self.top_num_codes is not None:
+            need(self.top_num_codes >= 2, f"top_num_codes must be at least 2, got {self.top_num_codes}", "top_num_codes")
+            need(self.quantizer != "fsq" or self.top_num_codes == self.num_codes,
+                 f"with quantizer fsq both levels take fsq_levels: top_num_codes must be {self.num_codes} or "
+                 f"left out, got {self.top_num_codes}", "top_num_codes")
         need(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}", "precision")
         for name in ("jit_compile", "prior_jit_compile", "sync_batchnorm"):
             need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}", name)
@@ -190,6 +215,12 @@ class Config:
             need(len(set(names)) == len(names), f"classes must not repeat a name, got {names!r}", "classes")
         need(self.sample_every_epochs >= 0, f"sample_every_epochs must be >= 0, got {self.sample_every_epochs}", "sample_every_epochs")
         return self
+
+    def require_one_level(self, what) -> None:
+        """Refuse what is not built for two-level runs yet (the priors: issue 26's second part)."""
+        if self.levels != 1:
+            raise UsageError(f"{what} is not available for two-level runs (levels 2) yet: their priors are still to "
+                             "come; recon, interp, usage and evaluate work on them", "levels")
 
     def takes(self, option) -> bool:
         """Whether a Config field applies to this config's quantizer (QUANTIZER_OPTIONS)."""

@@ -21,6 +21,7 @@ from .errors import UsageError, warn
 from .io import atomic_write_text, load_weights, to_uint8
 from .priors.sampling import sample_codes
 from .priors.tokens import codes_to_tokens, prior_nll
+from .quantizers import TOP
 from .run import LoadedRun, load_run
 
 # An exact reconstruction (MSE 0) has infinite PSNR; it counts as this many dB, so that a mean stays
@@ -31,7 +32,7 @@ INCEPTION_SIZE = 299
 
 # The keys of evaluate()'s dict and of `sample.py evaluate`'s JSON; None where not computed.
 KEYS = ("images", "psnr", "ssim", "mse", "psnr_unquantized", "ssim_unquantized", "codes_used",
-        "codes_used_fraction", "perplexity", "prior_nll", "prior_bits_per_dim", "rfid", "fid",
+        "codes_used_fraction", "perplexity", "codes_used_top", "codes_used_fraction_top", "perplexity_top", "prior_nll", "prior_bits_per_dim", "rfid", "fid",
         "fid_features", "fid_note")
 # Keras's own download of InceptionV3's ImageNet weights without the top (as keras.applications asks for it).
 IMAGENET_WEIGHTS = ("inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
@@ -172,7 +173,8 @@ def evaluate(run, images_or_folder, batch_size=64, fid=None, inception_weights="
       scale (see `reconstruction_scores`), averaged over images. psnr_unquantized, ssim_unquantized:
       encoder -> decoder, skipping the quantizer (the reference's test_ae_1).
     - codes_used, codes_used_fraction (of num_codes), perplexity (exp of the entropy of the code
-      histogram): over all code positions of all images.
+      histogram): over all code positions of all images. A two-level run (levels 2) also has
+      codes_used_top, codes_used_fraction_top and perplexity_top, its top level's.
     - prior_nll: the prior's mean negative log-likelihood per code of the images' code maps, in nats;
       prior_bits_per_dim: each image's total code NLL / (img_dim^2 * 3) / ln 2, averaged over images
       (= prior_nll * h * w / (img_dim^2 * 3) / ln 2). Only when the run has an unconditional prior
@@ -202,7 +204,8 @@ def evaluate(run, images_or_folder, batch_size=64, fid=None, inception_weights="
     inception = InceptionFeatures(inception_weights) if fid else None  # fails here, before the long part
 
     per_image = {key: [] for key in ("mse", "psnr", "ssim", "psnr_unquantized", "ssim_unquantized")}
-    counts = np.zeros(config.num_codes, np.int64)
+    levels = [layer.num_codes for layer in vqvae.vq_layers]
+    counts = [np.zeros(num_codes, np.int64) for num_codes in levels]
     nll_sum, real_features, recon_features = 0.0, [], []
     for images in tqdm(batches, total=num_batches, desc="evaluating", unit="batch", disable=not progress):
         z = vqvae.encode(images, batch_size)
@@ -213,7 +216,8 @@ def evaluate(run, images_or_folder, batch_size=64, fid=None, inception_weights="
         unquantized = reconstruction_scores(original, to_uint8(vqvae.decode(z, batch_size)))
         per_image["psnr_unquantized"].append(unquantized["psnr"])
         per_image["ssim_unquantized"].append(unquantized["ssim"])
-        counts += usage_counts(codes, config.num_codes)
+        for level_counts, level_codes in zip(counts, codes if len(levels) > 1 else [codes]):
+            level_counts += usage_counts(level_codes, len(level_counts))
         if scores_prior:
             nll_sum += prior_nll(run.prior, codes_to_tokens(codes)) * codes.size
         if inception:
@@ -225,11 +229,13 @@ def evaluate(run, images_or_folder, batch_size=64, fid=None, inception_weights="
     per_image = {key: np.concatenate(values) for key, values in per_image.items()}
     results = dict.fromkeys(KEYS)
     results.update(images=len(per_image["mse"]), **{key: float(v.mean()) for key, v in per_image.items()})
-    results.update(codes_used=int((counts > 0).sum()), codes_used_fraction=float((counts > 0).mean()),
-                   perplexity=counts_perplexity(counts))
+    for suffix, level_counts in zip(("", TOP), counts):
+        results.update({"codes_used" + suffix: int((level_counts > 0).sum()),
+                        "codes_used_fraction" + suffix: float((level_counts > 0).mean()),
+                        "perplexity" + suffix: counts_perplexity(level_counts)})
     if scores_prior:
         h, w = config.grid_shape
-        results["prior_nll"] = nll_sum / counts.sum()
+        results["prior_nll"] = nll_sum / counts[0].sum()
         results["prior_bits_per_dim"] = results["prior_nll"] * h * w / (config.img_dim ** 2 * 3) / math.log(2)
     if fid:
         random_features = inception_weights in (None, "none")
@@ -259,6 +265,9 @@ DESCRIPTIONS = {
     "codes_used": "codes chosen at least once",
     "codes_used_fraction": "of num_codes",
     "perplexity": "exp(entropy) of code usage (num_codes at best)",
+    "codes_used_top": "top level: codes chosen at least once",
+    "codes_used_fraction_top": "top level: of top_num_codes",
+    "perplexity_top": "top level: exp(entropy) of code usage",
     "prior_nll": "nats per code (lower is better)",
     "prior_bits_per_dim": "bits per pixel-channel",
     "rfid": "Frechet Inception distance, reconstructions vs images",
@@ -280,7 +289,7 @@ def format_table(results):
         description = DESCRIPTIONS[key]
         if random_features and key in ("rfid", "fid"):
             description += " -- NOT COMPARABLE: random features"
-        lines.append(f"{key:<20} {text:>12}  {description}")
+        lines.append(f"{key:<23} {text:>12}  {description}")
     if random_features:
         lines.append(f"note: {RANDOM_FEATURES_NOTE}")
     return "\n".join(lines)

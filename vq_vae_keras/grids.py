@@ -18,11 +18,15 @@ def reconstruction_grid(vqvae, images, n, quantize=True):
 
 def interpolation_grid(vqvae, starts, ends, n):
     """n rows; row i goes from starts[i] to ends[i] in n steps: z = (1-a) z1 + a z2, a = j/(n-1),
-    quantized, decoded."""
-    z1, z2 = vqvae.encode(starts), vqvae.encode(ends)
+    quantized, decoded (two levels: each level's latents interpolated so)."""
     alpha = np.linspace(0.0, 1.0, n, dtype=np.float32).reshape(1, n, 1, 1, 1)
-    z = (1 - alpha) * z1[:, None] + alpha * z2[:, None]  # (n rows, n steps, h, w, dim)
-    _, vectors = vqvae.quantize(z.reshape(n * n, *z1.shape[1:]))
+
+    def steps(z1, z2):  # (n rows, h, w, dim) twice -> (n rows * n steps, h, w, dim)
+        return ((1 - alpha) * z1[:, None] + alpha * z2[:, None]).reshape(n * n, *z1.shape[1:])
+
+    z1, z2 = vqvae.encode(starts), vqvae.encode(ends)
+    z = [steps(a, b) for a, b in zip(z1, z2)] if isinstance(z1, list) else steps(z1, z2)
+    _, vectors = vqvae.quantize(z)
     return tile(vqvae.decode(vectors), n)
 
 

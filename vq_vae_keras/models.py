@@ -7,6 +7,7 @@ import contextlib
 import logging
 import random
 from dataclasses import dataclass
+from typing import Optional
 
 import keras
 import numpy as np
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 from .config import OPTIMIZER_FIELDS, Config
 from .distribute import ReplicaLocalLosses
 from .errors import UsageError
-from .quantizers import PACKAGE, CodebookLayer, build_quantizer, quantizer_class
+from .quantizers import PACKAGE, TOP, CodebookLayer, build_quantizer, quantizer_class
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -71,7 +72,7 @@ def residual_block(x, name, synchronized=False):
     return layers.Add(name=f"{name}_add")([x, h])
 
 
-def build_encoder(config: Config) -> keras.Model:
+def build_encoder(config: Config, name="encoder") -> keras.Model:
     """(B, img_dim, img_dim, 3) images -> (B, img_dim/4, img_dim/4, z_dim) latents."""
     sync = config.sync_batchnorm
     x_in = keras.Input((config.img_dim, config.img_dim, 3), name="image")
@@ -86,15 +87,22 @@ def build_encoder(config: Config) -> keras.Model:
             x = BatchNormalization(synchronized=sync, name=f"res{i}_out_bn")(x)
     if config.cosine_codebook:  # z on the unit sphere everywhere it is used: quantizer, losses, k-means init
         x = layers.UnitNormalization(axis=-1, dtype="float32", name="unit_norm")(x)
-    return keras.Model(x_in, x, name="encoder")
+    return keras.Model(x_in, x, name=name)
 
 
 def build_decoder(config: Config) -> keras.Model:
-    """(B, h, w, z_dim) latents -> (B, img_dim, img_dim, 3) images in [-1, 1]."""
+    """(B, h, w, z_dim) latents -> (B, img_dim, img_dim, 3) images in [-1, 1].
+    levels 2: [bottom (B, h, w, z_dim), top (B, h/2, w/2, z_dim)] -> images; the top latents are
+    brought to the bottom's grid and both merged into z_dim channels, as in VQ-VAE-2."""
     h, w = config.grid_shape
     sync = config.sync_batchnorm
-    z_in = keras.Input((h, w, config.z_dim), name="latent")
-    x = z_in
+    z_in = x = keras.Input((h, w, config.z_dim), name="latent")
+    if config.levels == 2:
+        top_in = keras.Input((h // 2, w // 2, config.z_dim), name="top_latent")
+        up = layers.Conv2DTranspose(config.z_dim, 4, strides=2, padding="same", name="top_upsample")(top_in)
+        x = layers.Concatenate(name="levels")([z_in, up])
+        x = layers.Conv2D(config.z_dim, 3, padding="same", name="levels_merge")(x)
+        z_in = [z_in, top_in]
     for i in range(config.num_layers):
         x = BatchNormalization(synchronized=sync, name=f"res{i}_in_bn")(x)
         x = residual_block(x, f"res{i}", sync)
@@ -104,6 +112,43 @@ def build_decoder(config: Config) -> keras.Model:
     x = layers.Conv2DTranspose(3, 4, strides=2, padding="same", name="deconv2")(x)
     x = layers.Activation("tanh", dtype="float32", name="tanh")(x)  # images in float32 under mixed precision
     return keras.Model(z_in, x, name="decoder")
+
+
+def build_top_encoder(config: Config) -> keras.Model:
+    """VQ-VAE-2's top encoder: (B, h, w, z_dim) bottom features -> (B, h/2, w/2, z_dim) top latents;
+    one more stride-2 stage and the reference's residual blocks, as the bottom encoder ends."""
+    h, w = config.grid_shape
+    sync = config.sync_batchnorm
+    f_in = keras.Input((h, w, config.z_dim), name="features")
+    x = layers.Conv2D(config.z_dim, 4, strides=2, padding="same", name="conv")(f_in)
+    x = BatchNormalization(synchronized=sync, name="bn")(x)
+    for i in range(config.num_layers):
+        x = residual_block(x, f"res{i}", sync)
+        if i < config.num_layers - 1:
+            x = BatchNormalization(synchronized=sync, name=f"res{i}_out_bn")(x)
+    if config.cosine_codebook:
+        x = layers.UnitNormalization(axis=-1, dtype="float32", name="unit_norm")(x)
+    return keras.Model(f_in, x, name="top_encoder")
+
+
+def build_bottom_latents(config: Config) -> keras.Model:
+    """VQ-VAE-2's conditioning of the bottom level on the top: [bottom features (B, h, w, z_dim),
+    top code vectors (B, h/2, w/2, z_dim)] -> bottom latents (B, h, w, z_dim). The top vectors are
+    decoded to the bottom grid (residual blocks, a stride-2 transposed convolution), concatenated
+    with the features and merged by a 1x1 convolution: what the bottom quantizer sees."""
+    h, w = config.grid_shape
+    sync = config.sync_batchnorm
+    f_in = keras.Input((h, w, config.z_dim), name="features")
+    top_in = x = keras.Input((h // 2, w // 2, config.z_dim), name="top_vectors")
+    for i in range(config.num_layers):
+        x = BatchNormalization(synchronized=sync, name=f"res{i}_in_bn")(x)
+        x = residual_block(x, f"res{i}", sync)
+    x = layers.Conv2DTranspose(config.z_dim, 4, strides=2, padding="same", name="top_decoder")(x)
+    x = layers.Concatenate(name="levels")([f_in, x])
+    x = layers.Conv2D(config.z_dim, 1, name="merge")(x)
+    if config.cosine_codebook:
+        x = layers.UnitNormalization(axis=-1, dtype="float32", name="unit_norm")(x)
+    return keras.Model([f_in, top_in], x, name="bottom_latents")
 
 
 class OneTracePerModel(logging.Filter):
@@ -124,21 +169,35 @@ def predict_whole_batches(model, x, batch_size):
     TensorFlow warns about such retracing, and it costs a compile each time."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise UsageError(f"batch_size must be an integer >= 1, got {batch_size!r}", "batch_size")
-    x = np.asarray(x, np.float32)
-    pad = batch_size if len(x) == 0 else -len(x) % batch_size  # no images: one batch of zeros, cut to 0 rows
-    padded = np.concatenate([x, np.zeros((pad, *x.shape[1:]), np.float32)])
+    if isinstance(x, (list, tuple)):  # a two-level model's latents: one array per level, as many rows each
+        n = len(x[0])
+        padded = [pad_rows(np.asarray(part, np.float32), batch_size) for part in x]
+    else:
+        n = len(x)
+        padded = pad_rows(np.asarray(x, np.float32), batch_size)
     quiet, logger = OneTracePerModel(), logging.getLogger("tensorflow")
     logger.addFilter(quiet)
     try:
         out = model.predict(padded, batch_size=batch_size, verbose=0)
     finally:
         logger.removeFilter(quiet)
-    return [o[:len(x)] for o in out] if isinstance(out, (list, tuple)) else out[:len(x)]
+    return [o[:n] for o in out] if isinstance(out, (list, tuple)) else out[:n]
+
+
+def pad_rows(x, batch_size):
+    """x with rows of zeros added up to a multiple of batch_size (no rows: one batch of zeros)."""
+    pad = batch_size if len(x) == 0 else -len(x) % batch_size
+    return np.concatenate([x, np.zeros((pad, *x.shape[1:]), np.float32)])
 
 
 @dataclass
 class VQVAE:
-    """The four Keras models of the reference, sharing one set of layers, plus batched helpers."""
+    """The four Keras models of the reference, sharing one set of layers, plus batched helpers.
+
+    A two-level model (config.levels 2, VQ-VAE-2) has a second quantizer layer, top_vq_layer, and
+    its latents, codes and code vectors are lists [bottom (N, h, w, ...), top (N, h/2, w/2, ...)]
+    wherever one level's are one array: encode returns [z, z_top], decode takes [e, e_top], and
+    codes_to_vectors, quantize and encode_folder likewise."""
 
     config: Config
     encoder: keras.Model
@@ -146,27 +205,41 @@ class VQVAE:
     decoder: keras.Model
     train_model: keras.Model
     vq_layer: CodebookLayer  # the quantizer layer (quantizers.build_quantizer): VectorQuantizer by default
+    top_vq_layer: Optional[CodebookLayer] = None  # levels 2: the top level's
+
+    @property
+    def vq_layers(self) -> list:
+        """The quantizer layers, bottom first: [vq_layer] or [vq_layer, top_vq_layer]."""
+        return [self.vq_layer] if self.top_vq_layer is None else [self.vq_layer, self.top_vq_layer]
 
     def encode(self, images, batch_size=64):
-        """Images (N, d, d, 3) in [-1, 1] -> latents z (N, h, w, z_dim)."""
+        """Images (N, d, d, 3) in [-1, 1] -> latents z (N, h, w, z_dim) (levels 2: [z, z_top],
+        z computed from the top level's code vectors, as in training)."""
         return predict_whole_batches(self.encoder, images, batch_size)
 
     def quantize(self, z, batch_size=64):
-        """Latents -> (codes (N, h, w) int32, code vectors (N, h, w, z_dim))."""
-        codes, vectors = predict_whole_batches(self.quantizer, z, batch_size)
-        return codes.astype(np.int32), vectors
+        """Latents -> (codes (N, h, w) int32, code vectors (N, h, w, z_dim)) (levels 2: each a
+        list, bottom then top)."""
+        out = predict_whole_batches(self.quantizer, z, batch_size)
+        if self.top_vq_layer is None:
+            return out[0].astype(np.int32), out[1]
+        codes, vectors = out[:2], out[2:]
+        return [c.astype(np.int32) for c in codes], vectors
 
     def decode(self, z, batch_size=64):
-        """Latents or code vectors (N, h, w, z_dim) -> images (N, d, d, 3) in [-1, 1]."""
+        """Latents or code vectors (N, h, w, z_dim) (levels 2: [bottom, top]) -> images (N, d, d, 3) in [-1, 1]."""
         return predict_whole_batches(self.decoder, z, batch_size)
 
     def codes_to_vectors(self, codes):
-        """Integer code maps (N, h, w) -> code vectors (N, h, w, z_dim) from the codebook."""
-        return keras.ops.convert_to_numpy(self.vq_layer.lookup(np.asarray(codes, np.int32)))
+        """Integer code maps (N, h, w) -> code vectors (N, h, w, z_dim) from the codebook (levels 2:
+        [bottom, top] -> [bottom, top])."""
+        if self.top_vq_layer is None:
+            return keras.ops.convert_to_numpy(self.vq_layer.lookup(np.asarray(codes, np.int32)))
+        return [keras.ops.convert_to_numpy(layer.lookup(np.asarray(c, np.int32))) for layer, c in zip(self.vq_layers, codes)]
 
     def encode_folder(self, folder, batch_size=64):
         """Code maps (N, h, w) int32 of every usable image of an ImageFolder (or ImageArray), in
-        batches, with a progress bar: what the prior learns from."""
+        batches, with a progress bar: what the prior learns from (levels 2: [bottom, top])."""
         codes = []
         for i in tqdm(range(0, len(folder), batch_size), desc="encoding", unit="batch"):
             images = folder.read_batch(range(i, min(i + batch_size, len(folder))))
@@ -174,7 +247,9 @@ class VQVAE:
                 codes.append(self.quantize(self.encode(images, batch_size), batch_size)[0])
         if not codes:
             raise UsageError(f"no readable images in {getattr(folder, 'folder', 'the images')}")
-        return np.concatenate(codes).astype(np.int32)
+        if self.top_vq_layer is None:
+            return np.concatenate(codes).astype(np.int32)
+        return [np.concatenate(level).astype(np.int32) for level in zip(*codes)]
 
     def reconstruct(self, images, quantize=True, batch_size=64):
         """encoder -> (quantizer ->) decoder, as the reference's test_ae_2 (test_ae_1 without quantize)."""
@@ -190,7 +265,9 @@ class VQVAEObjective(ReplicaLocalLosses, keras.layers.Layer):
     `train_model.compile(optimizer=...); train_model.fit(images)` trains every term.
 
     Inputs: [x, x_rec, z, e]: images and their reconstructions (B, d, d, 3), encoder outputs and
-    their code vectors (B, h, w, dim). Output: x_rec unchanged.
+    their code vectors (B, h, w, dim); levels 2 (VQ-VAE-2): [x, x_rec, z, e, z_top, e_top], the
+    top level's codebook and commitment terms added as the bottom's and reported as mse_e_top and
+    mse_z_top. Output: x_rec unchanged.
     Loss: mse_x + codebook_weight * mse_e + beta * mse_z, where
       mse_x = mean((x - x_rec)^2)                  (the decoder and, through the quantizer's estimator, the encoder),
       mse_e = mean((stop_gradient(z) - e)^2)       (moves the codebook; weight 0 with the EMA codebook),
@@ -202,16 +279,17 @@ class VQVAEObjective(ReplicaLocalLosses, keras.layers.Layer):
     Computed in float32 under any dtype policy; the terms it adds are reported as metrics.
     """
 
-    def __init__(self, beta=0.25, codebook_weight=1.0, codebook_terms=True, **kwargs):
+    def __init__(self, beta=0.25, codebook_weight=1.0, codebook_terms=True, levels=1, **kwargs):
         if "gumbel" in kwargs:  # files saved before FSQ dropped its terms too
             codebook_terms = not kwargs.pop("gumbel")
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.beta, self.codebook_weight, self.codebook_terms = beta, codebook_weight, codebook_terms
+        self.levels = levels
         self.mse_x = keras.metrics.Mean(name="mse_x")
-        if codebook_terms:
-            self.mse_e = keras.metrics.Mean(name="mse_e")
-            self.mse_z = keras.metrics.Mean(name="mse_z")
+        if codebook_terms:  # attributes mse_e, mse_z (and mse_e_top, mse_z_top): one-level files stay as they were
+            for name in level_names(["mse_e", "mse_z"], levels):
+                setattr(self, name, keras.metrics.Mean(name=name))
 
     @classmethod
     def for_quantizer(cls, layer, beta, **kwargs):
@@ -219,25 +297,30 @@ class VQVAEObjective(ReplicaLocalLosses, keras.layers.Layer):
         return cls(beta, layer.codebook_weight, layer.codebook_terms, **kwargs)
 
     def call(self, inputs):
-        x, x_rec, z, e = (ops.cast(t, "float32") for t in inputs)
+        x, x_rec, *latents = (ops.cast(t, "float32") for t in inputs)
         mse_x = ops.mean(ops.square(x - x_rec))
         self.mse_x.update_state(mse_x)
-        if not self.codebook_terms:
-            self.add_loss(mse_x)
-            return x_rec
-        mse_e = ops.mean(ops.square(ops.stop_gradient(z) - e))
-        mse_z = ops.mean(ops.square(ops.stop_gradient(e) - z))
-        self.mse_e.update_state(mse_e)
-        self.mse_z.update_state(mse_z)
-        self.add_loss(mse_x + self.codebook_weight * mse_e + self.beta * mse_z)
+        loss = mse_x
+        for suffix, z, e in zip(("", TOP), latents[0::2], latents[1::2]):
+            if not self.codebook_terms:
+                break
+            mse_e = ops.mean(ops.square(ops.stop_gradient(z) - e))
+            mse_z = ops.mean(ops.square(ops.stop_gradient(e) - z))
+            getattr(self, "mse_e" + suffix).update_state(mse_e)
+            getattr(self, "mse_z" + suffix).update_state(mse_z)
+            loss = loss + self.codebook_weight * mse_e + self.beta * mse_z
+        self.add_loss(loss)
         return x_rec
 
     def compute_output_shape(self, input_shapes):
         return input_shapes[1]
 
     def get_config(self):
-        return {**super().get_config(), "beta": self.beta, "codebook_weight": self.codebook_weight,
-                "codebook_terms": self.codebook_terms}
+        config = {**super().get_config(), "beta": self.beta, "codebook_weight": self.codebook_weight,
+                  "codebook_terms": self.codebook_terms}
+        if self.levels != 1:
+            config["levels"] = self.levels
+        return config
 
 
 @contextlib.contextmanager
@@ -268,12 +351,19 @@ def seeded_initializers(seed):
         random.setstate(state)
 
 
+def level_names(names, levels) -> list:
+    """names, then with levels 2 the same names for the top level (ending in TOP)."""
+    return list(names) + ([name + TOP for name in names] if levels == 2 else [])
+
+
 def metric_names(config: Config) -> list:
     """The keys of the logs that the config's train_model reports while training, in log order:
-    the objective's terms as they apply to the quantizer, then the quantizer's own."""
+    the objective's terms as they apply to the quantizer, then the quantizer's own (each the
+    bottom level's, then the top's)."""
     layer = quantizer_class(config)
     terms = ["mse_e", "mse_z"] if layer.codebook_terms else []
-    return ["loss", "mse_x", *terms, *layer.metric_names, "perplexity", "usage"]
+    return ["loss", "mse_x", *level_names(terms, config.levels), *level_names(layer.metric_names, config.levels),
+            *level_names(["perplexity", "usage"], config.levels)]
 
 
 def log_names(config: Config) -> list:
@@ -282,7 +372,7 @@ def log_names(config: Config) -> list:
     names = metric_names(config)
     at = names.index("perplexity")
     lr = ["lr"] if config.lr_scheduled() else []  # callbacks.LearningRate's: a constant lr has no column
-    return names[:at] + list(quantizer_class(config).callback_log_names) + names[at:] + lr
+    return names[:at] + level_names(quantizer_class(config).callback_log_names, config.levels) + names[at:] + lr
 
 
 def build_vqvae(config: Config) -> VQVAE:
@@ -290,6 +380,8 @@ def build_vqvae(config: Config) -> VQVAE:
     mixed_float16); the quantizer and the objective stay float32, weights are float32 in every
     policy, so weights saved in one precision load in any. The initial weights follow config.seed."""
     config.validate()
+    if config.levels == 2:
+        return build_two_level_vqvae(config)
     with dtype_policy(config.precision), seeded_initializers(config.seed):
         encoder = build_encoder(config)
         decoder = build_decoder(config)
@@ -308,6 +400,48 @@ def build_vqvae(config: Config) -> VQVAE:
         z_in = keras.Input(encoder.output.shape[1:], name="latent")
         quantizer = keras.Model(z_in, vq_layer(z_in), name="quantizer")
     return VQVAE(config, encoder, quantizer, decoder, train_model, vq_layer)
+
+
+def build_two_level_vqvae(config: Config) -> VQVAE:
+    """VQ-VAE-2 (Razavi et al. 2019) on the reference's blocks: the bottom encoder as the
+    reference's (img_dim/4), a top encoder one stride-2 stage further (img_dim/8) with its own
+    quantizer, the bottom latents conditioned on the top code vectors (build_bottom_latents), and a
+    decoder that sees both levels' code vectors. The four models as build_vqvae's, each level's
+    latents, codes and vectors a list [bottom, top] (VQVAE's docstring)."""
+    with dtype_policy(config.precision), seeded_initializers(config.seed):
+        features = build_encoder(config, name="bottom_encoder")
+        top_encoder = build_top_encoder(config)
+        bottom_latents = build_bottom_latents(config)
+        decoder = build_decoder(config)
+        vq_layer, top_vq_layer = build_quantizer(config), build_quantizer(config, top=True)
+
+        # The training graph first (see build_vqvae). The top vectors the bottom level and the
+        # decoder see carry the top quantizer's gradient estimator, so the reconstruction trains
+        # the top encoder too.
+        x_in = keras.Input((config.img_dim, config.img_dim, 3), name="image")
+        f = features(x_in)
+        z_top = top_encoder(f)
+        _, e_top, top_in = top_vq_layer(z_top, return_decoder_input=True)
+        z = bottom_latents([f, top_in])
+        _, e, bottom_in = vq_layer(z, return_decoder_input=True)
+        x_rec = decoder([bottom_in, top_in])
+        objective = VQVAEObjective.for_quantizer(vq_layer, config.beta, levels=2, name="objective")
+        train_model = keras.Model(x_in, objective([x_in, x_rec, z, e, z_top, e_top]), name="vqvae")
+
+        # Inference: the bottom latents from the top's code vectors, the top quantizer as at
+        # inference even when the encoder is called in training mode (k-means initialisation).
+        x_in = keras.Input((config.img_dim, config.img_dim, 3), name="image")
+        f = features(x_in)
+        z_top = top_encoder(f)
+        _, e_top = top_vq_layer(z_top, training=False)
+        encoder = keras.Model(x_in, [bottom_latents([f, e_top]), z_top], name="encoder")
+
+        z_in = keras.Input(encoder.output[0].shape[1:], name="latent")
+        top_z_in = keras.Input(encoder.output[1].shape[1:], name="top_latent")
+        codes, vectors = vq_layer(z_in)
+        top_codes, top_vectors = top_vq_layer(top_z_in)
+        quantizer = keras.Model([z_in, top_z_in], [codes, top_codes, vectors, top_vectors], name="quantizer")
+    return VQVAE(config, encoder, quantizer, decoder, train_model, vq_layer, top_vq_layer)
 
 
 def learning_rate(config: Config, total_steps=None, prior=False):

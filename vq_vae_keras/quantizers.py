@@ -21,6 +21,8 @@ updates (EMA, dead-code restarts) and the perplexity are over the global batch: 
 summed over replicas with tf.distribute's all-reduce, so every replica computes the same update.
 """
 
+import dataclasses
+
 import keras
 import numpy as np
 from keras import ops
@@ -28,6 +30,7 @@ from keras import ops
 from .distribute import ReplicaLocalLosses, replica_rows, replica_sum
 
 PACKAGE = "vq_vae_keras"
+TOP = "_top"  # VQ-VAE-2's top level: its quantizer layer's name and its metrics end with this
 
 
 def l2_normalize(x, epsilon=1e-12):
@@ -80,12 +83,12 @@ class CodebookLayer(keras.layers.Layer):
     metric_names = ()  # the loss terms it adds itself and reports, in log order
     callback_log_names = ()  # the log columns its training_callbacks add, in log order
 
-    def __init__(self, num_codes, seed=None, **kwargs):
+    def __init__(self, num_codes, seed=None, metric_suffix="", **kwargs):
         kwargs.setdefault("dtype", "float32")  # under any mixed precision policy: see the module doc
         super().__init__(**kwargs)
-        self.num_codes, self.seed = num_codes, seed
-        self.perplexity = keras.metrics.Mean(name="perplexity")
-        self.usage = CodeUsage(num_codes, name="usage")
+        self.num_codes, self.seed, self.metric_suffix = num_codes, seed, metric_suffix
+        self.perplexity = keras.metrics.Mean(name="perplexity" + metric_suffix)
+        self.usage = CodeUsage(num_codes, name="usage" + metric_suffix)
 
     def add_codebook(self, dim, trainable=True):
         # Keras 2's 'uniform' initialiser, as in the reference.
@@ -123,7 +126,10 @@ class CodebookLayer(keras.layers.Layer):
         return self.outputs(keras.KerasTensor(z.shape[:-1], dtype="int32"), vectors(), vectors(), return_decoder_input)
 
     def get_config(self):
-        return {**super().get_config(), "num_codes": self.num_codes, "seed": self.seed}
+        config = {**super().get_config(), "num_codes": self.num_codes, "seed": self.seed}
+        if self.metric_suffix:  # one-level files stay as they were
+            config["metric_suffix"] = self.metric_suffix
+        return config
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -165,7 +171,7 @@ class VectorQuantizer(CodebookLayer):
         self.ema_decay, self.ema_epsilon, self.restart_dead = ema_decay, ema_epsilon, restart_dead
         self.cosine, self.rotation_trick = cosine, rotation_trick
         if restart_dead:
-            self.seed_generator = keras.random.SeedGenerator(seed, name="restart_seed")
+            self.seed_generator = keras.random.SeedGenerator(seed, name="restart_seed" + self.metric_suffix)
 
     def build(self, input_shape):
         dim = input_shape[-1]
@@ -181,10 +187,10 @@ class VectorQuantizer(CodebookLayer):
                                               trainable=False)
 
     @classmethod
-    def for_config(cls, config, ema=False):
+    def for_config(cls, config, suffix="", ema=False):
         return cls(config.num_codes, ema_decay=config.ema_decay if ema else None, ema_epsilon=config.ema_epsilon,
                    restart_dead=config.restart_dead, seed=config.seed, cosine=config.cosine_codebook,
-                   rotation_trick=config.rotation_trick, name="vector_quantizer")
+                   rotation_trick=config.rotation_trick, metric_suffix=suffix, name="vector_quantizer" + suffix)
 
     @property
     def codebook_weight(self):
@@ -310,13 +316,13 @@ class GumbelQuantizer(ReplicaLocalLosses, CodebookLayer):
     def __init__(self, num_codes, kl_weight=5e-4, temperature=1.0, seed=None, **kwargs):
         super().__init__(num_codes, seed, **kwargs)
         self.kl_weight, self.initial_temperature = kl_weight, temperature
-        self.seed_generator = keras.random.SeedGenerator(seed, name="gumbel_seed")
-        self.kl = keras.metrics.Mean(name="kl")
+        self.seed_generator = keras.random.SeedGenerator(seed, name="gumbel_seed" + self.metric_suffix)
+        self.kl = keras.metrics.Mean(name="kl" + self.metric_suffix)
 
     @classmethod
-    def for_config(cls, config):
+    def for_config(cls, config, suffix=""):
         return cls(config.num_codes, config.gumbel_kl_weight, config.gumbel_temperature, seed=config.seed,
-                   name="gumbel_quantizer")
+                   metric_suffix=suffix, name="gumbel_quantizer" + suffix)
 
     def training_callbacks(self, config, start_step):
         return [GumbelAnneal(self, config, start_step)]
@@ -390,8 +396,8 @@ class FiniteScalarQuantizer(CodebookLayer):
         self._radix = np.cumprod([1] + self.levels[:-1]).astype(np.float32)  # exact below 2^24 codes
 
     @classmethod
-    def for_config(cls, config):
-        return cls(config.fsq_levels, name="fsq_quantizer")
+    def for_config(cls, config, suffix=""):
+        return cls(config.fsq_levels, metric_suffix=suffix, name="fsq_quantizer" + suffix)
 
     def build(self, input_shape):
         dim, d = input_shape[-1], len(self.levels)
@@ -510,7 +516,8 @@ class StraightThrough(keras.layers.Layer):
 
 class GumbelAnneal(keras.callbacks.Callback):
     """Sets the Gumbel-softmax temperature from the global step before each step (the config's
-    schedule, Config.gumbel_temperature_at), and logs it as "temperature".
+    schedule, Config.gumbel_temperature_at), and logs it as "temperature" (the top level's layer:
+    "temperature_top").
     start: the global step fit starts from (None: the optimizer's iteration count)."""
 
     def __init__(self, layer, config, start=None):
@@ -527,7 +534,7 @@ class GumbelAnneal(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         self.step += 1
         if logs is not None:
-            logs["temperature"] = self.temperature
+            logs["temperature" + self.layer.metric_suffix] = self.temperature
 
 
 # config.quantizer -> (the layer class, what its for_config takes): the one place the name is read.
@@ -545,7 +552,11 @@ def quantizer_class(config):
     return KINDS[config.quantizer][0]
 
 
-def build_quantizer(config):
-    """The quantizer layer a Config asks for: the reference's VectorQuantizer by default."""
+def build_quantizer(config, top=False):
+    """The quantizer layer a Config asks for: the reference's VectorQuantizer by default. top: the
+    top level's of a two-level model (VQ-VAE-2): every option the bottom's, its own codebook size
+    (config.top_codes) and seed, its name and metrics ending in TOP."""
     cls, options = KINDS[config.quantizer]
-    return cls.for_config(config, **options)
+    if top:
+        config = dataclasses.replace(config, num_codes=config.top_codes, seed=config.seed + 1)
+    return cls.for_config(config, suffix=TOP if top else "", **options)

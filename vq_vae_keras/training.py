@@ -31,6 +31,7 @@ from .distribute import distributed, is_chief, strategy_scope, vector_logs, xla_
 from .errors import UsageError, warn
 from .io import checkpoint_state, load_checkpoint, resumable, save_model, save_npy, save_png
 from .models import build_vqvae, compile_vqvae, learning_rate, log_names
+from .quantizers import TOP
 from .run import RunDir, load_vqvae
 
 REFERENCE_EPOCHS = 1000
@@ -210,7 +211,8 @@ def training_images(data, config: Config, cache=None):
 def kmeans_initialise(vqvae, folder, config):
     """Codebook from k-means on the encoder outputs of the run's first batch (more batches of the
     first epoch if it holds fewer than 10 vectors per code). The encoder runs as in training
-    (batch statistics), its BatchNorm moving averages are left as they were."""
+    (batch statistics), its BatchNorm moving averages are left as they were. Two levels: the top
+    codebook first, then the bottom one on the latents its code vectors give."""
     h, w = config.grid_shape
     indices = []
     for batch in epoch_batches(len(folder), config.batch_size, config.seed):
@@ -218,15 +220,16 @@ def kmeans_initialise(vqvae, folder, config):
         if len(indices) * h * w >= 10 * config.num_codes or len(indices) >= len(folder):
             break
     images = folder.read_batch(indices)
-    saved = [v.numpy() for v in vqvae.encoder.non_trainable_variables]
-    z = keras.ops.convert_to_numpy(vqvae.encoder(images, training=True))
-    for variable, value in zip(vqvae.encoder.non_trainable_variables, saved):
-        variable.assign(value)
-    try:
-        centroids = kmeans(z.reshape(-1, z.shape[-1]), config.num_codes, seed=config.seed)
-    except ValueError as e:
-        raise UsageError(f"--kmeans-init: {e} (use more images or fewer codes)") from None
-    vqvae.vq_layer.initialise(centroids)
+    for level, layer in reversed(list(enumerate(vqvae.vq_layers))):
+        saved = [v.numpy() for v in vqvae.encoder.non_trainable_variables]
+        z = keras.ops.convert_to_numpy(keras.tree.flatten(vqvae.encoder(images, training=True))[level])
+        for variable, value in zip(vqvae.encoder.non_trainable_variables, saved):
+            variable.assign(value)
+        try:
+            centroids = kmeans(z.reshape(-1, z.shape[-1]), layer.num_codes, seed=config.seed)
+        except ValueError as e:
+            raise UsageError(f"--kmeans-init: {e} (use more images or fewer codes)") from None
+        layer.initialise(centroids)
 
 
 def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, cache=None, data=None,
@@ -293,10 +296,10 @@ def train_vqvae(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     log = StepLog(writes.log, keys, steps_per_epoch, start, resume, board)
     images = lambda step: source.random_images(32, np.random.default_rng([config.seed, step]))  # noqa: E731
     if strategy is not None:  # the counts live on every replica: a resumed window starts afresh there
-        state = {**state, "usage_since": start, "usage_counts": None}
+        state = {**state, "usage_since": start, **dict.fromkeys(SampleSteps.COUNTS_KEYS)}
     samples = SampleSteps(vqvae, writes, images, log, board, start, state, total)
     run_callbacks = [
-        *vqvae.vq_layer.training_callbacks(config, start),  # before the log: they may add to its row
+        *[c for layer in vqvae.vq_layers for c in layer.training_callbacks(config, start)],  # before the log: they may add to its row
         *([LearningRate()] if config.lr_scheduled() else []),
         log,
         samples,
@@ -321,9 +324,11 @@ class SampleSteps(Every):
     end and on Ctrl-C, the buffered log rows, the weights and a checkpoint, then the two grids
     (callbacks.ReconstructionGrids) and TensorBoard's images.
 
-    It also keeps the code counts since the last sample step (the log's usage column, and the
-    closing summary). A save between sample steps keeps them in the checkpoint, so a resumed run
-    goes on counting from the sample step, not from where it stopped."""
+    It also keeps the code counts since the last sample step (the log's usage columns, and the
+    closing summary), each level's. A save between sample steps keeps them in the checkpoint, so a
+    resumed run goes on counting from the sample step, not from where it stopped."""
+
+    COUNTS_KEYS = ("usage_counts", "usage_counts" + TOP)  # the checkpoint's, bottom then top
 
     def __init__(self, vqvae, run, images, log, board, start, state, total):
         super().__init__(vqvae.config.sample_every, self.save, start)
@@ -331,37 +336,42 @@ class SampleSteps(Every):
         self.total, self.lr_steps = total, state["lr_steps"]
         self.vqvae, self.run, self.log, self.board = vqvae, run, log, board
         self.grids = ReconstructionGrids(vqvae, images, run.samples)
-        self.usage = vqvae.vq_layer.usage
+        self.usages = [layer.usage for layer in vqvae.vq_layers]
         self.since, self.window = state.get("usage_since", start), None
-        self.saved_counts = state.get("usage_counts")
+        self.saved_counts = [state.get(key) for key in self.COUNTS_KEYS[:len(self.usages)]]
 
     def on_epoch_begin(self, epoch, logs=None):
         # fit resets every metric as its epoch begins: the counts saved by a stopped run go back just after
-        if self.saved_counts is not None:
-            self.usage.counts.assign(np.asarray(self.saved_counts).astype(self.usage.counts.dtype))
-        self.saved_counts = None
+        for usage, counts in zip(self.usages, self.saved_counts):
+            if counts is not None:
+                usage.counts.assign(np.asarray(counts).astype(usage.counts.dtype))
+        self.saved_counts = [None] * len(self.usages)
 
     def save(self, step, logs=None):
         self.log.flush()
-        counts = self.usage.counts.numpy().astype(np.int64)
+        counts = [usage.counts.numpy().astype(np.int64) for usage in self.usages]
         window_ends = (step - 1) % self.every == 0
-        usage = {"usage_since": step} if window_ends else {"usage_since": self.since, "usage_counts": counts.tolist()}
+        usage = {"usage_since": step} if window_ends else \
+            {"usage_since": self.since, **{key: c.tolist() for key, c in zip(self.COUNTS_KEYS, counts)}}
         model, run = self.vqvae.train_model, self.run
         if step == 0 or not save_state(model, run.vqvae_weights, run.vqvae_checkpoint, step,
                                        {"total": self.total, "lr_steps": self.lr_steps, **usage}):
             return
         self.grids.write(step)
         self.window, self.since = (self.since + 1, step, counts), step
-        self.usage.reset_state()
+        for usage in self.usages:
+            usage.reset_state()
         if self.board is not None:
             self.board.images(step, self.grids.written)
-            self.board.code_usage(step, counts)
+            for suffix, level_counts in zip(("", TOP), counts):
+                self.board.code_usage(step, level_counts, suffix)
             self.board.flush()
 
     def print_summary(self):
         if self.window is not None:
             first, last, counts = self.window
-            tqdm.write(f"codebook, steps {first}-{last}: {summary(counts, counted=TRAINING_COUNTED)}")
+            for name, level_counts in zip(("codebook", "top codebook"), counts):
+                tqdm.write(f"{name}, steps {first}-{last}: {summary(level_counts, counted=TRAINING_COUNTED)}")
 
 
 # ---------------------------------------------------------------- prior
@@ -459,6 +469,7 @@ def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     from .priors import build_prior, compile_prior
     from .priors.tokens import START_TOKEN, class_tokens, codes_to_tokens
 
+    config.require_one_level("train_prior")
     run = open_run(run_dir, config, strategy, True, resume, overwrite,
                    lambda run: run.prior_files(), "has a prior")
     seed = config.seed if config.prior_seed is None else config.prior_seed

@@ -114,6 +114,7 @@ def main(argv=None, prog="sample.py"):
     else:
         from ..priors.sampling import sample_codes
 
+        run.config.require_one_level("sample.py random")
         if run.prior is None:
             raise UsageError(f"{args.run} has no trained prior; run: python train.py prior --run {args.run}")
         if args.top_k is not None and args.top_k > run.config.num_codes:
@@ -140,21 +141,30 @@ def main(argv=None, prog="sample.py"):
 
 
 def usage(run, run_dir, data, out):
-    """How often each code is chosen over every image of a folder: printed and drawn."""
+    """How often each code is chosen over every image of a folder: printed and drawn. A two-level
+    run: the bottom level's, then the top level's (drawn into OUT with _top before .png)."""
     from ..codebook import histogram_image, histogram_text, summary, usage_counts
     from ..data import ImageFolder
     from ..io import save_png
 
     folder = ImageFolder(data, run.config.img_dim)
-    counts = usage_counts(run.vqvae.encode_folder(folder, run.config.batch_size), run.config.num_codes)
+    codes = run.vqvae.encode_folder(folder, run.config.batch_size)
     # What is counted: each image's codes in inference mode (training's last line counts the
     # training-mode assignments of its last window's batches, which can differ).
     what = f"in inference over the {len(folder)} images of {data}"
-    print(" code     count  share")
-    print(histogram_text(counts))
-    print(f"{counts.sum()} code positions: {summary(counts, counted=what)}")
-    save_png(out, histogram_image(counts, title=f"code usage of {run_dir}", subtitle=f"counted {what}"))
-    print(out)
+    layers = run.vqvae.vq_layers
+    levels = [("", codes, layers[0], out)] if len(layers) == 1 else \
+        [("bottom level", codes[0], layers[0], out), ("top level", codes[1], layers[1], out[:-len(".png")] + "_top.png")]
+    for level, level_codes, layer, path in levels:
+        counts = usage_counts(level_codes, layer.num_codes)
+        if level:
+            print(f"{level}:")
+        print(" code     count  share")
+        print(histogram_text(counts))
+        print(f"{level + ': ' if level else ''}{counts.sum()} code positions: {summary(counts, counted=what)}")
+        title = f"{level + ' ' if level else ''}code usage of {run_dir}"
+        save_png(path, histogram_image(counts, title=title, subtitle=f"counted {what}"))
+        print(path)
 
 
 def evaluate_command(args):

@@ -72,6 +72,11 @@ def build_parser(prog="train.py"):
     add_field(health, "gumbel_schedule", "gumbel: how the temperature goes from start to end", only=gumbel)
     add_field(health, "gumbel_kl_weight", "gumbel: weight of the KL divergence to uniform", type=nonnegative_float,
               only=gumbel)
+    two = vq.add_argument_group("VQ-VAE-2 (a departure from the reference, off by default)")
+    add_field(two, "levels", "1: the reference; 2: a top level of codes at img_dim/8 conditions the bottom "
+                             "level at img_dim/4, and the decoder sees both (img_dim a multiple of 8)", type=int)
+    add_field(two, "top_num_codes", "levels 2: codes in the top level's codebook", type=positive_int, metavar="K",
+              default_text="--num-codes", only=("levels", 2))
     vq.add_argument("--cache", nargs="?", const="memory", type=cache_file, metavar="FILE.npz",
                     help="decode and resize the images once, keep them in memory (and in FILE.npz if given, "
                          "reused by later runs); same results (default: only folders whose decoded images "
@@ -249,6 +254,7 @@ def train_prior_command(args):
     flags = given_fields(args, parser)
     names = message_names(parser)
     config = Config.load(os.path.join(args.run, "config.json"))
+    config.require_one_level("train.py prior")
     if args.resume and args.classes and config.classes is None:
         raise UsageError("--classes contradicts the run's saved prior, which is not class-conditional "
                          "(--restart --classes trains a new one)")

@@ -22,6 +22,7 @@ def build_prior(config: Config) -> keras.Model:
     -> (batch, length, num_codes) next-code probabilities. The initial weights follow the prior's
     seed (config.prior_seed, else config.seed)."""
     config.validate()
+    config.require_one_level("build_prior")
     h, w = config.grid_shape
     with seeded_initializers(config.seed if config.prior_seed is None else config.prior_seed):
         if config.prior == "pixelcnn":

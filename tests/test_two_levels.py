@@ -1,0 +1,191 @@
+"""VQ-VAE-2 (levels 2): the model's shapes, parameters, loss and gradients against hand-worked
+numbers; inference agreeing with the training graph; training, resume, grids, evaluation and
+usage through the library and the command line; what is refused on a two-level run."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import sample
+import train
+import vq_vae_keras as vqk
+from vq_vae_keras.codebook import kmeans
+from vq_vae_keras.data import ImageArray
+from vq_vae_keras.errors import UsageError
+from vq_vae_keras.grids import interpolation_grid
+from vq_vae_keras.io import to_uint8
+from vq_vae_keras.models import VQVAEObjective, log_names
+from vq_vae_keras.training import kmeans_initialise, train_vqvae
+
+from conftest import TINY_FLAGS, call_main, run_cli, tiny_config, write_images
+
+
+def two_level(**overrides):
+    return tiny_config(**{"img_dim": 32, "levels": 2, **overrides})
+
+
+def images(n=8, size=32, seed=0):
+    return np.random.default_rng(seed).uniform(-1, 1, (n, size, size, 3)).astype("float32")
+
+
+def test_shapes_and_parameter_counts_of_both_levels():
+    one, two = vqk.build_vqvae(tiny_config(img_dim=32)), vqk.build_vqvae(two_level(top_num_codes=5))
+    z, z_top = (tuple(t.shape[1:]) for t in two.encoder.output)
+    assert (z, z_top) == ((8, 8, 8), (4, 4, 8))
+    codes, top_codes, vectors, top_vectors = (tuple(t.shape[1:]) for t in two.quantizer.output)
+    assert (codes, top_codes, vectors, top_vectors) == ((8, 8), (4, 4), (8, 8, 8), (4, 4, 8))
+    assert tuple(two.decoder.output.shape[1:]) == (32, 32, 3)
+    # Worked by hand at z_dim 8, one residual block (32 px): conv k x k from a to b channels has
+    # k*k*a*b + b parameters, a BatchNorm 4 per channel.
+    conv = lambda k, a, b: k * k * a * b + b  # noqa: E731
+    bn, block = 4 * 8, conv(3, 8, 8) + 4 * 8 + conv(1, 8, 8)
+    top_encoder = conv(4, 8, 8) + bn + block
+    bottom_latents = bn + block + conv(4, 8, 8) + conv(1, 16, 8)  # top vectors decoded to h/4, merged
+    decoder_extra = conv(4, 8, 8) + conv(3, 16, 8)  # top vectors brought up, both levels merged
+    top_codebook = 5 * 8
+    assert two.train_model.count_params() - one.train_model.count_params() == \
+        top_encoder + bottom_latents + decoder_extra + top_codebook
+    assert two.top_vq_layer.num_codes == 5 and two.vq_layer.num_codes == 8
+
+
+def test_the_objective_sums_both_levels_terms():
+    rng = np.random.default_rng(0)
+    x, x_rec = rng.normal(size=(2, 16, 16, 3)), rng.normal(size=(2, 16, 16, 3))
+    z, e = rng.normal(size=(2, 4, 4, 8)), rng.normal(size=(2, 4, 4, 8))
+    z_top, e_top = rng.normal(size=(2, 2, 2, 8)), rng.normal(size=(2, 2, 2, 8))
+    objective = VQVAEObjective(beta=0.3, levels=2)
+    objective([t.astype("float32") for t in (x, x_rec, z, e, z_top, e_top)])
+    expected = np.mean((x - x_rec) ** 2) + 1.3 * np.mean((z - e) ** 2) + 1.3 * np.mean((z_top - e_top) ** 2)
+    np.testing.assert_allclose(float(sum(objective.losses)), expected, rtol=1e-5)
+    assert float(objective.mse_z_top.result()) == pytest.approx(np.mean((z_top - e_top) ** 2), rel=1e-5)
+
+
+def test_the_reconstruction_trains_the_top_encoder_through_its_quantizer():
+    """mse_x alone (no commitment term) must reach the top encoder: the bottom level and the decoder
+    see the top vectors with the top quantizer's straight-through estimator, not cut off."""
+    vqvae = vqk.build_vqvae(two_level())
+    x = tf.constant(images(4))
+    top_encoder = vqvae.train_model.get_layer("top_encoder")
+    with tf.GradientTape() as tape:
+        mse_x = tf.reduce_mean(tf.square(x - vqvae.train_model(x, training=True)))
+    grads = tape.gradient(mse_x, top_encoder.trainable_variables)
+    assert all(g is not None for g in grads)
+    assert max(float(tf.reduce_max(tf.abs(g))) for g in grads) > 0
+
+
+def test_inference_agrees_with_the_training_graph():
+    """encode -> quantize -> decode (the bottom latents from the top level's code vectors) gives
+    what the training model computes at inference; codes_to_vectors gives the quantizer's vectors."""
+    vqvae = vqk.build_vqvae(two_level(seed=3))
+    x = images(6)
+    z = vqvae.encode(x, batch_size=4)
+    codes, vectors = vqvae.quantize(z, batch_size=4)
+    assert [c.dtype for c in codes] == [np.int32, np.int32]
+    for level_codes, level_vectors, looked_up in zip(codes, vectors, vqvae.codes_to_vectors(codes)):
+        np.testing.assert_allclose(looked_up, level_vectors, atol=1e-6)
+    np.testing.assert_allclose(vqvae.decode(vectors, batch_size=4), vqvae.train_model.predict(x, verbose=0), atol=1e-5)
+    np.testing.assert_allclose(vqvae.reconstruct(x, batch_size=4), vqvae.train_model.predict(x, verbose=0), atol=1e-5)
+
+
+def test_interpolation_starts_and_ends_at_the_reconstructions():
+    vqvae = vqk.build_vqvae(two_level(seed=1))
+    starts, ends = images(3, seed=1), images(3, seed=2)
+    grid = interpolation_grid(vqvae, starts, ends, 3)
+    first, last = grid[:, :32], grid[:, -32:]
+    np.testing.assert_array_equal(first, to_uint8(vqvae.reconstruct(starts)).reshape(96, 32, 3))
+    np.testing.assert_array_equal(last, to_uint8(vqvae.reconstruct(ends)).reshape(96, 32, 3))
+
+
+def test_kmeans_initialises_the_top_codebook_then_the_bottom_one_on_its_latents():
+    config = two_level(kmeans_init=True, batch_size=8, num_codes=6, top_num_codes=4)
+    vqvae = vqk.build_vqvae(config)
+    folder = ImageArray(images(8))
+    kmeans_initialise(vqvae, folder, config)
+    first_batch = folder.read_batch(range(8))  # 8 images: every one of them
+    z, z_top = (keras.ops.convert_to_numpy(t) for t in vqvae.encoder(first_batch, training=True))
+    # The bottom latents as the initialised top codebook gives them: k-means of the bottom's latents
+    # before the top's was set would differ.
+    for layer, latents in [(vqvae.top_vq_layer, z_top), (vqvae.vq_layer, z)]:
+        expected = kmeans(latents.reshape(-1, 8), layer.num_codes, seed=config.seed)
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.codebook), expected, atol=1e-5, err_msg=layer.name)
+
+
+@pytest.mark.parametrize("quantizer", ["ema", "gumbel"])  # each level's EMA state, restarts and noise resume
+def test_resume_continues_both_levels_exactly(tmp_path, quantizer):
+    data = write_images(tmp_path / "images", count=12, size=16)
+    options = {"restart_dead": 2} if quantizer == "ema" else {}
+    config = lambda: tiny_config(data=data, seed=4, levels=2, quantizer=quantizer, sample_every=3, **options)  # noqa: E731
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    a = train_vqvae(config(), straight, steps=7, deterministic=True)
+    train_vqvae(config(), resumed, steps=5, deterministic=True)
+    b = train_vqvae(config(), resumed, steps=7, resume=True)
+    log = lambda run: open(os.path.join(run, "log.csv")).read().splitlines()  # noqa: E731
+    assert log(straight)[0].split(",")[2:] == log_names(config())
+    assert log(resumed) == log(straight)
+    for x, y in zip(a.train_model.variables, b.train_model.variables):
+        np.testing.assert_array_equal(x.numpy(), y.numpy(), err_msg=x.path)
+
+
+def test_a_two_level_run_through_the_command_line(tmp_path):
+    data = write_images(tmp_path / "images", count=10, size=16)
+    run = str(tmp_path / "run")
+    run_cli("train.py", "vqvae", "--data", data, "--run", run, *TINY_FLAGS, "--levels", "2", "--top-num-codes", "4",
+            "--steps", "4", "--sample-every", "2")
+    config = vqk.Config.load(os.path.join(run, "config.json"))
+    assert (config.levels, config.top_num_codes, config.top_grid_shape) == (2, 4, (2, 2))
+    header = open(os.path.join(run, "log.csv")).readline().strip().split(",")
+    assert {"mse_e_top", "mse_z_top", "perplexity_top", "usage_top"} <= set(header)
+
+    # Loaded from the weights in this process, as the .keras file the training process wrote.
+    loaded = vqk.load_run(run)
+    assert loaded.prior is None and loaded.vqvae.top_vq_layer.num_codes == 4
+    x = images(4, size=16)
+    whole = keras.saving.load_model(os.path.join(run, "vqvae.keras"))
+    np.testing.assert_allclose(loaded.vqvae.train_model.predict(x, verbose=0), whole.predict(x, verbose=0), atol=1e-6)
+
+    for command in ("recon", "interp"):
+        status, out, err = call_main(sample.main, [command, "--run", run, "--data", data, "--n", "2", "--seed", "0"])
+        assert status == 0, err
+    status, out, err = call_main(sample.main, ["usage", "--run", run, "--data", data])
+    assert status == 0, err
+    assert "top level: 40 code positions" in out  # 10 images of 2x2 top codes
+    assert os.path.isfile(os.path.join(run, "samples", "usage_top.png"))
+    status, out, err = call_main(sample.main, ["evaluate", "--run", run, "--data", data])
+    assert status == 0, err
+    results = json.load(open(os.path.join(run, "eval.json")))
+    top_codes = loaded.vqvae.quantize(loaded.vqvae.encode(vqk.load_images(data, 16)))[0][1]
+    assert results["codes_used_top"] == len(np.unique(top_codes))
+    assert results["perplexity_top"] is not None and results["prior_nll"] is None
+
+    # Not built for two levels yet: one line, exit 2, nothing written.
+    for main, argv in [(train.main, ["prior", "--run", run, "--steps", "2"]), (sample.main, ["random", "--run", run])]:
+        status, out, err = call_main(main, argv)
+        assert status == 2 and err.count("\n") == 1 and "not available for two-level runs" in err, err
+    assert not os.path.exists(os.path.join(run, "codes.npy"))
+    # A resumed run keeps its levels.
+    status, _, err = call_main(train.main, ["vqvae", "--run", run, "--resume", "--levels", "1", "--steps", "5"])
+    assert status == 2 and "--levels 1 contradicts the run's saved levels = 2" in err, err
+
+
+def test_one_level_runs_keep_their_names_and_keys():
+    """One level is the reference: no top names in its models, logs or evaluation keys."""
+    config = tiny_config()
+    vqvae = vqk.build_vqvae(config)
+    assert vqvae.top_vq_layer is None and vqvae.vq_layers == [vqvae.vq_layer]
+    assert not [name for name in log_names(config) if name.endswith("_top")]
+    assert "metric_suffix" not in vqvae.vq_layer.get_config()
+    assert "levels" not in vqvae.train_model.get_layer("objective").get_config()
+    assert [v.path for v in vqvae.vq_layer.variables] == ["vector_quantizer/codebook"]
+
+
+def test_two_level_options_are_checked():
+    with pytest.raises(UsageError, match="multiple of 8"):
+        tiny_config(levels=2, img_dim=20).validate()
+    with pytest.raises(UsageError, match="top_num_codes applies to levels 2"):
+        tiny_config(top_num_codes=4).validate()
+    with pytest.raises(UsageError, match="not available for two-level runs"):
+        vqk.build_prior(two_level())
