@@ -32,6 +32,7 @@ OPTIMIZER_FIELDS = ("lr", "lr_schedule", "warmup_steps", "lr_min_ratio")  # each
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 PRIORS = ("attention", "pixelcnn")
 LEVELS = (1, 2)
+PRIOR_LEVELS = ("top", "bottom")  # a two-level run's priors, in training order
 
 
 @dataclass
@@ -216,11 +217,16 @@ class Config:
         need(self.sample_every_epochs >= 0, f"sample_every_epochs must be >= 0, got {self.sample_every_epochs}", "sample_every_epochs")
         return self
 
-    def require_one_level(self, what) -> None:
-        """Refuse what is not built for two-level runs yet (the priors: issue 26's second part)."""
-        if self.levels != 1:
-            raise UsageError(f"{what} is not available for two-level runs (levels 2) yet: their priors are still to "
-                             "come; recon, interp, usage and evaluate work on them", "levels")
+    def check_level(self, level) -> None:
+        """A prior's level: None for a one-level run, "top" or "bottom" for a two-level one."""
+        if self.levels == 1 and level is not None:
+            raise UsageError(f"level {level!r}: this run has one level of codes (levels 1): its prior has no level",
+                             "level")
+        if self.levels == 2 and level not in PRIOR_LEVELS:
+            raise UsageError(f"level must be \"top\" or \"bottom\" for a two-level run's prior, got {level!r}", "level")
+        if level == "bottom" and self.prior != "attention":
+            raise UsageError(f"the bottom prior of a two-level run is an attention prior (--prior attention): the "
+                             f"{self.prior} prior is not conditioned on a top level yet", "prior")
 
     def takes(self, option) -> bool:
         """Whether a Config field applies to this config's quantizer (QUANTIZER_OPTIONS)."""

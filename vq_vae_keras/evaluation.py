@@ -19,7 +19,7 @@ from .codebook import counts_perplexity, usage_counts
 from .data import ImageFolder, load_images
 from .errors import UsageError, warn
 from .io import atomic_write_text, load_weights, to_uint8
-from .priors.sampling import sample_codes
+from .priors.sampling import sample_codes, sample_levels
 from .priors.tokens import codes_to_tokens, prior_nll
 from .quantizers import TOP
 from .run import LoadedRun, load_run
@@ -32,7 +32,8 @@ INCEPTION_SIZE = 299
 
 # The keys of evaluate()'s dict and of `sample.py evaluate`'s JSON; None where not computed.
 KEYS = ("images", "psnr", "ssim", "mse", "psnr_unquantized", "ssim_unquantized", "codes_used",
-        "codes_used_fraction", "perplexity", "codes_used_top", "codes_used_fraction_top", "perplexity_top", "prior_nll", "prior_bits_per_dim", "rfid", "fid",
+        "codes_used_fraction", "perplexity", "codes_used_top", "codes_used_fraction_top", "perplexity_top", "prior_nll", "prior_nll_top", "prior_bits_per_dim",
+        "prior_bits_per_image", "rfid", "fid",
         "fid_features", "fid_note")
 # Keras's own download of InceptionV3's ImageNet weights without the top (as keras.applications asks for it).
 IMAGENET_WEIGHTS = ("inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
@@ -177,8 +178,11 @@ def evaluate(run, images_or_folder, batch_size=64, fid=None, inception_weights="
       codes_used_top, codes_used_fraction_top and perplexity_top, its top level's.
     - prior_nll: the prior's mean negative log-likelihood per code of the images' code maps, in nats;
       prior_bits_per_dim: each image's total code NLL / (img_dim^2 * 3) / ln 2, averaged over images
-      (= prior_nll * h * w / (img_dim^2 * 3) / ln 2). Only when the run has an unconditional prior
-      (a class-conditional one would need each image's class: left out, with a warning).
+      (= prior_nll * h * w / (img_dim^2 * 3) / ln 2); prior_bits_per_image: the same total, in bits
+      per image. Only when the run has an unconditional prior (a class-conditional one would need
+      each image's class: left out, with a warning). A two-level run: prior_nll is the bottom
+      prior's (under each image's top codes), prior_nll_top the top prior's, and the bits sum both
+      levels; only when both priors are trained.
     - with fid=N: rfid, the Fréchet Inception distance of the reconstructions to the originals (all
       images), and fid, of N samples from the prior (drawn with seed) to the originals; fid_features
       says which Inception features they compare: "imagenet", or "random" (inception_weights "none":
@@ -197,7 +201,8 @@ def evaluate(run, images_or_folder, batch_size=64, fid=None, inception_weights="
     if not isinstance(run, LoadedRun):
         run = load_run(run)
     config, vqvae = run.config, run.vqvae
-    scores_prior = run.prior is not None and config.classes is None
+    two = config.levels == 2
+    scores_prior = run.prior is not None and config.classes is None and (not two or run.top_prior is not None)
     if run.prior is not None and not scores_prior:
         warn("the prior is class-conditional: prior_nll and prior_bits_per_dim are left out (they need each image's class)")
     batches, num_batches = _image_batches(images_or_folder, config.img_dim, batch_size)
@@ -206,7 +211,7 @@ def evaluate(run, images_or_folder, batch_size=64, fid=None, inception_weights="
     per_image = {key: [] for key in ("mse", "psnr", "ssim", "psnr_unquantized", "ssim_unquantized")}
     levels = [layer.num_codes for layer in vqvae.vq_layers]
     counts = [np.zeros(num_codes, np.int64) for num_codes in levels]
-    nll_sum, real_features, recon_features = 0.0, [], []
+    nll_sums, real_features, recon_features = [0.0, 0.0], [], []
     for images in tqdm(batches, total=num_batches, desc="evaluating", unit="batch", disable=not progress):
         z = vqvae.encode(images, batch_size)
         codes, vectors = vqvae.quantize(z, batch_size)
@@ -218,8 +223,12 @@ def evaluate(run, images_or_folder, batch_size=64, fid=None, inception_weights="
         per_image["ssim_unquantized"].append(unquantized["ssim"])
         for level_counts, level_codes in zip(counts, codes if len(levels) > 1 else [codes]):
             level_counts += usage_counts(level_codes, len(level_counts))
-        if scores_prior:
-            nll_sum += prior_nll(run.prior, codes_to_tokens(codes)) * codes.size
+        if scores_prior and two:  # the bottom maps under their top maps, the top maps alone
+            nll_sums[0] += prior_nll(run.prior, codes_to_tokens(codes[0]), top_codes=codes[1].reshape(len(images), -1)) \
+                * codes[0].size
+            nll_sums[1] += prior_nll(run.top_prior, codes_to_tokens(codes[1])) * codes[1].size
+        elif scores_prior:
+            nll_sums[0] += prior_nll(run.prior, codes_to_tokens(codes)) * codes.size
         if inception:
             real_features.append(inception(original))
             recon_features.append(inception(recon))
@@ -234,9 +243,12 @@ def evaluate(run, images_or_folder, batch_size=64, fid=None, inception_weights="
                         "codes_used_fraction" + suffix: float((level_counts > 0).mean()),
                         "perplexity" + suffix: counts_perplexity(level_counts)})
     if scores_prior:
-        h, w = config.grid_shape
-        results["prior_nll"] = nll_sum / counts[0].sum()
-        results["prior_bits_per_dim"] = results["prior_nll"] * h * w / (config.img_dim ** 2 * 3) / math.log(2)
+        nats_per_image = sum(nll_sums) / results["images"]
+        results["prior_nll"] = nll_sums[0] / counts[0].sum()
+        if two:
+            results["prior_nll_top"] = nll_sums[1] / counts[1].sum()
+        results["prior_bits_per_image"] = nats_per_image / math.log(2)
+        results["prior_bits_per_dim"] = results["prior_bits_per_image"] / (config.img_dim ** 2 * 3)
     if fid:
         random_features = inception_weights in (None, "none")
         results.update(fid_features="random" if random_features else "imagenet",
@@ -245,10 +257,13 @@ def evaluate(run, images_or_folder, batch_size=64, fid=None, inception_weights="
             raise UsageError(f"FID needs at least 2 images, got {results['images']}")
         real = feature_statistics(np.concatenate(real_features))
         results["rfid"] = frechet_distance(*real, *feature_statistics(np.concatenate(recon_features)))
-        if run.prior is None:
+        if run.prior is None or (two and run.top_prior is None):
             warn("the run has no prior: fid (samples vs images) is not computed, only rfid")
         else:
-            codes = sample_codes(run.prior, fid, config.grid_shape, seed=seed, progress=progress)
+            if two:
+                codes = sample_levels(run.top_prior, run.prior, fid, seed=seed, progress=progress)
+            else:
+                codes = sample_codes(run.prior, fid, config.grid_shape, seed=seed, progress=progress)
             samples = to_uint8(vqvae.decode(vqvae.codes_to_vectors(codes), batch_size))
             results["fid"] = frechet_distance(*real, *feature_statistics(inception(samples)))
     return results
@@ -269,7 +284,9 @@ DESCRIPTIONS = {
     "codes_used_fraction_top": "top level: of top_num_codes",
     "perplexity_top": "top level: exp(entropy) of code usage",
     "prior_nll": "nats per code (lower is better)",
+    "prior_nll_top": "top level: nats per code",
     "prior_bits_per_dim": "bits per pixel-channel",
+    "prior_bits_per_image": "bits per image: all its codes (both levels')",
     "rfid": "Frechet Inception distance, reconstructions vs images",
     "fid": "Frechet Inception distance, prior samples vs images",
     "fid_features": "the Inception weights rfid and fid are computed with",

@@ -31,6 +31,6 @@ def interpolation_grid(vqvae, starts, ends, n):
 
 
 def codes_grid(vqvae, codes):
-    """(n*n, h, w) code maps -> decoded n x n grid (codebook lookup -> decoder)."""
-    n = int(round(len(codes) ** 0.5))
+    """(n*n, h, w) code maps (two levels: [bottom, top]) -> decoded n x n grid (codebook lookup -> decoder)."""
+    n = int(round(len(codes[0] if isinstance(codes, list) else codes) ** 0.5))
     return tile(vqvae.decode(vqvae.codes_to_vectors(codes)), n)

@@ -32,7 +32,7 @@ from .errors import UsageError, warn
 from .io import checkpoint_state, load_checkpoint, resumable, save_model, save_npy, save_png
 from .models import build_vqvae, compile_vqvae, learning_rate, log_names
 from .quantizers import TOP
-from .run import RunDir, load_vqvae
+from .run import RunDir, load_prior, load_vqvae
 
 REFERENCE_EPOCHS = 1000
 PRIOR_KEYS = ["loss", "accuracy"]
@@ -384,9 +384,9 @@ def prior_codes(config: Config, run: RunDir, resume, classes=False, write_to=Non
     and both saved (into write_to if given: a worker other than the chief)."""
     from .priors.tokens import check_codes
 
-    conditional = classes or config.classes is not None
-    if resume and os.path.isfile(run.codes):
-        codes = check_codes(_load_npy(run.codes), config, run.codes)
+    conditional = (classes or config.classes is not None) and run.level != "bottom"
+    if (resume or run.level == "bottom") and os.path.isfile(run.codes):  # the bottom's: the top stage wrote them
+        codes = check_codes(_load_npy(run.codes), config, run.codes, run.level)
         return codes, (check_labels(_load_npy(run.labels), config, len(codes), run.labels) if conditional else None)
     if data is None:
         data = config.prior_data or config.data
@@ -410,6 +410,10 @@ def prior_codes(config: Config, run: RunDir, resume, classes=False, write_to=Non
     if conditional:
         labels = labels[folder.usable()]  # the unreadable images are not in codes either
         save_npy((write_to or run).labels, labels)
+    if config.levels == 2:  # both levels' maps: the bottom prior learns under the top ones
+        for level, level_codes in zip(("bottom", "top"), codes):
+            save_npy((write_to or run).at_level(level).codes, level_codes)
+        return codes[run.level == "top"], labels if conditional else None
     save_npy((write_to or run).codes, codes)
     return codes, labels if conditional else None
 
@@ -431,17 +435,22 @@ def check_labels(labels, config: Config, n, source="labels"):
 
 
 def split_validation(tokens, fraction, seed):
-    """Seeded hold-out: (train, validation); at least one of each when there are two or more."""
-    order = np.random.default_rng([seed, 1]).permutation(len(tokens))
-    n_val = int(round(fraction * len(tokens)))
-    if fraction > 0 and len(tokens) >= 2:
-        n_val = min(max(n_val, 1), len(tokens) - 1)
+    """Seeded hold-out: (train, validation); at least one of each when there are two or more.
+    tokens: an array, or a list of arrays of as many rows (split alike)."""
+    n = len(tokens[0]) if isinstance(tokens, list) else len(tokens)
+    order = np.random.default_rng([seed, 1]).permutation(n)
+    n_val = int(round(fraction * n))
+    if fraction > 0 and n >= 2:
+        n_val = min(max(n_val, 1), n - 1)
+    if isinstance(tokens, list):
+        return [t[order[n_val:]] for t in tokens], [t[order[:n_val]] for t in tokens]
     return tokens[order[n_val:]], tokens[order[:n_val]]
 
 
-def token_dataset(tokens, batch_size, seed, start_step=0):
+def token_dataset(tokens, batch_size, seed, start_step=0, top_codes=None):
     """(N, L+1) token sequences -> endless (inputs tokens[:, :-1], targets tokens[:, 1:] - 1)
-    batches in the reference's epochs, from global step start_step on."""
+    batches in the reference's epochs, from global step start_step on. top_codes (N, top length),
+    for a two-level run's bottom prior: the inputs are (tokens[:, :-1], top codes)."""
     length = tokens.shape[1] - 1
 
     def read(indices):
@@ -450,13 +459,17 @@ def token_dataset(tokens, batch_size, seed, start_step=0):
 
     def load(indices):
         x, y = tf.numpy_function(read, [indices], (tf.int32, tf.int32), stateful=False)
-        return tf.ensure_shape(x, (None, length)), tf.ensure_shape(y, (None, length))
+        x, y = tf.ensure_shape(x, (None, length)), tf.ensure_shape(y, (None, length))
+        if top_codes is None:
+            return x, y
+        top = tf.numpy_function(lambda i: top_codes[i], [indices], tf.int32, stateful=False)
+        return (x, tf.ensure_shape(top, (None, top_codes.shape[1]))), y
 
     return index_dataset(len(tokens), batch_size, seed, start_step).map(load).prefetch(tf.data.AUTOTUNE)
 
 
 def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False, callbacks=(), deterministic=False,
-                tensorboard=False, overwrite=False, classes=False, strategy=None, data=None):
+                tensorboard=False, overwrite=False, classes=False, strategy=None, data=None, level=None):
     """Train (or resume) the prior of a run directory on its VQ-VAE's codes. Returns the prior.
     data: the images whose codes it learns: an array in [-1, 1], a folder (recorded as
       config.prior_data where it is not the VQ-VAE's), or None: config.prior_data, else
@@ -465,29 +478,56 @@ def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     already has a prior; XLA off under a strategy; config.prior_batch_size is the global batch);
     a grid of samples every config.sample_every_epochs epochs (0: never).
     config.prior picks the kind (attention or pixelcnn). classes: a class-conditional prior, each
-    image's class its first-level subfolder of the folder (names saved as config.classes)."""
+    image's class its first-level subfolder of the folder (names saved as config.classes).
+    level: a two-level run's prior, "top" or "bottom" (RunDir.at_level names its files); the
+    bottom one learns under the top code maps and needs the top prior trained first. None: a
+    one-level run's, or both of a two-level run's, top first (with resume, the bottom one
+    resumes only if it has a checkpoint): the bottom prior is returned."""
     from .priors import build_prior, compile_prior
-    from .priors.tokens import START_TOKEN, class_tokens, codes_to_tokens
+    from .priors.tokens import START_TOKEN, check_codes, class_tokens, codes_to_tokens
 
-    config.require_one_level("train_prior")
+    if config.levels == 2 and level is None:
+        config.check_level("bottom")  # before the top prior trains for nothing
+        kwargs = dict(steps=steps, epochs=epochs, callbacks=callbacks, deterministic=deterministic,
+                      tensorboard=tensorboard, overwrite=overwrite, classes=classes, strategy=strategy, data=data)
+        train_prior(config, run_dir, resume=resume, level="top", **kwargs)
+        bottom = RunDir(run_dir).at_level("bottom")
+        return train_prior(config, run_dir, resume=resume and os.path.isfile(bottom.prior_checkpoint), level="bottom",
+                           **kwargs)
+    config.check_level(level)
     run = open_run(run_dir, config, strategy, True, resume, overwrite,
-                   lambda run: run.prior_files(), "has a prior")
+                   lambda run: run.at_level(level).prior_files(), f"has a{' ' + level if level else ''} prior")
+    run = run.at_level(level)
+    if level == "bottom" and not os.path.isfile(run.at_level("top").prior_weights):
+        raise UsageError(f"{run_dir} has no top prior: the bottom prior is trained after it (train.py prior --level top)",
+                         "level")
     seed = config.seed if config.prior_seed is None else config.prior_seed
-    writes = writable_run(run, strategy)
+    writes = writable_run(run, strategy).at_level(level)
     if steps is not None and not resume:  # a warm-up longer than the run is refused before codes.npy is written
         learning_rate(config, steps, prior=True)
     with resumable(writes.prior_checkpoint):
         codes, labels = prior_codes(config, run, resume, classes, writes, data)
-    first = START_TOKEN if labels is None else class_tokens(labels, config.num_codes)  # the class is the start
-    train_tokens, val_tokens = split_validation(codes_to_tokens(codes, first), config.val_split, seed)
+    top_codes = None
+    if level == "bottom":  # the top maps the bottom prior learns under, flattened
+        top = run.at_level("top").codes
+        top_codes = check_codes(_load_npy(top), config, top, "top").reshape(len(codes), -1)
+    num_codes = config.top_codes if level == "top" else config.num_codes
+    first = START_TOKEN if labels is None else class_tokens(labels, num_codes)  # the class is the start
+    tokens = codes_to_tokens(codes, first)
+    train_tokens, val_tokens = split_validation(tokens if top_codes is None else [tokens, top_codes],
+                                                config.val_split, seed)
+    train_top = val_top = None
+    if top_codes is not None:
+        (train_tokens, train_top), (val_tokens, val_top) = train_tokens, val_tokens
     batch_size = config.prior_batch_size
     steps_per_epoch = math.ceil(len(train_tokens) / batch_size)
     total = resolve_total_steps(steps, epochs, steps_per_epoch)
     if deterministic:
         seed_everything(seed, config.prior_jit_compile)
 
-    prior, state = build_and_resume(lambda lr_steps: compile_prior(build_prior(config), config, lr_steps), strategy,
-                                    run.prior_checkpoint, resume, total, "prior",
+    what = f"{level} prior" if level else "prior"
+    prior, state = build_and_resume(lambda lr_steps: compile_prior(build_prior(config, level), config, lr_steps),
+                                    strategy, run.prior_checkpoint, resume, total, what,
                                     total_given=steps is not None or epochs is not None,
                                     decays=config.prior_lr_schedule == "cosine")
     if state is None:
@@ -507,23 +547,26 @@ def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     run_callbacks = [
         *([LearningRate()] if lr else []),  # before PriorEpochs, which logs it
         Every(config.sample_every, save, start),
-        PriorEpochs(config, run, writes, val_tokens, log, board, start, total, steps_per_epoch, seed),
+        PriorEpochs(config, run, writes, (val_tokens, val_top), log, board, start, total, steps_per_epoch, seed),
     ]
     with stage_files(writes, strategy, board):
-        fit_stage(prior, token_dataset(train_tokens, batch_size, seed, start), start, total, run_callbacks, callbacks,
-                  save, writes.prior_checkpoint, strategy, PRIOR_KEYS, "prior", reset_every=steps_per_epoch)
+        fit_stage(prior, token_dataset(train_tokens, batch_size, seed, start, train_top), start, total, run_callbacks,
+                  callbacks, save, writes.prior_checkpoint, strategy, PRIOR_KEYS, what, reset_every=steps_per_epoch)
     return prior
 
 
 class PriorEpochs(StepCallback):
     """At the end of each epoch (and of training): the validation NLL, a log row, and every
-    config.sample_every_epochs epochs a grid of random samples."""
+    config.sample_every_epochs epochs a grid of random samples (a two-level run: the bottom
+    prior's stage draws under the trained top prior's samples; the top prior's stage draws none,
+    as its codes alone do not decode)."""
 
-    def __init__(self, config, run, writes, val_tokens, log, board, start, total, steps_per_epoch, seed):
+    def __init__(self, config, run, writes, validation, log, board, start, total, steps_per_epoch, seed):
         super().__init__(start)
-        self.config, self.run, self.writes, self.val_tokens, self.log, self.board = config, run, writes, val_tokens, log, board
+        self.config, self.run, self.writes, self.log, self.board = config, run, writes, log, board
+        self.val_tokens, self.val_top = validation  # the top codes: the bottom prior's, else None
         self.total, self.steps_per_epoch, self.seed = total, steps_per_epoch, seed
-        self.vqvae = None  # loaded for the first grid
+        self.vqvae = self.top_prior = None  # loaded for the first grid
 
     def on_step(self, step, logs):
         if step % self.steps_per_epoch == 0 or step == self.total:
@@ -531,22 +574,28 @@ class PriorEpochs(StepCallback):
 
     def end_of_epoch(self, step, logs):
         from .grids import codes_grid
-        from .priors.sampling import sample_codes
+        from .priors.sampling import sample_codes, sample_levels
         from .priors.tokens import prior_nll
 
         epoch = (step - 1) // self.steps_per_epoch
         batch_size = self.config.prior_batch_size
-        val_nll = prior_nll(self.model, self.val_tokens, batch_size) if len(self.val_tokens) else None
+        val_nll = prior_nll(self.model, self.val_tokens, batch_size, self.val_top) if len(self.val_tokens) else None
         self.log.append(step, {**logs, "val_nll": val_nll})
         self.log.flush()
-        tqdm.write(f"prior epoch {epoch}: loss {float(logs.get('loss', np.nan)):.4f}, "
+        level = f"{self.run.level} " if self.run.level else ""
+        tqdm.write(f"{level}prior epoch {epoch}: loss {float(logs.get('loss', np.nan)):.4f}, "
                    f"accuracy {float(logs.get('accuracy', np.nan)):.4f}"
                    + (f", val_nll {val_nll:.4f}" if val_nll is not None else ""))
         every = self.config.sample_every_epochs
-        if every and ((epoch + 1) % every == 0 or step == self.total):
+        if every and ((epoch + 1) % every == 0 or step == self.total) and self.run.level != "top":
             if self.vqvae is None:
                 self.vqvae = load_vqvae(self.config, self.run)
-            codes = sample_codes(self.model, 64, self.config.grid_shape, seed=self.seed + epoch)
+            if self.run.level == "bottom":
+                if self.top_prior is None:
+                    self.top_prior = load_prior(self.config, self.run, "top")
+                codes = sample_levels(self.top_prior, self.model, 64, seed=self.seed + epoch)
+            else:
+                codes = sample_codes(self.model, 64, self.config.grid_shape, seed=self.seed + epoch)
             grid = codes_grid(self.vqvae, codes)
             save_png(os.path.join(self.writes.samples, f"prior_sample_{epoch}.png"), grid)
             if self.board is not None:

@@ -55,7 +55,8 @@ def build_parser(prog="sample.py"):
                            help="class-conditional priors: samples of this class; repeat for rows per class "
                                 "(default: every class in turn)")
             p.add_argument("--codes-out", type=output_file(".npy"),
-                           help="also save the sampled code maps (n*n, h, w) as .npy")
+                           help="also save the sampled code maps (n*n, h, w) as .npy (a two-level run: the "
+                                "bottom maps; the top maps beside them, in FILE_top.npy)")
     add_evaluate_parser(commands)
     return parser
 
@@ -112,13 +113,16 @@ def main(argv=None, prog="sample.py"):
         images = ImageFolder(args.data, run.config.img_dim).random_images(2 * args.n, rng)
         grid = interpolation_grid(run.vqvae, images[0::2], images[1::2], args.n)
     else:
-        from ..priors.sampling import sample_codes
+        from ..priors.sampling import sample_codes, sample_levels
 
-        run.config.require_one_level("sample.py random")
-        if run.prior is None:
-            raise UsageError(f"{args.run} has no trained prior; run: python train.py prior --run {args.run}")
-        if args.top_k is not None and args.top_k > run.config.num_codes:
-            raise UsageError(f"--top-k must be at most num_codes = {run.config.num_codes}, got {args.top_k}")
+        two = run.config.levels == 2
+        if run.prior is None or (two and run.top_prior is None):
+            what = "trained prior" if not two else f"trained {'top' if run.top_prior is None else 'bottom'} prior"
+            raise UsageError(f"{args.run} has no {what}; run: python train.py prior --run {args.run}")
+        least = min(run.config.num_codes, run.config.top_codes) if two else run.config.num_codes
+        if args.top_k is not None and args.top_k > least:
+            raise UsageError(f"--top-k must be at most num_codes = {least}" + (" (the smaller level's)" if two else "")
+                             + f", got {args.top_k}")
         classes = None
         if args.classes:
             if run.config.classes is None:
@@ -129,10 +133,16 @@ def main(argv=None, prog="sample.py"):
                                  f"{', '.join(run.config.classes)}")
             # rows per class: grid row r shows the (r * len(names) // n)-th named class
             classes = [args.classes[(i // args.n) * len(args.classes) // args.n] for i in range(args.n * args.n)]
-        codes = sample_codes(run.prior, args.n * args.n, run.config.grid_shape, temperature=args.temperature,
-                             top_k=args.top_k, top_p=args.top_p, seed=seed, progress=True, classes=classes)
+        options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed, progress=True,
+                       classes=classes)
+        if two:  # top maps from the top prior, then each bottom map under its top map
+            codes = sample_levels(run.top_prior, run.prior, args.n * args.n, **options)
+        else:
+            codes = sample_codes(run.prior, args.n * args.n, run.config.grid_shape, **options)
         if args.codes_out:
-            save_npy(args.codes_out, codes)
+            save_npy(args.codes_out, codes[0] if two else codes)
+            if two:
+                save_npy(args.codes_out[:-len(".npy")] + "_top.npy", codes[1])
         grid = codes_grid(run.vqvae, codes)
     if args.seed is None:  # drawn: now the seed is worth repeating
         print(f"seed {seed}: pass --seed {seed} to repeat")

@@ -16,7 +16,7 @@ from ..cli import (DEFAULTS, ArgumentParser, add_field, add_steps_flags, apply_f
                    config_for_run, field_flags, flags_named, folder, fraction, given_fields, import_tensorflow,
                    nonnegative_float, nonnegative_int, not_a_file, output_file, positive_float, positive_int, console,
                    seed_int, unit_interval, validate_flags)
-from ..config import Config
+from ..config import PRIOR_LEVELS, Config
 from ..errors import UsageError
 
 DEMO_RUN = os.path.join("runs", "demo")
@@ -128,6 +128,9 @@ def build_parser(prog="train.py"):
               only=("prior", "pixelcnn"))
     kinds.add_argument("--classes", action="store_true",
                        help="class-conditional prior: each image's class is its first-level subfolder of the images")
+    prior.add_argument("--level", choices=PRIOR_LEVELS,
+                       help="a two-level run's prior to train: top, or bottom (after the top one; it takes the top "
+                            "prior's flags) (default: both, top first)")
     add_distribute_flags(prior)
     return parser
 
@@ -254,21 +257,32 @@ def train_prior_command(args):
     flags = given_fields(args, parser)
     names = message_names(parser)
     config = Config.load(os.path.join(args.run, "config.json"))
-    config.require_one_level("train.py prior")
+    level = args.level
+    if level is not None:
+        config.check_level(level)
+    if config.levels == 2 and args.restart and level is not None:
+        raise UsageError("--restart on a two-level run trains both priors anew (they share the prior's flags): "
+                         "leave out --level")
+    if level == "bottom" and args.classes:
+        raise UsageError("--classes applies to the top prior: the bottom one is conditioned on the top codes")
     if args.resume and args.classes and config.classes is None:
         raise UsageError("--classes contradicts the run's saved prior, which is not class-conditional "
                          "(--restart --classes trains a new one)")
     reset = restart_defaults(config, flags) if args.restart else []
-    if not args.resume:
+    if not args.resume and level != "bottom":  # the bottom prior keeps the top's
         config.classes = None  # a new prior: conditional only with --classes
     elif flags.get("prior_data") is not None:  # the saved codes are what the prior goes on learning
         if os.path.abspath(flags["prior_data"]) != os.path.abspath(config.prior_data or config.data or ""):
             raise UsageError(f"--data {flags['prior_data']}: a resumed prior goes on with the codes of "
                              f"{config.prior_data or config.data} (RUN/codes.npy); --restart trains one on another folder")
         flags["prior_data"] = None
-    changeable = ("sample_every_epochs", "prior_jit_compile") if args.resume else tuple(flags)
+    # A resumed prior keeps its flags; so does a two-level run's bottom prior, which shares the top's.
+    kept = args.resume or level == "bottom"
+    changeable = ("sample_every_epochs", "prior_jit_compile") if kept else tuple(flags)
     config = apply_flags(config, flags, changeable=changeable, flag_names=names)
     check_flags_apply(args, parser, config)
+    if config.levels == 2 and level != "top":
+        config.check_level("bottom")  # before the top prior trains for nothing
     images = config.prior_data or config.data
     if not args.resume and not (images and os.path.isdir(images)):  # --data itself was checked
         raise UsageError(f"the run's image folder {images} is gone; give --data DIR" if images else
@@ -279,12 +293,13 @@ def train_prior_command(args):
     from ..training import train_prior
 
     run = RunDir(args.run)
-    existing = run.prior_files() if is_chief(strategy) else []  # another worker leaves the run's files alone
+    views = [run.at_level(each) for each in ((level,) if level else PRIOR_LEVELS)] if config.levels == 2 else [run]
+    existing = [path for view in views for path in view.prior_files()] if is_chief(strategy) else []  # another worker leaves the run's files alone
     if existing and not (args.resume or args.restart):
         raise UsageError(f"{args.run} already has a prior ({os.path.basename(existing[0])}, ...); add --resume to "
                          "continue it, or --restart to delete it and train a new one")
-    if args.resume and not os.path.isfile(run.prior_checkpoint):
-        raise UsageError(f"no prior checkpoint at {run.prior_checkpoint} to resume; train without --resume")
+    if args.resume and not os.path.isfile(views[0].prior_checkpoint):
+        raise UsageError(f"no prior checkpoint at {views[0].prior_checkpoint} to resume; train without --resume")
     if not os.path.isfile(run.vqvae_weights):
         raise UsageError(f"no trained VQ-VAE in {args.run}; run: python train.py vqvae --run {args.run} ...")
     if args.restart:
@@ -300,8 +315,8 @@ def train_prior_command(args):
             print(f"--restart: a new prior; flags not given take their defaults: {', '.join(reset)}")
     with flags_named(flags, names):
         train_prior(config, args.run, steps=args.steps, epochs=args.epochs, resume=args.resume, deterministic=True,
-                    tensorboard=args.tensorboard, classes=args.classes, strategy=strategy)
-    print(f"prior weights: {os.path.join(args.run, 'prior.weights.h5')}")
+                    tensorboard=args.tensorboard, classes=args.classes, strategy=strategy, level=level)
+    print(f"prior weights: {', '.join(view.prior_weights for view in views)}")
 
 
 def demo():

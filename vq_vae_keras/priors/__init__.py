@@ -17,19 +17,26 @@ from .attention import Prior
 from .pixelcnn import PixelCNN
 
 
-def build_prior(config: Config) -> keras.Model:
+def build_prior(config: Config, level=None) -> keras.Model:
     """The config's prior (attention, the reference, or pixelcnn): int tokens (batch, length <= h*w)
     -> (batch, length, num_codes) next-code probabilities. The initial weights follow the prior's
-    seed (config.prior_seed, else config.seed)."""
+    seed (config.prior_seed, else config.seed).
+    A two-level run (levels 2) has one per level: level "top" over the top code maps (h/2 x w/2,
+    top_num_codes; class-conditional where config.classes says), level "bottom" over the bottom
+    ones, conditioned on the whole top map (Prior's condition; attention only for now)."""
     config.validate()
-    config.require_one_level("build_prior")
-    h, w = config.grid_shape
-    with seeded_initializers(config.seed if config.prior_seed is None else config.prior_seed):
+    config.check_level(level)
+    h, w = config.top_grid_shape if level == "top" else config.grid_shape
+    num_codes = config.top_codes if level == "top" else config.num_codes
+    classes = None if level == "bottom" else config.classes
+    condition = (*config.top_grid_shape, config.top_codes) if level == "bottom" else None
+    seed = config.seed if config.prior_seed is None else config.prior_seed
+    with seeded_initializers(seed + (level == "bottom")):  # the two levels' priors start apart
         if config.prior == "pixelcnn":
-            return PixelCNN(h, w, config.num_codes, config.pixelcnn_width, config.pixelcnn_depth,
-                            config.pixelcnn_kernel, config.classes)
-        return Prior(h, w, config.num_codes, config.prior_dim, config.prior_heads, config.prior_head_dim,
-                     config.prior_depth, config.classes)
+            return PixelCNN(h, w, num_codes, config.pixelcnn_width, config.pixelcnn_depth, config.pixelcnn_kernel,
+                            classes)
+        return Prior(h, w, num_codes, config.prior_dim, config.prior_heads, config.prior_head_dim, config.prior_depth,
+                     classes, condition=condition)
 
 
 def compile_prior(prior: keras.Model, config: Config, total_steps=None) -> keras.Model:

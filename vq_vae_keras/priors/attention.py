@@ -62,6 +62,42 @@ class GridPositionEmbedding(keras.layers.Layer):
         return {**super().get_config(), "height": self.height, "width": self.width}
 
 
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class TopCondition(keras.layers.Layer):
+    """VQ-VAE-2's conditioning of the bottom prior on the whole top code map (a departure, for
+    two-level runs): top codes (batch, height * width) of the top grid -> (batch, 4 * height *
+    width, dim), one vector per position of the bottom grid (twice as high and wide), row-major.
+
+    The top codes' embeddings pass a 3x3 convolution over the top grid (each sees its
+    neighbours, the later ones too: the top map is known whole), then each covers the 2x2 bottom
+    positions under it. The prior adds them to its token embeddings, so every bottom position sees
+    the top map and, through attention, only the bottom codes before it.
+    """
+
+    def __init__(self, height, width, num_codes, dim, **kwargs):
+        super().__init__(**kwargs)
+        self.height, self.width, self.num_codes, self.dim = height, width, num_codes, dim
+        self.embedding = layers.Embedding(num_codes, dim, name="top_code_embedding")
+        self.conv = layers.Conv2D(dim, 3, padding="same", name="top_code_conv")
+
+    def build(self, input_shape):
+        self.embedding.build(input_shape)
+        self.conv.build((None, self.height, self.width, self.dim))
+
+    def call(self, top_codes):
+        x = ops.reshape(self.embedding(top_codes), (-1, self.height, self.width, self.dim))
+        x = self.conv(x)
+        x = ops.repeat(ops.repeat(x, 2, axis=1), 2, axis=2)
+        return ops.reshape(x, (-1, 4 * self.height * self.width, self.dim))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], 4 * self.height * self.width, self.dim)
+
+    def get_config(self):
+        return {**super().get_config(), "height": self.height, "width": self.width, "num_codes": self.num_codes,
+                "dim": self.dim}
+
+
 def _mask_value(dtype):
     # Large enough that exp() underflows to 0, small enough to stay finite in float16.
     return -3e4 if keras.backend.standardize_dtype(dtype) == "float16" else -1e9
@@ -154,14 +190,20 @@ class Prior(keras.Model):
     files already written are those of the earlier functional `build_prior`.
     With class names (a class-conditional prior, a departure), a learned class embedding is added
     to the start token's: the sequence starts with class c's token num_codes + 1 + c.
+    With condition = (top height, top width, top codes) (the bottom prior of a two-level run, a
+    departure), the inputs are [tokens (batch, height * width), top codes (batch, top height * top
+    width)]: whole sequences only, each position given the top map's vectors (TopCondition).
     """
 
     def __init__(self, height, width, num_codes, dim=256, heads=8, head_dim=32, depth=4, classes=None, name="prior",
-                 **kwargs):
+                 condition=None, **kwargs):
         self.height, self.width, self.num_codes = height, width, num_codes
         self.dim, self.heads, self.head_dim, self.depth = dim, heads, head_dim, depth
         self.classes = tuple(classes) if classes else None  # a tuple: Keras does not track it
+        self.condition = tuple(condition) if condition else None
         self.token_embedding = layers.Embedding(num_codes + 1, dim, name="token_embedding")
+        if self.condition:
+            self.top_condition = TopCondition(*self.condition, dim, name="top_condition")
         if self.classes:
             self.class_embedding = layers.Embedding(len(self.classes), dim, name="class_embedding")
         self.position_embedding = GridPositionEmbedding(height, width, name="position_embedding")
@@ -173,21 +215,32 @@ class Prior(keras.Model):
                        for i in range(depth)]
         self.next_code = layers.Dense(num_codes, name="next_code")
         self.softmax = layers.Softmax(name="next_code_probabilities")
+        if self.condition:
+            tokens = keras.Input((height * width,), dtype="int32", name="tokens")
+            top_codes = keras.Input((self.condition[0] * self.condition[1],), dtype="int32", name="top_codes")
+            logits, _ = self.call_with_cache(tokens, condition=self.top_condition(top_codes))
+            super().__init__([tokens, top_codes], self.softmax(logits), name=name, **kwargs)
+            return
         tokens = keras.Input((None,), dtype="int32", name="tokens")
         logits, _ = self.call_with_cache(tokens)
         super().__init__(tokens, self.softmax(logits), name=name, **kwargs)
 
-    def call_with_cache(self, tokens, caches=None, index=0):
+    def call_with_cache(self, tokens, caches=None, index=0, condition=None):
         """tokens (batch, n) at positions index..index+n-1 -> (logits (batch, n, num_codes), caches).
 
         caches: None for a whole sequence from position 0, or one (keys, values) pair per block
         (see `empty_caches`) holding the positions before index; the new positions are written in.
+        condition: a conditioned prior's TopCondition vectors of every position (batch, h * w, dim).
         """
         if self.classes:
             tokens, classes = split_class_tokens(tokens, self.num_codes)
             x = self.token_embedding(tokens) + class_vectors(self.class_embedding, classes)
         else:
             x = self.token_embedding(tokens)
+        if condition is not None:
+            if caches is not None:  # these positions' vectors
+                condition = ops.slice(condition, [0, index, 0], [ops.shape(x)[0], ops.shape(x)[1], self.dim])
+            x = x + ops.cast(condition, x.dtype)
         x = self.position_embedding(x, start=index)
         x = self.embedding_norm(x)
         new_caches = []
@@ -212,9 +265,12 @@ class Prior(keras.Model):
         return CachedSampler.of(self)
 
     def get_config(self):
-        return {"height": self.height, "width": self.width, "num_codes": self.num_codes, "dim": self.dim,
-                "heads": self.heads, "head_dim": self.head_dim, "depth": self.depth, "classes": list(self.classes or ()) or None,
-                "name": self.name}
+        config = {"height": self.height, "width": self.width, "num_codes": self.num_codes, "dim": self.dim,
+                  "heads": self.heads, "head_dim": self.head_dim, "depth": self.depth,
+                  "classes": list(self.classes or ()) or None, "name": self.name}
+        if self.condition:
+            config["condition"] = list(self.condition)
+        return config
 
     @classmethod
     def from_config(cls, config):
@@ -245,11 +301,12 @@ class CachedSampler(Sampler):
         # a batch shares). Speed alone: the codes do not depend on the batch size (sampling.noise).
         self.cpu_batch_size = 1 if self.length >= 256 else 16
 
-    def compiled(self, token, seed, temperature, top_k, top_p):
+    def compiled(self, token, seed, temperature, top_k, top_p, top_codes=None):
         """(batch, length) codes after the start tokens (batch,): one while_loop per segment, the
-        caches grown between them."""
+        caches grown between them. top_codes (batch, top length): a conditioned prior's."""
         prior = self.model
         batch = token.shape[0]
+        condition = None if top_codes is None else prior.top_condition(top_codes)  # once, for every position
         caches = prior.empty_caches(batch, 0)
         codes = tf.zeros((batch, self.length), tf.int32)
 
@@ -261,7 +318,7 @@ class CachedSampler(Sampler):
         @tf.function(autograph=False, input_signature=[tf.TensorSpec((), tf.int32), tf.TensorSpec((batch,), tf.int32),
                                                        open_length, tf.TensorSpec(codes.shape, tf.int32)])
         def position(i, token, caches, codes):
-            logits, caches = prior.call_with_cache(token[:, None], caches, i)
+            logits, caches = prior.call_with_cache(token[:, None], caches, i, condition)
             code = draw(logits[:, 0], temperature, top_k, top_p, seed, i)
             return i + 1, code + 1, caches, ops.slice_update(codes, [0, i], code[:, None])
 
@@ -279,10 +336,12 @@ class CachedSampler(Sampler):
             _, token, caches, codes = tf.while_loop(lambda i, *_: i < stop, body, state)
         return codes
 
-    def sample(self, batch, seed, temperature, top_k, top_p, classes=None):
+    def sample(self, batch, seed, temperature, top_k, top_p, classes=None, top_codes=None):
         prior = self.model
         start = START_TOKEN if classes is None else class_tokens(classes, prior.num_codes)
         token = tf.constant(np.broadcast_to(start, (batch,)), tf.int32)
         options = (tf.constant(seed, tf.int64), tf.constant(temperature, tf.float32), tf.constant(top_k, tf.int32),
                    tf.constant(top_p, tf.float32))
+        if top_codes is not None:
+            return self.call(token, *options, tf.constant(np.reshape(top_codes, (batch, -1)), tf.int32)).numpy()
         return self.call(token, *options).numpy()

@@ -321,7 +321,7 @@ def default_batch_size(sampler, n):
 
 
 def sample_codes(prior, n, grid_shape, temperature=1.0, top_k=None, seed=None, top_p=None, batch_size=None,
-                 progress=False, classes=None):
+                 progress=False, classes=None, top_codes=None):
     """n code maps (n, h, w) int32 drawn from the prior, position by position.
 
     temperature=1, top_k=None and top_p=None is the reference's plain sampling; other values are
@@ -333,10 +333,13 @@ def sample_codes(prior, n, grid_shape, temperature=1.0, top_k=None, seed=None, t
     Samples run in batches of batch_size, in parallel on the CPU cores; the last is padded so that
     all share one compiled loop. Default (`default_batch_size`): all n at once on a GPU; on a CPU
     the prior's sampler's `cpu_batch_size`.
+    top_codes (the bottom prior of a two-level run, which needs them): (n, top h, top w), the top
+    code map each sample is drawn under (`sample_levels` draws both levels).
     """
     check_sampling_options(prior, n, grid_shape, temperature, top_k, top_p, seed, batch_size)
     h, w = grid_shape
     ids = sample_classes(prior, n, classes)
+    top = check_top_codes(prior, n, top_codes)
     sampler = prior.sampler()
     seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else int(seed)
     batch = default_batch_size(sampler, n) if batch_size is None else min(batch_size, n)
@@ -344,8 +347,10 @@ def sample_codes(prior, n, grid_shape, temperature=1.0, top_k=None, seed=None, t
 
     def one_batch(index):
         rows = None if ids is None else np.resize(ids[index * batch:(index + 1) * batch], batch)  # last: padded
+        condition = {} if top is None else {"top_codes": np.resize(top[index * batch:(index + 1) * batch],
+                                                                    (batch, *top.shape[1:]))}
         codes = sampler.sample(batch, (seed, index * batch), float(temperature), top_k or prior.num_codes,
-                               1.0 if top_p is None else float(top_p), classes=rows)
+                               1.0 if top_p is None else float(top_p), classes=rows, **condition)
         bar.update(min(batch, n - index * batch) * h * w)  # the last batch's padding is not progress
         return codes
 
@@ -353,3 +358,44 @@ def sample_codes(prior, n, grid_shape, temperature=1.0, top_k=None, seed=None, t
         codes = np.concatenate(list(pool.map(one_batch, range(-(-n // batch)))))[:n]
     bar.close()
     return codes.reshape(n, h, w)
+
+
+def check_top_codes(prior, n, top_codes):
+    """top_codes as (n, top h * top w) int32 for a conditioned prior (None for another), else UsageError."""
+    condition = getattr(prior, "condition", None)
+    if condition is None:
+        if top_codes is not None:
+            raise UsageError("top_codes: this prior is not conditioned on a top level (only a two-level run's "
+                             "bottom prior is)", "top_codes")
+        return None
+    height, width, num_codes = condition
+    if top_codes is None:
+        raise UsageError("top_codes: the bottom prior of a two-level run draws under a top code map: give "
+                         f"(n, {height}, {width}) top codes (sample_levels draws both)", "top_codes")
+    top = np.asarray(top_codes)
+    if top.shape != (n, height, width) or not np.issubdtype(top.dtype, np.integer) or top.min() < 0 \
+            or top.max() >= num_codes:
+        raise UsageError(f"top_codes must be ({n}, {height}, {width}) integer codes in [0, {num_codes}), "
+                         f"got shape {top.shape}", "top_codes")
+    return top.reshape(n, -1).astype(np.int32)
+
+
+def level_seed(seed):
+    """The bottom level's seed of a two-level draw: another stream than the top level's."""
+    return (int(seed) * 0x9E3779B97F4A7C15 + 1) % 2**63
+
+
+def sample_levels(top_prior, bottom_prior, n, temperature=1.0, top_k=None, seed=None, top_p=None, batch_size=None,
+                  progress=False, classes=None):
+    """A two-level run's n samples, [bottom codes (n, h, w), top codes (n, h/2, w/2)]: the top
+    code maps from the top prior (classes: its, if class-conditional), then each bottom map from
+    the bottom prior under its top map. temperature, top_k and top_p: one value for both levels,
+    or a pair (top, bottom). The bottom level draws with its own seed (`level_seed`)."""
+    pick = lambda value, level: value[level] if isinstance(value, (tuple, list)) else value  # noqa: E731
+    seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else seed
+    top = sample_codes(top_prior, n, (top_prior.height, top_prior.width), pick(temperature, 0), pick(top_k, 0), seed,
+                       pick(top_p, 0), batch_size, progress, classes)
+    bottom = sample_codes(bottom_prior, n, (bottom_prior.height, bottom_prior.width), pick(temperature, 1),
+                          pick(top_k, 1), level_seed(seed), pick(top_p, 1), batch_size,
+                          progress, top_codes=top)
+    return [bottom, top]

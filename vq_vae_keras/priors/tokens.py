@@ -52,23 +52,26 @@ def class_vectors(embedding, classes):
     return embedding(ops.maximum(classes, 0)) * known
 
 
-def check_codes(codes, config: Config, source="codes"):
+def check_codes(codes, config: Config, source="codes", level=None):
     """codes as int32 if they are (N, h, w) integer codes in [0, num_codes) for this config's
-    grid; else UsageError naming source."""
-    h, w = config.grid_shape
+    grid (level "top": the top grid and codebook of a two-level run); else UsageError naming source."""
+    h, w = config.top_grid_shape if level == "top" else config.grid_shape
+    num_codes = config.top_codes if level == "top" else config.num_codes
     if codes.ndim != 3 or codes.shape[1:] != (h, w) or len(codes) == 0:
         raise UsageError(f"{source} has shape {codes.shape}, this run needs (N, {h}, {w})")
-    if not np.issubdtype(codes.dtype, np.integer) or codes.min() < 0 or codes.max() >= config.num_codes:
-        raise UsageError(f"{source} must hold integer codes in [0, {config.num_codes})")
+    if not np.issubdtype(codes.dtype, np.integer) or codes.min() < 0 or codes.max() >= num_codes:
+        raise UsageError(f"{source} must hold integer codes in [0, {num_codes})")
     return codes.astype(np.int32)
 
 
-def prior_nll(prior, tokens, batch_size=32):
-    """Mean negative log-likelihood per code, in nats, of (N, L+1) token sequences."""
+def prior_nll(prior, tokens, batch_size=32, top_codes=None):
+    """Mean negative log-likelihood per code, in nats, of (N, L+1) token sequences (a two-level
+    run's bottom prior: under top_codes (N, top h * top w))."""
     total, count = 0.0, 0
     for i in range(0, len(tokens), batch_size):
         batch = tokens[i:i + batch_size]
-        probs = keras.ops.convert_to_numpy(prior(batch[:, :-1], training=False))
+        inputs = batch[:, :-1] if top_codes is None else [batch[:, :-1], top_codes[i:i + batch_size]]
+        probs = keras.ops.convert_to_numpy(prior(inputs, training=False))
         p = np.take_along_axis(probs, (batch[:, 1:] - 1)[..., None], axis=-1)
         total += float(-np.log(np.maximum(p, 1e-12)).sum())
         count += p.size
