@@ -4,6 +4,7 @@ usage through the library and the command line; what is refused on a two-level r
 
 import json
 import os
+import shutil
 
 import keras
 import numpy as np
@@ -19,9 +20,14 @@ from vq_vae_keras.errors import UsageError
 from vq_vae_keras.grids import interpolation_grid
 from vq_vae_keras.io import to_uint8
 from vq_vae_keras.models import VQVAEObjective, log_names
-from vq_vae_keras.training import kmeans_initialise, train_vqvae
+from vq_vae_keras.priors.sampling import level_seed, sample_codes, sample_levels
+from vq_vae_keras.priors.tokens import codes_to_tokens
+from vq_vae_keras.training import kmeans_initialise, train_prior, train_vqvae
 
 from conftest import TINY_FLAGS, call_main, run_cli, tiny_config, write_images
+
+
+PRIOR_FLAGS = ["--prior-heads", "2", "--prior-head-dim", "4", "--prior-depth", "2"]
 
 
 def two_level(**overrides):
@@ -161,14 +167,117 @@ def test_a_two_level_run_through_the_command_line(tmp_path):
     assert results["codes_used_top"] == len(np.unique(top_codes))
     assert results["perplexity_top"] is not None and results["prior_nll"] is None
 
-    # Not built for two levels yet: one line, exit 2, nothing written.
-    for main, argv in [(train.main, ["prior", "--run", run, "--steps", "2"]), (sample.main, ["random", "--run", run])]:
-        status, out, err = call_main(main, argv)
-        assert status == 2 and err.count("\n") == 1 and "not available for two-level runs" in err, err
+    # The priors: the bottom one needs the top one; then both, and samples in a fresh process.
+    status, _, err = call_main(train.main, ["prior", "--run", run, "--level", "bottom", "--steps", "2"])
+    assert status == 2 and err.count("\n") == 1 and "has no top prior" in err, err
+    status, _, err = call_main(sample.main, ["random", "--run", run])
+    assert status == 2 and err.count("\n") == 1 and "no trained top prior" in err, err
+    run_cli("train.py", "prior", "--run", run, "--steps", "3", "--batch-size", "4", *PRIOR_FLAGS)
+    assert {"codes_top.npy", "codes_bottom.npy", "prior_top.weights.h5", "prior_bottom.weights.h5",
+            "prior_log_top.csv", "prior_log_bottom.csv"} <= set(os.listdir(run))
     assert not os.path.exists(os.path.join(run, "codes.npy"))
+    codes_out = str(tmp_path / "codes.npy")
+    run_cli("sample.py", "random", "--run", run, "--n", "2", "--seed", "5", "--codes-out", codes_out)
+    loaded = vqk.load_run(run)
+    bottom, top = sample_levels(loaded.top_prior, loaded.prior, 4, seed=5)
+    np.testing.assert_array_equal(np.load(codes_out), bottom)
+    np.testing.assert_array_equal(np.load(codes_out[:-4] + "_top.npy"), top)
+    status, out, err = call_main(sample.main, ["evaluate", "--run", run, "--data", data])
+    assert status == 0, err
+    results = json.load(open(os.path.join(run, "eval.json")))
+    bits = (results["prior_nll"] * 16 + results["prior_nll_top"] * 4) / np.log(2)  # 4x4 and 2x2 codes per image
+    assert results["prior_bits_per_image"] == pytest.approx(bits, rel=1e-6)
+    status, _, err = call_main(train.main, ["prior", "--run", run, "--level", "bottom", "--resume", "--prior-depth", "1"])
+    assert status == 2 and "--prior-depth 1 contradicts" in err, err
     # A resumed run keeps its levels.
     status, _, err = call_main(train.main, ["vqvae", "--run", run, "--resume", "--levels", "1", "--steps", "5"])
     assert status == 2 and "--levels 1 contradicts the run's saved levels = 2" in err, err
+
+
+def bottom_prior(num_codes=8, **overrides):
+    config = two_level(img_dim=16, num_codes=num_codes, top_num_codes=5, **overrides)
+    return config, vqk.build_prior(config, "bottom")
+
+
+def test_the_bottom_prior_sees_earlier_bottom_codes_and_the_whole_top_map():
+    """By perturbation: a later bottom code changes no earlier position's probabilities; a top code
+    may change any position's (here the last top code changes the first position's)."""
+    config, prior = bottom_prior()
+    rng = np.random.default_rng(0)
+    tokens = codes_to_tokens(rng.integers(0, 8, (3, 4, 4)))[:, :-1]  # (3, 16): start, codes 0..14
+    top = rng.integers(0, 5, (3, 4))
+    base = prior.predict([tokens, top], verbose=0)
+    for k in (3, 9):  # input index k holds the code of position k - 1
+        changed = tokens.copy()
+        changed[:, k] = (changed[:, k] % 8) + 1  # another code
+        out = prior.predict([changed, top], verbose=0)
+        np.testing.assert_allclose(out[:, :k], base[:, :k], atol=1e-6)
+        assert np.abs(out[:, k:] - base[:, k:]).max() > 1e-4
+    changed_top = top.copy()
+    changed_top[:, -1] = (changed_top[:, -1] + 1) % 5
+    assert np.abs(prior.predict([tokens, changed_top], verbose=0)[:, 0] - base[:, 0]).max() > 1e-4
+
+
+def test_the_bottom_prior_has_no_gradient_from_later_bottom_codes():
+    """By gradients: position p's log-probabilities reach the embedding rows of the bottom tokens at
+    input indices <= p only (each token id appears once), and the top code embeddings."""
+    config, prior = bottom_prior(num_codes=20)
+    tokens = np.concatenate([[0], np.random.default_rng(1).permutation(np.arange(1, 21))[:15]])[None].astype("int32")
+    top = np.array([[0, 1, 2, 3]], np.int32)
+    rows = prior.get_layer("token_embedding").embeddings
+    top_rows = prior.get_layer("top_condition").embedding.embeddings
+    for p in (0, 6, 15):
+        with tf.GradientTape() as tape:
+            out = prior([tokens, top], training=False)
+            target = tf.reduce_sum(tf.math.log(out[0, p]))
+        grad, top_grad = tape.gradient(target, [rows, top_rows])
+        grad, top_grad = tf.convert_to_tensor(grad).numpy(), tf.convert_to_tensor(top_grad).numpy()
+        reach = np.abs(grad).sum(axis=1)
+        assert (reach[tokens[0, :p + 1]] > 0).all() and (reach[tokens[0, p + 1:]] == 0).all(), p
+        assert (np.abs(top_grad[:4]).sum(axis=1) > 0).all(), p
+
+
+def test_the_compiled_samplers_draw_from_the_full_models():
+    """sample_levels' codes replayed through the full models, teacher forced: each top code is the
+    Gumbel-max draw of the top prior's logits with the sampler's noise, each bottom code that of
+    the bottom prior's under its sample's top map (the bottom level's own seed)."""
+    from test_sampling import numpy_noise
+
+    config = two_level(img_dim=16, top_num_codes=5, seed=2)
+    top_prior, prior = vqk.build_prior(config, "top"), vqk.build_prior(config, "bottom")
+    bottom, top = sample_levels(top_prior, prior, 3, seed=21, batch_size=2)
+    assert bottom.shape == (3, 4, 4) and top.shape == (3, 2, 2) and top.max() < 5
+    checked = []
+    for model, codes, inputs, seed in [
+            (top_prior, top, codes_to_tokens(top)[:, :-1], 21),
+            (prior, bottom, [codes_to_tokens(bottom)[:, :-1], top.reshape(3, -1)], level_seed(21))]:
+        logp = np.log(model.predict(inputs, verbose=0).astype(np.float64))
+        for j in range(3):
+            for i in range(codes[j].size):
+                scores = logp[j, i] - np.log(-np.log(numpy_noise(seed, j, i, logp.shape[-1])))
+                best = np.sort(scores)[::-1]
+                if best[0] - best[1] > 1e-4:  # not a near-tie that float rounding may flip
+                    checked.append(int(np.argmax(scores) == codes[j].flat[i]))
+    assert len(checked) > 0.95 * 3 * (16 + 4) and all(checked)
+    with pytest.raises(UsageError, match="top_codes"):
+        sample_codes(prior, 2, (4, 4))
+
+
+def test_the_bottom_prior_resumes_exactly(tmp_path):
+    data = write_images(tmp_path / "images", count=12, size=16)
+    config = lambda: tiny_config(data=data, seed=3, levels=2, val_split=0.25)  # noqa: E731
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train_vqvae(config(), straight, steps=3)
+    shutil.copytree(straight, resumed)
+    train_prior(config(), straight, steps=5, deterministic=True)
+    train_prior(config(), resumed, steps=5, deterministic=True, level="top")
+    train_prior(config(), resumed, steps=2, deterministic=True, level="bottom")
+    b = train_prior(config(), resumed, steps=5, resume=True, level="bottom")
+    log = lambda run: open(os.path.join(run, "prior_log_bottom.csv")).read()  # noqa: E731
+    assert log(resumed) == log(straight) and "val_nll" in log(straight)
+    a = vqk.load_run(straight).prior
+    for x, y in zip(a.variables, b.variables):
+        np.testing.assert_array_equal(x.numpy(), y.numpy(), err_msg=x.path)
 
 
 def test_one_level_runs_keep_their_names_and_keys():
@@ -187,5 +296,9 @@ def test_two_level_options_are_checked():
         tiny_config(levels=2, img_dim=20).validate()
     with pytest.raises(UsageError, match="top_num_codes applies to levels 2"):
         tiny_config(top_num_codes=4).validate()
-    with pytest.raises(UsageError, match="not available for two-level runs"):
+    with pytest.raises(UsageError, match="level must be"):
         vqk.build_prior(two_level())
+    with pytest.raises(UsageError, match="has one level"):
+        vqk.build_prior(tiny_config(), "top")
+    with pytest.raises(UsageError, match="not conditioned on a top level yet"):
+        vqk.build_prior(two_level(prior="pixelcnn"), "bottom")
