@@ -97,6 +97,8 @@ ROWS = [
     ("train.py vqvae --data {data} --run {new} --quantizer gumbel --gumbel-schedule cosh", "invalid choice"),
     ("train.py vqvae --data {data} --run {new} --quantizer gumbel --gumbel-kl-weight -1", "--gumbel-kl-weight"),
     ("train.py vqvae --data {data} --run {new} --levels 3", "argument --levels: invalid choice"),
+    ("train.py prior --run {run} --level top", "this run has one level of codes"),
+    ("train.py prior --run {run} --level middle", "argument --level: invalid choice"),
     ("train.py vqvae --data {data} --run {new} --levels 2 --img-dim 20", "img_dim must be a multiple of 8 with levels 2"),
     ("train.py vqvae --data {data} --run {new} --top-num-codes 8", "top_num_codes applies to levels 2"),
     ("train.py vqvae --data {data} --run {new} --levels 2 --top-num-codes 1", "top_num_codes must be at least 2"),

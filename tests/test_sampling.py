@@ -342,9 +342,9 @@ def test_sampling_needs_a_prior_from_build_prior(prior):
 
 
 def test_each_module_of_the_priors_imports_only_the_ones_before_it():
-    """tokens, sampling, attention, pixelcnn, then the package's build_prior: no cycle, and
-    sample_codes knows no prior kind (each prior hands out its own sampler)."""
-    order = ["tokens", "sampling", "attention", "pixelcnn", "__init__"]
+    """tokens, sampling, condition, attention, pixelcnn, then the package's build_prior: no cycle,
+    and sample_codes knows no prior kind (each prior hands out its own sampler)."""
+    order = ["tokens", "sampling", "condition", "attention", "pixelcnn", "__init__"]
     folder = os.path.dirname(attention.__file__)
     for i, name in enumerate(order):
         with open(os.path.join(folder, f"{name}.py")) as f:

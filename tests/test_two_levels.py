@@ -28,6 +28,8 @@ from conftest import TINY_FLAGS, call_main, run_cli, tiny_config, write_images
 
 
 PRIOR_FLAGS = ["--prior-heads", "2", "--prior-head-dim", "4", "--prior-depth", "2"]
+# A small PixelCNN whose last code of a 4-wide map still sees the whole row above (depth * (kernel // 2) >= 3).
+PIXELCNN = {"attention": {}, "pixelcnn": dict(prior="pixelcnn", pixelcnn_width=8, pixelcnn_depth=3, pixelcnn_kernel=3)}
 
 
 def two_level(**overrides):
@@ -199,10 +201,11 @@ def bottom_prior(num_codes=8, **overrides):
     return config, vqk.build_prior(config, "bottom")
 
 
-def test_the_bottom_prior_sees_earlier_bottom_codes_and_the_whole_top_map():
+@pytest.mark.parametrize("kind", ["attention", "pixelcnn"])
+def test_the_bottom_prior_sees_earlier_bottom_codes_and_the_whole_top_map(kind):
     """By perturbation: a later bottom code changes no earlier position's probabilities; a top code
     may change any position's (here the last top code changes the first position's)."""
-    config, prior = bottom_prior()
+    config, prior = bottom_prior(**PIXELCNN[kind])
     rng = np.random.default_rng(0)
     tokens = codes_to_tokens(rng.integers(0, 8, (3, 4, 4)))[:, :-1]  # (3, 16): start, codes 0..14
     top = rng.integers(0, 5, (3, 4))
@@ -218,13 +221,14 @@ def test_the_bottom_prior_sees_earlier_bottom_codes_and_the_whole_top_map():
     assert np.abs(prior.predict([tokens, changed_top], verbose=0)[:, 0] - base[:, 0]).max() > 1e-4
 
 
-def test_the_bottom_prior_has_no_gradient_from_later_bottom_codes():
-    """By gradients: position p's log-probabilities reach the embedding rows of the bottom tokens at
-    input indices <= p only (each token id appears once), and the top code embeddings."""
-    config, prior = bottom_prior(num_codes=20)
+@pytest.mark.parametrize("kind", ["attention", "pixelcnn"])
+def test_the_bottom_prior_has_no_gradient_from_later_bottom_codes(kind):
+    """By gradients: position p's log-probabilities reach the embedding rows of the bottom codes
+    before it and of no later one (each token id appears once), and the top code embeddings."""
+    config, prior = bottom_prior(num_codes=20, **PIXELCNN[kind])
     tokens = np.concatenate([[0], np.random.default_rng(1).permutation(np.arange(1, 21))[:15]])[None].astype("int32")
     top = np.array([[0, 1, 2, 3]], np.int32)
-    rows = prior.get_layer("token_embedding").embeddings
+    rows = prior.get_layer("token_embedding" if kind == "attention" else "code_embedding").embeddings
     top_rows = prior.get_layer("top_condition").embedding.embeddings
     for p in (0, 6, 15):
         with tf.GradientTape() as tape:
@@ -233,18 +237,23 @@ def test_the_bottom_prior_has_no_gradient_from_later_bottom_codes():
         grad, top_grad = tape.gradient(target, [rows, top_rows])
         grad, top_grad = tf.convert_to_tensor(grad).numpy(), tf.convert_to_tensor(top_grad).numpy()
         reach = np.abs(grad).sum(axis=1)
-        assert (reach[tokens[0, :p + 1]] > 0).all() and (reach[tokens[0, p + 1:]] == 0).all(), p
+        # input index q holds the code of position q - 1 (index 0: the start token, which the
+        # PixelCNN does not embed)
+        assert (reach[tokens[0, 1:p + 1]] > 0).all() and (reach[tokens[0, p + 1:]] == 0).all(), p
         assert (np.abs(top_grad[:4]).sum(axis=1) > 0).all(), p
 
 
-def test_the_compiled_samplers_draw_from_the_full_models():
+@pytest.mark.parametrize("kind", ["attention", "pixelcnn"])
+def test_the_compiled_samplers_draw_from_the_full_models(kind):
     """sample_levels' codes replayed through the full models, teacher forced: each top code is the
     Gumbel-max draw of the top prior's logits with the sampler's noise, each bottom code that of
     the bottom prior's under its sample's top map (the bottom level's own seed)."""
     from test_sampling import numpy_noise
 
-    config = two_level(img_dim=16, top_num_codes=5, seed=2)
+    config = two_level(img_dim=16, top_num_codes=5, seed=2, **PIXELCNN[kind])
     top_prior, prior = vqk.build_prior(config, "top"), vqk.build_prior(config, "bottom")
+    embedding = prior.get_layer("top_condition").embedding.embeddings  # the top map weighs enough to
+    embedding.assign(embedding * 50)  # change draws: a sampler that reads the wrong part of it fails
     bottom, top = sample_levels(top_prior, prior, 3, seed=21, batch_size=2)
     assert bottom.shape == (3, 4, 4) and top.shape == (3, 2, 2) and top.max() < 5
     checked = []
@@ -300,5 +309,4 @@ def test_two_level_options_are_checked():
         vqk.build_prior(two_level())
     with pytest.raises(UsageError, match="has one level"):
         vqk.build_prior(tiny_config(), "top")
-    with pytest.raises(UsageError, match="not conditioned on a top level yet"):
-        vqk.build_prior(two_level(prior="pixelcnn"), "bottom")
+

@@ -46,6 +46,7 @@ _HEAVY = {
     "VQVAE": "models", "VQVAEObjective": "models", "build_vqvae": "models",
     "CausalSelfAttention": "priors.attention", "GridPositionEmbedding": "priors.attention", "build_prior": "priors",
     "GatedLayer": "priors.pixelcnn", "PixelCNN": "priors.pixelcnn", "sample_codes": "priors.sampling",
+    "sample_levels": "priors.sampling",
     "FiniteScalarQuantizer": "quantizers", "GumbelQuantizer": "quantizers", "RotationTrick": "quantizers",
     "StraightThrough": "quantizers", "VectorQuantizer": "quantizers",
     "load_run": "run", "train_prior": "training", "train_vqvae": "training",
@@ -56,7 +57,7 @@ __all__ = ["Config", "UsageError", "VectorQuantizer", "StraightThrough", "GridPo
            "CausalSelfAttention", "VQVAE", "build_vqvae", "build_prior", "load_run", "sample_codes",
            "load_images", "train_vqvae", "train_prior", "callbacks", "VQVAEObjective", "GumbelQuantizer",
            "evaluate", "EvaluateEvery", "PixelCNN", "GatedLayer", "make_strategy", "FiniteScalarQuantizer",
-           "RotationTrick"]
+           "RotationTrick", "sample_levels"]
 
 
 def _load(name, module):

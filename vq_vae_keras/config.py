@@ -224,9 +224,6 @@ class Config:
                              "level")
         if self.levels == 2 and level not in PRIOR_LEVELS:
             raise UsageError(f"level must be \"top\" or \"bottom\" for a two-level run's prior, got {level!r}", "level")
-        if level == "bottom" and self.prior != "attention":
-            raise UsageError(f"the bottom prior of a two-level run is an attention prior (--prior attention): the "
-                             f"{self.prior} prior is not conditioned on a top level yet", "prior")
 
     def takes(self, option) -> bool:
         """Whether a Config field applies to this config's quantizer (QUANTIZER_OPTIONS)."""

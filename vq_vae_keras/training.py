@@ -487,7 +487,6 @@ def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     from .priors.tokens import START_TOKEN, check_codes, class_tokens, codes_to_tokens
 
     if config.levels == 2 and level is None:
-        config.check_level("bottom")  # before the top prior trains for nothing
         kwargs = dict(steps=steps, epochs=epochs, callbacks=callbacks, deterministic=deterministic,
                       tensorboard=tensorboard, overwrite=overwrite, classes=classes, strategy=strategy, data=data)
         train_prior(config, run_dir, resume=resume, level="top", **kwargs)

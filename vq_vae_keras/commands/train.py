@@ -281,8 +281,6 @@ def train_prior_command(args):
     changeable = ("sample_every_epochs", "prior_jit_compile") if kept else tuple(flags)
     config = apply_flags(config, flags, changeable=changeable, flag_names=names)
     check_flags_apply(args, parser, config)
-    if config.levels == 2 and level != "top":
-        config.check_level("bottom")  # before the top prior trains for nothing
     images = config.prior_data or config.data
     if not args.resume and not (images and os.path.isdir(images)):  # --data itself was checked
         raise UsageError(f"the run's image folder {images} is gone; give --data DIR" if images else

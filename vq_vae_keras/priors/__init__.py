@@ -23,7 +23,7 @@ def build_prior(config: Config, level=None) -> keras.Model:
     seed (config.prior_seed, else config.seed).
     A two-level run (levels 2) has one per level: level "top" over the top code maps (h/2 x w/2,
     top_num_codes; class-conditional where config.classes says), level "bottom" over the bottom
-    ones, conditioned on the whole top map (Prior's condition; attention only for now)."""
+    ones, conditioned on the whole top map (condition.TopCondition)."""
     config.validate()
     config.check_level(level)
     h, w = config.top_grid_shape if level == "top" else config.grid_shape
@@ -34,7 +34,7 @@ def build_prior(config: Config, level=None) -> keras.Model:
     with seeded_initializers(seed + (level == "bottom")):  # the two levels' priors start apart
         if config.prior == "pixelcnn":
             return PixelCNN(h, w, num_codes, config.pixelcnn_width, config.pixelcnn_depth, config.pixelcnn_kernel,
-                            classes)
+                            classes, condition=condition)
         return Prior(h, w, num_codes, config.prior_dim, config.prior_heads, config.prior_head_dim, config.prior_depth,
                      classes, condition=condition)
 

@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
+from .condition import TopCondition
 from .sampling import Sampler, draw
 from .tokens import PACKAGE, START_TOKEN, class_tokens, class_vectors, split_class_tokens
 
@@ -60,42 +61,6 @@ class GridPositionEmbedding(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "height": self.height, "width": self.width}
-
-
-@keras.saving.register_keras_serializable(package=PACKAGE)
-class TopCondition(keras.layers.Layer):
-    """VQ-VAE-2's conditioning of the bottom prior on the whole top code map (a departure, for
-    two-level runs): top codes (batch, height * width) of the top grid -> (batch, 4 * height *
-    width, dim), one vector per position of the bottom grid (twice as high and wide), row-major.
-
-    The top codes' embeddings pass a 3x3 convolution over the top grid (each sees its
-    neighbours, the later ones too: the top map is known whole), then each covers the 2x2 bottom
-    positions under it. The prior adds them to its token embeddings, so every bottom position sees
-    the top map and, through attention, only the bottom codes before it.
-    """
-
-    def __init__(self, height, width, num_codes, dim, **kwargs):
-        super().__init__(**kwargs)
-        self.height, self.width, self.num_codes, self.dim = height, width, num_codes, dim
-        self.embedding = layers.Embedding(num_codes, dim, name="top_code_embedding")
-        self.conv = layers.Conv2D(dim, 3, padding="same", name="top_code_conv")
-
-    def build(self, input_shape):
-        self.embedding.build(input_shape)
-        self.conv.build((None, self.height, self.width, self.dim))
-
-    def call(self, top_codes):
-        x = ops.reshape(self.embedding(top_codes), (-1, self.height, self.width, self.dim))
-        x = self.conv(x)
-        x = ops.repeat(ops.repeat(x, 2, axis=1), 2, axis=2)
-        return ops.reshape(x, (-1, 4 * self.height * self.width, self.dim))
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], 4 * self.height * self.width, self.dim)
-
-    def get_config(self):
-        return {**super().get_config(), "height": self.height, "width": self.width, "num_codes": self.num_codes,
-                "dim": self.dim}
 
 
 def _mask_value(dtype):
@@ -301,12 +266,13 @@ class CachedSampler(Sampler):
         # a batch shares). Speed alone: the codes do not depend on the batch size (sampling.noise).
         self.cpu_batch_size = 1 if self.length >= 256 else 16
 
-    def compiled(self, token, seed, temperature, top_k, top_p, top_codes=None):
+    def compiled(self, token, seed, temperature, top_k, top_p, *top_codes):
         """(batch, length) codes after the start tokens (batch,): one while_loop per segment, the
-        caches grown between them. top_codes (batch, top length): a conditioned prior's."""
+        caches grown between them. top_codes: a conditioned prior's (batch, top length), else none
+        (not even None: the function's signature stays the unconditioned prior's)."""
         prior = self.model
         batch = token.shape[0]
-        condition = None if top_codes is None else prior.top_condition(top_codes)  # once, for every position
+        condition = prior.top_condition(*top_codes) if top_codes else None  # once, for every position
         caches = prior.empty_caches(batch, 0)
         codes = tf.zeros((batch, self.length), tf.int32)
 

@@ -12,7 +12,9 @@ only up. The horizontal stack at (r, c) sees row r left of c: its input is the m
 one column (the first layer's type-A mask, as a shift), its convolutions (1 x k//2 + 1) reach only
 left, and every layer adds the vertical stack's pre-activation at the same position (1x1).
 Each layer gates both stacks with tanh * sigmoid; the horizontal one is residual. Class
-conditioning adds a learned per-class bias to every gate's pre-activation, in both stacks.
+conditioning adds a learned per-class bias to every gate's pre-activation, in both stacks; a
+two-level run's bottom prior adds a bias map, a 1x1 convolution of the top code map's vectors
+(condition.TopCondition) at each position, as the paper's conditional PixelCNN does.
 
 Sampling (`RowSampler`) runs the same layers on small windows instead of whole maps: once per
 row, each layer's vertical output for that row from the rows above it; per position, each
@@ -25,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
+from .condition import TopCondition
 from .sampling import Sampler, draw
 from .tokens import PACKAGE, class_vectors, split_class_tokens
 
@@ -39,14 +42,15 @@ def gate(x):
 class GatedLayer(keras.layers.Layer):
     """One gated layer of both stacks, on maps of `width` channels with a k x k receptive step.
 
-    call(v, h, classes) -> (v', h'): v, h (batch, rows, cols, width) whole (shifted) stacks;
-    classes (batch,) int, or None. The pieces (`vertical`, `horizontal`) run the same
-    computation on windows, for the sampler.
+    call(v, h, classes, condition) -> (v', h'): v, h (batch, rows, cols, width) whole (shifted)
+    stacks; classes (batch,) int, or None; condition (conditioned=True): (batch, rows, cols, width)
+    vectors of the top code map at each position, or None. The pieces (`vertical`, `horizontal`)
+    run the same computation on windows, for the sampler.
     """
 
-    def __init__(self, width, kernel, num_classes=0, **kwargs):
+    def __init__(self, width, kernel, num_classes=0, conditioned=False, **kwargs):
         super().__init__(**kwargs)
-        self.width, self.kernel, self.num_classes = width, kernel, num_classes
+        self.width, self.kernel, self.num_classes, self.conditioned = width, kernel, num_classes, conditioned
         reach = kernel // 2
         self.vertical_conv = layers.Conv2D(2 * width, (reach + 1, kernel), name="vertical")
         self.horizontal_conv = layers.Conv2D(2 * width, (1, reach + 1), name="horizontal")
@@ -55,6 +59,9 @@ class GatedLayer(keras.layers.Layer):
         if num_classes:
             self.vertical_class = layers.Embedding(num_classes, 2 * width, name="vertical_class")
             self.horizontal_class = layers.Embedding(num_classes, 2 * width, name="horizontal_class")
+        if conditioned:
+            self.vertical_condition = layers.Conv2D(2 * width, 1, name="vertical_condition")
+            self.horizontal_condition = layers.Conv2D(2 * width, 1, name="horizontal_condition")
 
     def build(self, input_shape):
         reach, width = self.kernel // 2, self.width
@@ -65,51 +72,74 @@ class GatedLayer(keras.layers.Layer):
         if self.num_classes:
             self.vertical_class.build((None,))
             self.horizontal_class.build((None,))
+        if self.conditioned:
+            self.vertical_condition.build((None, 1, 1, width))
+            self.horizontal_condition.build((None, 1, 1, width))
 
-    def call(self, v, h, classes=None):
+    def call(self, v, h, classes=None, condition=None):
         reach = self.kernel // 2
         v_pre = self.vertical_conv(ops.pad(v, [[0, 0], [reach, 0], [reach, reach], [0, 0]]))
         h_conv = self.horizontal_conv(ops.pad(h, [[0, 0], [0, 0], [reach, 0], [0, 0]]))
-        return self.vertical(v_pre, classes), self.horizontal(h_conv, v_pre, h, classes)
+        return self.vertical(v_pre, classes, condition), self.horizontal(h_conv, v_pre, h, classes, condition)
 
-    def vertical(self, v_pre, classes):
+    def vertical(self, v_pre, classes, condition=None):
         """The vertical stack's output from its convolution's output (batch, rows, cols, 2C)."""
         if self.num_classes:
             v_pre = v_pre + class_vectors(self.vertical_class, classes)[:, None, None, :]
+        if self.conditioned:  # the top map's bias at these positions (the link below carries it on)
+            v_pre = v_pre + self.vertical_condition(condition)
         return gate(v_pre)
 
-    def horizontal(self, h_conv, v_pre, h, classes):
+    def horizontal(self, h_conv, v_pre, h, classes, condition=None):
         """The horizontal stack's output: h plus the gated sum of its convolution, the link from
-        the vertical pre-activation at the same positions and the class bias."""
+        the vertical pre-activation at the same positions and the class and top-map biases."""
         pre = h_conv + self.link(v_pre)
         if self.num_classes:
             pre = pre + class_vectors(self.horizontal_class, classes)[:, None, None, :]
+        if self.conditioned:
+            pre = pre + self.horizontal_condition(condition)
         return h + self.residual(gate(pre))
 
     def get_config(self):
-        return {**super().get_config(), "width": self.width, "kernel": self.kernel, "num_classes": self.num_classes}
+        config = {**super().get_config(), "width": self.width, "kernel": self.kernel, "num_classes": self.num_classes}
+        if self.conditioned:
+            config["conditioned"] = True
+        return config
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class PixelCNN(keras.Model):
     """The gated PixelCNN prior: int tokens (batch, length <= height * width), 0 = start token (or
     num_codes + 1 + c for class c, see tokens.class_tokens), code k = token k + 1 ->
-    (batch, length, num_codes) next-code probabilities."""
+    (batch, length, num_codes) next-code probabilities.
+    With condition = (top height, top width, top codes) (a two-level run's bottom prior), the
+    inputs are [tokens, top codes (batch, top height * top width)], and every gate has the top
+    map's bias (GatedLayer)."""
 
     def __init__(self, height, width, num_codes, channels=128, depth=16, kernel=5, classes=None, name="prior",
-                 **kwargs):
+                 condition=None, **kwargs):
         super().__init__(name=name, **kwargs)
         self.height, self.width, self.num_codes = height, width, num_codes
         self.channels, self.depth, self.kernel = channels, depth, kernel
         self.classes = tuple(classes) if classes else None  # a tuple: Keras does not track it
+        self.condition = tuple(condition) if condition else None
         num_classes = len(self.classes or ())
         self.embedding = layers.Embedding(num_codes + 1, channels, name="code_embedding")
-        self.gated = [GatedLayer(channels, kernel, num_classes, name=f"gated{i}") for i in range(depth)]
+        if self.condition:
+            self.top_condition = TopCondition(*self.condition, channels, name="top_condition")
+        self.gated = [GatedLayer(channels, kernel, num_classes, bool(self.condition), name=f"gated{i}")
+                      for i in range(depth)]
         self.hidden = layers.Dense(channels, activation="relu", name="hidden")
         self.next_code = layers.Dense(num_codes, name="next_code")
-        self(ops.zeros((1, height * width), "int32"))  # builds every weight
+        tokens = ops.zeros((1, height * width), "int32")
+        self(tokens if not self.condition else [tokens, ops.zeros((1, condition[0] * condition[1]), "int32")])  # builds every weight
 
-    def call(self, tokens):
+    def condition_map(self, top_codes):
+        """A conditioned prior's top map vectors (batch, height, width, channels)."""
+        return ops.reshape(self.top_condition(top_codes), (-1, self.height, self.width, self.channels))
+
+    def call(self, inputs):
+        tokens, condition = (inputs[0], self.condition_map(inputs[1])) if self.condition else (inputs, None)
         length = self.height * self.width
         tokens, classes = split_class_tokens(tokens, self.num_codes)
         classes, n = classes[:, 0], ops.shape(tokens)[1]
@@ -120,7 +150,7 @@ class PixelCNN(keras.Model):
         v = ops.pad(x[:, :-1], [[0, 0], [1, 0], [0, 0], [0, 0]])  # down one row: rows above only
         h = ops.pad(x[:, :, :-1], [[0, 0], [0, 0], [1, 0], [0, 0]])  # right one column: left only
         for layer in self.gated:
-            v, h = layer(v, h, classes)
+            v, h = layer(v, h, classes, condition)
         logits = self.logits(h)
         return ops.softmax(ops.reshape(logits, (-1, length, self.num_codes))[:, :n], axis=-1)
 
@@ -132,8 +162,12 @@ class PixelCNN(keras.Model):
         return RowSampler.of(self)
 
     def get_config(self):
-        return {"height": self.height, "width": self.width, "num_codes": self.num_codes, "channels": self.channels,
-                "depth": self.depth, "kernel": self.kernel, "classes": list(self.classes or ()) or None, "name": self.name}
+        config = {"height": self.height, "width": self.width, "num_codes": self.num_codes, "channels": self.channels,
+                  "depth": self.depth, "kernel": self.kernel, "classes": list(self.classes or ()) or None,
+                  "name": self.name}
+        if self.condition:
+            config["condition"] = list(self.condition)
+        return config
 
     @classmethod
     def from_config(cls, config):
@@ -156,7 +190,7 @@ class RowSampler(Sampler):
     (batch, k//2 + h + 1, k//2 + w + k//2, C): the rows drawn so far and zeros elsewhere (the
     last row is scratch space for the write after the final row)."""
 
-    def sample(self, batch, seed, temperature, top_k, top_p, classes=None):
+    def sample(self, batch, seed, temperature, top_k, top_p, classes=None, top_codes=None):
         model = self.model
         reach, h, w = model.kernel // 2, model.height, model.width
         shape = (batch, reach + h + 1, 2 * reach + w, model.channels)
@@ -165,32 +199,38 @@ class RowSampler(Sampler):
         classes = tf.constant(np.full(batch, -1) if classes is None else classes, tf.int32)
         options = (tf.constant(seed, tf.int64), tf.constant(temperature, tf.float32), tf.constant(top_k, tf.int32),
                    tf.constant(top_p, tf.float32))
+        # A conditioned prior's top map vectors, once for every row (else a 0-row stand-in).
+        condition = model.condition_map(tf.constant(np.reshape(top_codes, (batch, -1)), tf.int32)) \
+            if top_codes is not None else tf.zeros((batch, 0, w, model.channels), model.compute_dtype)
         for row in range(h):
-            stacks, codes = self.call(tf.constant(row), stacks, codes, classes, *options)
+            stacks, codes = self.call(tf.constant(row), stacks, codes, classes, condition, *options)
         return codes.numpy()
 
-    def compiled(self, row, stacks, codes, classes, seed, temperature, top_k, top_p):
+    def compiled(self, row, stacks, codes, classes, condition, seed, temperature, top_k, top_p):
         """One row: (stacks, codes) with the row's codes drawn and written into both."""
         model = self.model
         reach, w, channels = model.kernel // 2, model.width, model.channels
         batch = tf.shape(codes)[0]
+        row_condition = window(condition, row, 1, axis=1) if model.condition else None  # (batch, 1, w, C)
         # The vertical stack at this row, layer by layer, from the k//2 + 1 padded rows ending at it.
         stacks, links = list(stacks), []
         for i, layer in enumerate(model.gated):
             v_pre = layer.vertical_conv(window(stacks[i], row, reach + 1, axis=1))
             links.append(v_pre)  # (batch, 1, w, 2C)
             if i + 1 < model.depth:
-                stacks[i + 1] = ops.slice_update(stacks[i + 1], [0, row + reach, reach, 0], layer.vertical(v_pre, classes))
+                stacks[i + 1] = ops.slice_update(stacks[i + 1], [0, row + reach, reach, 0],
+                                                 layer.vertical(v_pre, classes, row_condition))
         # The horizontal stacks of this row, padded left: each layer's input, filled as positions are drawn.
         lines = [tf.zeros((batch, 1, reach + w + 1, channels), model.compute_dtype) for _ in range(model.depth)]
 
         def body(col, lines, first_stack, codes):
             lines = list(lines)
+            here_condition = window(row_condition, col, 1, axis=2) if model.condition else None
             for i, layer in enumerate(model.gated):
                 h_conv = layer.horizontal_conv(window(lines[i], col, reach + 1, axis=2))
                 link = window(links[i], col, 1, axis=2)
                 here = window(lines[i], col + reach, 1, axis=2)
-                out = layer.horizontal(h_conv, link, here, classes)
+                out = layer.horizontal(h_conv, link, here, classes, here_condition)
                 if i + 1 < model.depth:
                     lines[i + 1] = ops.slice_update(lines[i + 1], [0, 0, col + reach, 0], out)
             position = row * w + col
