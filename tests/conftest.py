@@ -83,6 +83,31 @@ def trained_run(tmp_path_factory):
     return {"run": run, "data": data}
 
 
+@pytest.fixture
+def retracing_warnings(monkeypatch):
+    """count() -> how many of TensorFlow's "excessive retracing" warnings its logger gave since the
+    last count(). Each count() also starts TensorFlow's process-wide count of traces per function
+    afresh, so that what earlier tests traced does not count."""
+    import logging
+
+    from tensorflow.python.eager.polymorphic_function import polymorphic_function
+
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    monkeypatch.setattr(logging.getLogger("tensorflow"), "handlers", [handler])
+
+    def count():
+        found = sum("retracing" in message for message in warnings)
+        warnings.clear()
+        monkeypatch.setattr(polymorphic_function, "_frequent_tracing_detector_manager",
+                            polymorphic_function._FrequentTracingDetectorManager())
+        return found
+
+    count()
+    return count
+
+
 @pytest.fixture(autouse=True)
 def no_op_determinism_left_over():
     """Each test starts as a fresh process would: a test that trained with deterministic=True

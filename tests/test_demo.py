@@ -2,7 +2,6 @@
 when run again (a second run must not trip over the first one's files) and prints no retracing
 warning; its data set; the whole-batch predictions the grids use."""
 
-import logging
 import os
 
 import imageio.v3 as iio
@@ -15,17 +14,7 @@ from vq_vae_keras.data import DEMO_BACKGROUNDS, DEMO_SHAPE_COLOURS, make_demo_im
 
 
 @pytest.mark.slow  # about a minute alone: two shrunk demo runs
-def test_the_demo_runs_twice_and_writes_its_pictures(tmp_path, monkeypatch):
-    warnings = []  # from TensorFlow's own logger, where its "triggered tf.function retracing" goes
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: warnings.append(record.getMessage())
-    monkeypatch.setattr(logging.getLogger("tensorflow"), "handlers", [handler])
-    # TensorFlow counts traces per Python function process-wide, so every sampler other tests made
-    # (each traced once) would count here: this test's calls are counted afresh.
-    from tensorflow.python.eager.polymorphic_function import polymorphic_function
-
-    monkeypatch.setattr(polymorphic_function, "_frequent_tracing_detector_manager",
-                        polymorphic_function._FrequentTracingDetectorManager())
+def test_the_demo_runs_twice_and_writes_its_pictures(tmp_path, monkeypatch, retracing_warnings):
     monkeypatch.setattr(demo, "DEMO_IMAGES", 48)
     monkeypatch.setattr(demo, "VQVAE_STEPS", 2)
     monkeypatch.setattr(demo, "PRIOR_EPOCHS", 1)
@@ -38,7 +27,7 @@ def test_the_demo_runs_twice_and_writes_its_pictures(tmp_path, monkeypatch):
     for name in ("recon.png", "interp.png", "random.png", "test_ae_1_0.png", "test_ae_2_1.png"):
         assert iio.imread(os.path.join(samples, name)).shape == (256, 256, 3), name
     assert len(os.listdir(os.path.join(run, "data"))) == 48
-    assert not [w for w in warnings if "retracing" in w]  # each model compiles its predict step once
+    assert retracing_warnings() == 0  # each model compiles its predict step once
 
 
 def test_demo_images_are_one_palette_shape_on_a_palette_gradient(tmp_path):

@@ -341,6 +341,21 @@ def test_sampling_needs_a_prior_from_build_prior(prior):
         sample_codes(plain, 1, config.grid_shape)
 
 
+def test_sampling_from_many_priors_does_not_warn_of_retracing(retracing_warnings):
+    """Every attention prior's sampler traces the same Python function (CachedSampler.compiled),
+    so a process that samples from six priors (a two-level run's two, three runs...) got
+    TensorFlow's "excessive retracing" warning although each traced once; sample_codes keeps it
+    out, and calling the samplers as they are still gets it (so the check can fire)."""
+    priors = [vqk.build_prior(tiny_config(seed=seed)) for seed in range(7)]
+    for prior in priors:
+        prior.sampler().sample(1, (0, 0), 1.0, 8, 1.0)
+    assert retracing_warnings() > 0
+    priors = [vqk.build_prior(tiny_config(seed=seed)) for seed in range(7)]
+    for prior in priors:
+        sample_codes(prior, 1, (4, 4), seed=0)
+    assert retracing_warnings() == 0
+
+
 def test_each_module_of_the_priors_imports_only_the_ones_before_it():
     """tokens, sampling, condition, attention, pixelcnn, then the package's build_prior: no cycle,
     and sample_codes knows no prior kind (each prior hands out its own sampler)."""

@@ -308,32 +308,23 @@ def test_code_usage_after_a_resume_counts_from_the_sample_step_not_the_resume_po
     assert summary_resumed.startswith("codebook, steps 6-8:") and summary_resumed == summary_straight
 
 
-def test_predicting_with_many_models_does_not_warn_of_retracing(monkeypatch):
+def test_predicting_with_many_models_does_not_warn_of_retracing(retracing_warnings):
     """TensorFlow counts traces per Python function, and every Keras model's predict step is the
     same one: the Python path (train_vqvae, then train_prior encoding with a reloaded run) predicts
     with more than five models and got TensorFlow's "excessive retracing" warning, although each
     model traced once. predict_whole_batches, which all the package's predictions go through,
     keeps it out; plain model.predict on as many models still gets it (so the check can fire)."""
-    import logging
-
     import keras
-    from tensorflow.python.eager.polymorphic_function import polymorphic_function
 
     from vq_vae_keras.models import predict_whole_batches
 
-    warnings = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: warnings.append(record.getMessage())
-    monkeypatch.setattr(logging.getLogger("tensorflow"), "handlers", [handler])
     x = np.zeros((4, 3), np.float32)
 
     def count(predict):
-        monkeypatch.setattr(polymorphic_function, "_frequent_tracing_detector_manager",
-                            polymorphic_function._FrequentTracingDetectorManager())
-        warnings.clear()
+        retracing_warnings()
         for _ in range(8):
             predict(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]))
-        return sum("retracing" in message for message in warnings)
+        return retracing_warnings()
 
     assert count(lambda model: model.predict(x, batch_size=4, verbose=0)) > 0
     assert count(lambda model: predict_whole_batches(model, x, 4)) == 0

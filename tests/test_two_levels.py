@@ -5,6 +5,9 @@ usage through the library and the command line; what is refused on a two-level r
 import json
 import os
 import shutil
+import subprocess
+import sys
+import time
 
 import keras
 import numpy as np
@@ -24,7 +27,7 @@ from vq_vae_keras.priors.sampling import level_seed, sample_codes, sample_levels
 from vq_vae_keras.priors.tokens import codes_to_tokens
 from vq_vae_keras.training import kmeans_initialise, train_prior, train_vqvae
 
-from conftest import TINY_FLAGS, call_main, run_cli, tiny_config, write_images
+from conftest import ROOT, TINY_FLAGS, call_main, run_cli, tiny_config, write_images
 
 
 PRIOR_FLAGS = ["--prior-heads", "2", "--prior-head-dim", "4", "--prior-depth", "2"]
@@ -310,3 +313,46 @@ def test_two_level_options_are_checked():
     with pytest.raises(UsageError, match="has one level"):
         vqk.build_prior(tiny_config(), "top")
 
+
+
+def kill_when(args, path, lines):
+    """Start a command, SIGKILL it once `path` has more than `lines` lines; the step its
+    checkpoint holds."""
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (os.path.exists(path) and len(open(path).readlines()) > lines):
+        time.sleep(0.05)
+    proc.kill()  # no handler runs, possibly in the middle of a checkpoint write
+    proc.wait(timeout=30)
+
+
+def checkpoint_step(path):
+    with np.load(path) as state:
+        return json.loads(state["state"].tobytes())["step"]
+
+
+@pytest.mark.slow  # about two minutes: four commands killed, four resumed
+def test_kill_9_in_each_stage_then_resume(tmp_path):
+    data = write_images(tmp_path / "images", count=8, size=16)
+    run = str(tmp_path / "run")
+    log, checkpoint = os.path.join(run, "log.csv"), os.path.join(run, "checkpoint", "vqvae.npz")
+    kill_when(["train.py", "vqvae", "--data", data, "--run", run, *TINY_FLAGS, "--levels", "2", "--steps", "100000",
+               "--sample-every", "5"], log, 13)
+    saved = checkpoint_step(checkpoint)
+    run_cli("train.py", "vqvae", "--run", run, "--resume", "--steps", str(saved + 2))
+    assert [int(row.split(",")[0]) for row in open(log).read().splitlines()[1:]] == list(range(1, saved + 3))
+
+    # Each prior: killed (checkpoints every 5 steps, 2 steps an epoch), resumed to a few steps more.
+    for level in ("top", "bottom"):
+        level_log = os.path.join(run, f"prior_log_{level}.csv")
+        kill_when(["train.py", "prior", "--run", run, "--level", level, "--steps", "100000", "--batch-size", "4",
+                   *(PRIOR_FLAGS if level == "top" else [])], level_log, 6)
+        saved = checkpoint_step(os.path.join(run, "checkpoint", f"prior_{level}.npz"))
+        assert saved >= 5
+        run_cli("train.py", "prior", "--run", run, "--level", level, "--resume", "--steps", str(saved + 2))
+        steps = [int(row.split(",")[0]) for row in open(level_log).read().splitlines()[1:]]
+        last = [saved + 2] if saved % 2 else []  # the run's last step ends an epoch row of its own
+        assert steps == list(range(2, saved + 3, 2)) + last, steps  # one row per epoch, none lost or repeated
+    loaded = vqk.load_run(run)
+    assert sample_levels(loaded.top_prior, loaded.prior, 2, seed=0)[0].shape == (2, 4, 4)

@@ -1,6 +1,8 @@
 """What the user is told: the errors the command line turns into one line on stderr (never a
 traceback), and warnings, one line each."""
 
+import contextlib
+import logging
 import sys
 
 
@@ -23,3 +25,25 @@ class WriteFailed(OSError):
 def warn(message):
     """One line on stderr, for what the user should know and training goes on despite."""
     print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+class OneTracePerObject(logging.Filter):
+    """Drops TensorFlow's "excessive retracing" warning. TensorFlow counts traces per Python
+    function, and every Keras model's predict step is one function (Keras's one_step_on_data), as
+    every sampler's compiled method is one per prior kind: a process that predicts with five
+    models (the encoder, the quantizer, the decoder, a reloaded run's...), or samples from a
+    two-level run's two priors and a one-level run's, warns although each traced once."""
+
+    def filter(self, record):
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def one_trace_per_object():
+    """TensorFlow's retracing warning left out while inside (OneTracePerObject)."""
+    quiet, logger = OneTracePerObject(), logging.getLogger("tensorflow")
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)

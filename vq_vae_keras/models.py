@@ -4,7 +4,6 @@ Reference names: e_model -> encoder, q_model -> quantizer, g_model -> decoder, t
 """
 
 import contextlib
-import logging
 import random
 from dataclasses import dataclass
 from typing import Optional
@@ -16,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .config import OPTIMIZER_FIELDS, Config
 from .distribute import ReplicaLocalLosses
-from .errors import UsageError
+from .errors import UsageError, one_trace_per_object
 from .quantizers import PACKAGE, TOP, CodebookLayer, build_quantizer, quantizer_class
 
 
@@ -151,17 +150,6 @@ def build_bottom_latents(config: Config) -> keras.Model:
     return keras.Model([f_in, top_in], x, name="bottom_latents")
 
 
-class OneTracePerModel(logging.Filter):
-    """Drops TensorFlow's retracing warning for predict_whole_batches' calls. TensorFlow counts
-    traces per Python function, and every Keras model's predict step is the same function
-    (Keras's one_step_on_data): a process that predicts with five models (the encoder, the
-    quantizer, the decoder, a reloaded run's...) warns of "excessive retracing" although each
-    model traced once."""
-
-    def filter(self, record):
-        return "triggered tf.function retracing" not in record.getMessage()
-
-
 def predict_whole_batches(model, x, batch_size):
     """model.predict(x) on whole batches only: x is padded with zeros to a multiple of batch_size
     and the outputs cut back to len(x). Each model then compiles its predict step once, whatever
@@ -175,12 +163,8 @@ def predict_whole_batches(model, x, batch_size):
     else:
         n = len(x)
         padded = pad_rows(np.asarray(x, np.float32), batch_size)
-    quiet, logger = OneTracePerModel(), logging.getLogger("tensorflow")
-    logger.addFilter(quiet)
-    try:
+    with one_trace_per_object():
         out = model.predict(padded, batch_size=batch_size, verbose=0)
-    finally:
-        logger.removeFilter(quiet)
     return [o[:n] for o in out] if isinstance(out, (list, tuple)) else out[:n]
 
 

@@ -25,7 +25,7 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..errors import UsageError, warn
+from ..errors import UsageError, one_trace_per_object, warn
 
 _samplers = weakref.WeakKeyDictionary()
 
@@ -354,7 +354,7 @@ def sample_codes(prior, n, grid_shape, temperature=1.0, top_k=None, seed=None, t
         bar.update(min(batch, n - index * batch) * h * w)  # the last batch's padding is not progress
         return codes
 
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    with one_trace_per_object(), ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         codes = np.concatenate(list(pool.map(one_batch, range(-(-n // batch)))))[:n]
     bar.close()
     return codes.reshape(n, h, w)
