@@ -34,7 +34,8 @@ from conftest import tiny_config
 images = np.random.default_rng(0).uniform(-1, 1, (12, 16, 16, 3)).astype("float32")
 # restart: more codes than a batch has positions, so codes go unused and move at every step.
 cases = {"vq": {}, "ema": dict(quantizer="ema", kmeans_init=True), "restart": dict(restart_dead=1, num_codes=128),
-         "unsynced": dict(sync_batchnorm=False)}
+         "unsynced": dict(sync_batchnorm=False),
+         "two-levels": dict(levels=2, quantizer="ema", kmeans_init=True, restart_dead=1, top_num_codes=32)}
 out = {}
 for name, overrides in cases.items():
     overrides = {"sync_batchnorm": True, **overrides}
@@ -64,7 +65,7 @@ print("RESULT" + json.dumps(out))
 
 # Conv biases right before a BatchNorm have an analytic gradient of zero: theirs is float noise,
 # which Adam turns into steps of lr. They differ between any two summation orders.
-BEFORE_BN = ("encoder/conv1/bias", "encoder/conv2/bias", "decoder/deconv1/bias")
+BEFORE_BN = ("encoder/conv1/bias", "encoder/conv2/bias", "decoder/deconv1/bias", "top_encoder/conv/bias")
 LOSSES = ("loss", "mse_x", "mse_e", "mse_z", "perplexity", "usage")
 
 
@@ -80,12 +81,12 @@ def relative(a, b):
 
 
 @pytest.mark.slow  # eight short trainings in one process: a minute or more
-@pytest.mark.parametrize("case", ["vq", "ema", "restart"])
+@pytest.mark.parametrize("case", ["vq", "ema", "restart", "two-levels"])
 def test_mirrored_sync_batchnorm_equals_one_device(compared, case):
     one, mirrored = compared[f"{case}-one"], compared[f"{case}-mirrored"]
     assert len(one["log"]) == len(mirrored["log"]) == 3
     for row_one, row_mirrored in zip(one["log"], mirrored["log"]):
-        for key in LOSSES:
+        for key in LOSSES + (("mse_e_top", "mse_z_top", "perplexity_top", "usage_top") if case == "two-levels" else ()):
             assert relative(float(row_one[key]), float(row_mirrored[key])) < 1e-4, (key, row_one, row_mirrored)
     for name, value in one["weights"].items():
         if name.endswith(BEFORE_BN):
@@ -145,7 +146,8 @@ from conftest import tiny_config
 
 images = np.random.default_rng(0).uniform(-1, 1, (8, 16, 16, 3)).astype("float32")
 out = {}
-for name, overrides in {"vq": {}, "gumbel": dict(quantizer="gumbel")}.items():
+for name, overrides in {"vq": {}, "gumbel": dict(quantizer="gumbel"),
+                        "two-levels": dict(levels=2, quantizer="gumbel")}.items():
     for where, s in (("one", None), ("mirrored", strategy)):
         run = f"{sys.argv[1]}/{name}-{where}"
         config = tiny_config(jit_compile=False, sync_batchnorm=True, **overrides)
@@ -155,7 +157,7 @@ print("RESULT" + json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("case", ["vq", "gumbel"])
+@pytest.mark.parametrize("case", ["vq", "gumbel", "two-levels"])
 def test_mirrored_logs_the_loss_one_device_logs(logged, case):
     """Every logged value, `loss` first (NanGuard, the progress bar and EarlyStopping read it):
     it once took in the other replica's add_loss terms (+50% here)."""

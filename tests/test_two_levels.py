@@ -22,7 +22,7 @@ from vq_vae_keras.data import ImageArray
 from vq_vae_keras.errors import UsageError
 from vq_vae_keras.grids import interpolation_grid
 from vq_vae_keras.io import to_uint8
-from vq_vae_keras.models import VQVAEObjective, log_names
+from vq_vae_keras.models import VQVAEObjective, log_names, metric_names
 from vq_vae_keras.priors.sampling import level_seed, sample_codes, sample_levels
 from vq_vae_keras.priors.tokens import codes_to_tokens
 from vq_vae_keras.training import kmeans_initialise, train_prior, train_vqvae
@@ -86,6 +86,19 @@ def test_the_reconstruction_trains_the_top_encoder_through_its_quantizer():
     grads = tape.gradient(mse_x, top_encoder.trainable_variables)
     assert all(g is not None for g in grads)
     assert max(float(tf.reduce_max(tf.abs(g))) for g in grads) > 0
+
+
+@pytest.mark.parametrize("speed", [{}, dict(precision="mixed_bfloat16", jit_compile=True)])
+def test_fit_from_user_code_trains_both_levels(speed):
+    """compile(optimizer) and fit(images), nothing else: the model owns both levels' loss terms,
+    reports each level's metrics, and learns (in float32, and in bfloat16 under XLA)."""
+    config = two_level(**speed)
+    model = vqk.build_vqvae(config).train_model
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), jit_compile=config.jit_compile)
+    history = model.fit(images(8), batch_size=8, epochs=15, verbose=0).history
+    assert set(history) == set(metric_names(config))
+    assert all(np.isfinite(v).all() for v in history.values())
+    assert np.mean(history["mse_x"][-3:]) < 0.8 * np.mean(history["mse_x"][:3])
 
 
 def test_inference_agrees_with_the_training_graph():
