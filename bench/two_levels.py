@@ -10,9 +10,10 @@ those of its code maps at a fixed rate, h * w * log2(num_codes) summed over its 
 two-level model spends a quarter more at the same codebook size. Seconds per step are timed in the
 same process, so their ratio is the cost of the second level on this machine.
 
---prior-steps N (first seed only): also trains each run's priors for N steps (the two-level run's
-top then bottom), writes a grid of 64 samples of each into --grids, and adds the priors' bits per
-image (the held-out codes' NLL, `prior_bits_per_image`). Photographs: bench/photos.py --size 64.
+--grids DIR (first seed): a grid of held-out reconstructions of each run; with --prior-steps N also
+trains each run's priors for N steps (the two-level run's top then bottom), writes a grid of 64
+samples of each, and adds the priors' bits per image (the held-out codes' NLL,
+`prior_bits_per_image`). Photographs: bench/photos.py --size 64.
 """
 
 import argparse
@@ -28,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import vq_vae_keras as vqk  # noqa: E402  (first: it quiets TensorFlow's start-up)
 import numpy as np  # noqa: E402
 from vq_vae_keras.evaluation import evaluate  # noqa: E402
-from vq_vae_keras.grids import codes_grid  # noqa: E402
+from vq_vae_keras.grids import codes_grid, reconstruction_grid  # noqa: E402
 from vq_vae_keras.io import save_png  # noqa: E402
 from vq_vae_keras.training import train_prior, train_vqvae  # noqa: E402
 
@@ -52,6 +53,11 @@ def one_run(args, levels, seed, folder):
     seconds = (time.perf_counter() - started) / args.steps
     row = {"levels": levels, "seed": seed, "steps": args.steps, "img_dim": args.img_dim,
            "bits_per_image": code_bits(config), "seconds_per_step": seconds}
+    if args.grids and seed == args.first_seed:
+        os.makedirs(args.grids, exist_ok=True)
+        held_out = vqk.load_images(args.held_out, args.img_dim)[:32]
+        grid = reconstruction_grid(vqk.load_run(run, prior=False).vqvae, held_out, 8)
+        save_png(os.path.join(args.grids, f"recon_levels{levels}.png"), grid)
     if args.prior_steps and seed == args.first_seed:
         train_prior(config, run, steps=args.prior_steps, deterministic=True)
         loaded = vqk.load_run(run)
@@ -59,7 +65,6 @@ def one_run(args, levels, seed, folder):
             codes = vqk.sample_levels(loaded.top_prior, loaded.prior, 64, seed=0)
         else:
             codes = vqk.sample_codes(loaded.prior, 64, config.grid_shape, seed=0)
-        os.makedirs(args.grids, exist_ok=True)
         save_png(os.path.join(args.grids, f"samples_levels{levels}.png"), codes_grid(loaded.vqvae, codes))
         scores = evaluate(loaded, args.held_out, progress=False)
         row["prior_bits_per_image"] = scores["prior_bits_per_image"]
@@ -103,9 +108,11 @@ def main():
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--prior-steps", type=int, default=0)
-    parser.add_argument("--grids", default="two_levels_grids")
+    parser.add_argument("--grids", help="write the first seed's grids here")
     parser.add_argument("--csv", help="append a row per finished run")
     args = parser.parse_args()
+    if args.prior_steps and not args.grids:
+        parser.error("--prior-steps needs --grids DIR (where the sample grids go)")
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for seed in range(args.first_seed, args.first_seed + args.seeds):

@@ -32,7 +32,7 @@ from conftest import ROOT, TINY_FLAGS, call_main, run_cli, tiny_config, write_im
 
 PRIOR_FLAGS = ["--prior-heads", "2", "--prior-head-dim", "4", "--prior-depth", "2"]
 # A small PixelCNN whose last code of a 4-wide map still sees the whole row above (depth * (kernel // 2) >= 3).
-PIXELCNN = {"attention": {}, "pixelcnn": dict(prior="pixelcnn", pixelcnn_width=8, pixelcnn_depth=3, pixelcnn_kernel=3)}
+PIXELCNN = {"attention": {}, "pixelcnn": dict(prior="pixelcnn", pixelcnn_width=8, pixelcnn_depth=4, pixelcnn_kernel=5)}
 
 
 def two_level(**overrides):
@@ -136,6 +136,10 @@ def test_kmeans_initialises_the_top_codebook_then_the_bottom_one_on_its_latents(
     for layer, latents in [(vqvae.top_vq_layer, z_top), (vqvae.vq_layer, z)]:
         expected = kmeans(latents.reshape(-1, 8), layer.num_codes, seed=config.seed)
         np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.codebook), expected, atol=1e-5, err_msg=layer.name)
+    # The top level has a quarter of the positions: its codes decide how many images are read (all 12
+    # here, 48 top vectors for 40 codes, where the bottom's 8 codes would stop at the first batch).
+    config = tiny_config(levels=2, kmeans_init=True, top_num_codes=40)
+    kmeans_initialise(vqk.build_vqvae(config), ImageArray(images(12, size=16)), config)
 
 
 @pytest.mark.parametrize("quantizer", ["ema", "gumbel"])  # each level's EMA state, restarts and noise resume
@@ -213,27 +217,28 @@ def test_a_two_level_run_through_the_command_line(tmp_path):
 
 
 def bottom_prior(num_codes=8, **overrides):
-    config = two_level(img_dim=16, num_codes=num_codes, top_num_codes=5, **overrides)
+    """32 px: a 4x4 top map under an 8x8 bottom one (a 3x3 convolution alone would not reach across)."""
+    config = two_level(num_codes=num_codes, top_num_codes=16, **overrides)
     return config, vqk.build_prior(config, "bottom")
 
 
 @pytest.mark.parametrize("kind", ["attention", "pixelcnn"])
 def test_the_bottom_prior_sees_earlier_bottom_codes_and_the_whole_top_map(kind):
-    """By perturbation: a later bottom code changes no earlier position's probabilities; a top code
-    may change any position's (here the last top code changes the first position's)."""
+    """By perturbation: a later bottom code changes no earlier position's probabilities; every top
+    code may change any position's (here the last top code changes the first position's)."""
     config, prior = bottom_prior(**PIXELCNN[kind])
     rng = np.random.default_rng(0)
-    tokens = codes_to_tokens(rng.integers(0, 8, (3, 4, 4)))[:, :-1]  # (3, 16): start, codes 0..14
-    top = rng.integers(0, 5, (3, 4))
+    tokens = codes_to_tokens(rng.integers(0, 8, (3, 8, 8)))[:, :-1]  # (3, 64): start, codes 0..62
+    top = rng.integers(0, 16, (3, 16))
     base = prior.predict([tokens, top], verbose=0)
-    for k in (3, 9):  # input index k holds the code of position k - 1
+    for k in (3, 40):  # input index k holds the code of position k - 1
         changed = tokens.copy()
         changed[:, k] = (changed[:, k] % 8) + 1  # another code
         out = prior.predict([changed, top], verbose=0)
         np.testing.assert_allclose(out[:, :k], base[:, :k], atol=1e-6)
         assert np.abs(out[:, k:] - base[:, k:]).max() > 1e-4
     changed_top = top.copy()
-    changed_top[:, -1] = (changed_top[:, -1] + 1) % 5
+    changed_top[:, -1] = (changed_top[:, -1] + 1) % 16
     assert np.abs(prior.predict([tokens, changed_top], verbose=0)[:, 0] - base[:, 0]).max() > 1e-4
 
 
@@ -241,12 +246,12 @@ def test_the_bottom_prior_sees_earlier_bottom_codes_and_the_whole_top_map(kind):
 def test_the_bottom_prior_has_no_gradient_from_later_bottom_codes(kind):
     """By gradients: position p's log-probabilities reach the embedding rows of the bottom codes
     before it and of no later one (each token id appears once), and the top code embeddings."""
-    config, prior = bottom_prior(num_codes=20, **PIXELCNN[kind])
-    tokens = np.concatenate([[0], np.random.default_rng(1).permutation(np.arange(1, 21))[:15]])[None].astype("int32")
-    top = np.array([[0, 1, 2, 3]], np.int32)
+    config, prior = bottom_prior(num_codes=64, **PIXELCNN[kind])
+    tokens = np.concatenate([[0], np.random.default_rng(1).permutation(np.arange(1, 65))[:63]])[None].astype("int32")
+    top = np.arange(16, dtype=np.int32)[None]
     rows = prior.get_layer("token_embedding" if kind == "attention" else "code_embedding").embeddings
     top_rows = prior.get_layer("top_condition").embedding.embeddings
-    for p in (0, 6, 15):
+    for p in (0, 20, 63):
         with tf.GradientTape() as tape:
             out = prior([tokens, top], training=False)
             target = tf.reduce_sum(tf.math.log(out[0, p]))
@@ -256,7 +261,7 @@ def test_the_bottom_prior_has_no_gradient_from_later_bottom_codes(kind):
         # input index q holds the code of position q - 1 (index 0: the start token, which the
         # PixelCNN does not embed)
         assert (reach[tokens[0, 1:p + 1]] > 0).all() and (reach[tokens[0, p + 1:]] == 0).all(), p
-        assert (np.abs(top_grad[:4]).sum(axis=1) > 0).all(), p
+        assert (np.abs(top_grad).sum(axis=1) > 0).all(), p  # all 16 top codes, from the first position on
 
 
 @pytest.mark.parametrize("kind", ["attention", "pixelcnn"])
@@ -326,6 +331,41 @@ def test_two_level_options_are_checked():
     with pytest.raises(UsageError, match="has one level"):
         vqk.build_prior(tiny_config(), "top")
 
+
+
+def test_a_bottom_prior_stopped_before_its_first_checkpoint_can_be_trained_again(tmp_path):
+    """Its log and grids, no checkpoint: --resume says so before the top prior trains again, and
+    --level bottom --restart trains it anew alone, the top prior untouched, even with the images
+    moved away (the bottom prior learns the code maps the top prior's stage wrote)."""
+    data = write_images(tmp_path / "images", count=8, size=16)
+    run = str(tmp_path / "run")
+    for argv in (["vqvae", "--data", data, "--run", run, *TINY_FLAGS, "--levels", "2", "--steps", "2"],
+                 ["prior", "--run", run, "--level", "top", "--steps", "2", "--batch-size", "4", *PRIOR_FLAGS]):
+        status, _, err = call_main(train.main, argv)
+        assert status == 0, err
+    status, _, err = call_main(sample.main, ["random", "--run", run])
+    assert status == 2 and "has no trained bottom prior; run: python train.py prior --run" in err
+    assert err.strip().endswith("--level bottom"), err
+    top_weights = open(os.path.join(run, "prior_top.weights.h5"), "rb").read()
+    top_log = open(os.path.join(run, "prior_log_top.csv")).read()
+    with open(os.path.join(run, "prior_log_bottom.csv"), "w") as f:  # as a killed first epoch leaves it
+        f.write("step,epoch,loss,accuracy,val_nll\n2,0,3.1,0.1,\n")
+
+    status, _, err = call_main(train.main, ["prior", "--run", run, "--resume", "--steps", "4"])
+    assert status == 2 and "stopped before its first checkpoint" in err and err.count("\n") == 1, err
+    assert open(os.path.join(run, "prior_log_top.csv")).read() == top_log  # the top prior did not go on
+    status, _, err = call_main(train.main, ["prior", "--run", run, "--level", "bottom", "--steps", "2"])
+    assert status == 2 and "--restart to delete it" in err, err
+    os.rename(data, data + "_moved")
+    status, _, err = call_main(train.main, ["prior", "--run", run, "--level", "bottom", "--data", data + "_moved",
+                                            "--steps", "2"])
+    assert status == 2 and "--restart without --level trains one on another folder" in err, err
+    status, _, err = call_main(train.main, ["prior", "--run", run, "--level", "bottom", "--restart", "--steps", "2"])
+    assert status == 0, err
+    assert os.path.isfile(os.path.join(run, "checkpoint", "prior_bottom.npz"))
+    assert open(os.path.join(run, "prior_top.weights.h5"), "rb").read() == top_weights
+    assert [row.split(",")[0] for row in open(os.path.join(run, "prior_log_bottom.csv")).read().splitlines()] == \
+        ["step", "2"]
 
 
 def kill_when(args, path, lines):

@@ -201,10 +201,16 @@ def evaluate(run, images_or_folder, batch_size=64, fid=None, inception_weights="
     if not isinstance(run, LoadedRun):
         run = load_run(run)
     config, vqvae = run.config, run.vqvae
-    two = config.levels == 2
-    scores_prior = run.prior is not None and config.classes is None and (not two or run.top_prior is not None)
-    if run.prior is not None and not scores_prior:
-        warn("the prior is class-conditional: prior_nll and prior_bits_per_dim are left out (they need each image's class)")
+    two, conditional = config.levels == 2, config.classes is not None
+    # A class-conditional prior would need each image's class; a two-level run's bottom prior is
+    # never class-conditional (its top prior is), and the bits need both levels' NLL.
+    score_bottom = run.prior is not None and (two or not conditional)
+    score_top = two and run.top_prior is not None and not conditional
+    scores_prior = score_bottom and (score_top or not two)
+    if conditional and (run.prior is not None or run.top_prior is not None):
+        left_out = "prior_nll_top, prior_bits_per_dim and prior_bits_per_image" if two else \
+            "prior_nll, prior_bits_per_dim and prior_bits_per_image"
+        warn(f"the {'top ' if two else ''}prior is class-conditional: {left_out} are left out (they need each image's class)")
     batches, num_batches = _image_batches(images_or_folder, config.img_dim, batch_size)
     inception = InceptionFeatures(inception_weights) if fid else None  # fails here, before the long part
 
@@ -223,12 +229,13 @@ def evaluate(run, images_or_folder, batch_size=64, fid=None, inception_weights="
         per_image["ssim_unquantized"].append(unquantized["ssim"])
         for level_counts, level_codes in zip(counts, codes if len(levels) > 1 else [codes]):
             level_counts += usage_counts(level_codes, len(level_counts))
-        if scores_prior and two:  # the bottom maps under their top maps, the top maps alone
+        if score_bottom and two:  # the bottom maps under their top maps
             nll_sums[0] += prior_nll(run.prior, codes_to_tokens(codes[0]), top_codes=codes[1].reshape(len(images), -1)) \
                 * codes[0].size
-            nll_sums[1] += prior_nll(run.top_prior, codes_to_tokens(codes[1])) * codes[1].size
-        elif scores_prior:
+        elif score_bottom:
             nll_sums[0] += prior_nll(run.prior, codes_to_tokens(codes)) * codes.size
+        if score_top:
+            nll_sums[1] += prior_nll(run.top_prior, codes_to_tokens(codes[1])) * codes[1].size
         if inception:
             real_features.append(inception(original))
             recon_features.append(inception(recon))
@@ -242,12 +249,12 @@ def evaluate(run, images_or_folder, batch_size=64, fid=None, inception_weights="
         results.update({"codes_used" + suffix: int((level_counts > 0).sum()),
                         "codes_used_fraction" + suffix: float((level_counts > 0).mean()),
                         "perplexity" + suffix: counts_perplexity(level_counts)})
-    if scores_prior:
-        nats_per_image = sum(nll_sums) / results["images"]
+    if score_bottom:
         results["prior_nll"] = nll_sums[0] / counts[0].sum()
-        if two:
-            results["prior_nll_top"] = nll_sums[1] / counts[1].sum()
-        results["prior_bits_per_image"] = nats_per_image / math.log(2)
+    if score_top:
+        results["prior_nll_top"] = nll_sums[1] / counts[1].sum()
+    if scores_prior:
+        results["prior_bits_per_image"] = sum(nll_sums) / results["images"] / math.log(2)
         results["prior_bits_per_dim"] = results["prior_bits_per_image"] / (config.img_dim ** 2 * 3)
     if fid:
         random_features = inception_weights in (None, "none")
@@ -324,7 +331,7 @@ class EvaluateEvery(StepCallback):
     CSV past it are dropped, the rest kept).
     """
 
-    FIELDS = ("step", "psnr", "ssim", "codes_used")
+    FIELDS = ("step", "psnr", "ssim", "codes_used")  # and codes_used_top for a two-level run
 
     def __init__(self, vqvae, images, every, csv_path, tensorboard_dir=None, initial_step=0, batch_size=64):
         super().__init__(initial_step)
@@ -333,6 +340,7 @@ class EvaluateEvery(StepCallback):
         if isinstance(images, (str, os.PathLike)):
             images = load_images(images, vqvae.config.img_dim)
         self.run, self.images = LoadedRun(vqvae.config, vqvae, None), images
+        self.fields = self.FIELDS + (("codes_used" + TOP,) if vqvae.config.levels == 2 else ())
         self.every, self.csv_path, self.tensorboard_dir = every, csv_path, tensorboard_dir
         self.step, self.last, self.batch_size = initial_step, None, batch_size
         self.rows = self._earlier_rows(initial_step)
@@ -351,9 +359,9 @@ class EvaluateEvery(StepCallback):
 
     def evaluate_now(self):
         scores = evaluate(self.run, self.images, batch_size=self.batch_size, progress=False)
-        row = {"step": self.step, **{key: scores[key] for key in self.FIELDS[1:]}}
+        row = {"step": self.step, **{key: scores[key] for key in self.fields[1:]}}
         self.rows.append(row)
-        atomic_write_text(self.csv_path, csv_text(self.FIELDS, self.rows))
+        atomic_write_text(self.csv_path, csv_text(self.fields, self.rows))
         if self.tensorboard_dir:
             self._write_scalars(row)
         self.last = self.step
@@ -361,5 +369,5 @@ class EvaluateEvery(StepCallback):
     def _write_scalars(self, row):
         if self.writer is None:
             self.writer = TensorBoardWriter(self.tensorboard_dir)
-        self.writer.scalars(self.step, {f"eval/{key}": row[key] for key in self.FIELDS[1:]})
+        self.writer.scalars(self.step, {f"eval/{key}": row[key] for key in self.fields[1:]})
         self.writer.flush()

@@ -210,14 +210,17 @@ def training_images(data, config: Config, cache=None):
 
 def kmeans_initialise(vqvae, folder, config):
     """Codebook from k-means on the encoder outputs of the run's first batch (more batches of the
-    first epoch if it holds fewer than 10 vectors per code). The encoder runs as in training
-    (batch statistics), its BatchNorm moving averages are left as they were. Two levels: the top
-    codebook first, then the bottom one on the latents its code vectors give."""
-    h, w = config.grid_shape
+    first epoch if it holds fewer than 10 vectors per code, at each level). The encoder runs as in
+    training (batch statistics), its BatchNorm moving averages are left as they were. Two levels:
+    the top codebook first, then the bottom one on the latents its code vectors give."""
+    (h, w), (top_h, top_w) = config.grid_shape, config.top_grid_shape
+    per_image = [(h * w, vqvae.vq_layer.num_codes)] + \
+        [(top_h * top_w, vqvae.top_vq_layer.num_codes)] * (vqvae.top_vq_layer is not None)
     indices = []
     for batch in epoch_batches(len(folder), config.batch_size, config.seed):
         indices.extend(batch)
-        if len(indices) * h * w >= 10 * config.num_codes or len(indices) >= len(folder):
+        enough = all(len(indices) * positions >= 10 * num_codes for positions, num_codes in per_image)
+        if enough or len(indices) >= len(folder):
             break
     images = folder.read_batch(indices)
     for level, layer in reversed(list(enumerate(vqvae.vq_layers))):
@@ -487,12 +490,16 @@ def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     from .priors.tokens import START_TOKEN, check_codes, class_tokens, codes_to_tokens
 
     if config.levels == 2 and level is None:
+        bottom = RunDir(run_dir).at_level("bottom")
+        resume_bottom = resume and os.path.isfile(bottom.prior_checkpoint)
+        if resume and not resume_bottom and bottom.prior_files() and not overwrite:  # before the top prior trains
+            raise UsageError(f"{run_dir}'s bottom prior stopped before its first checkpoint: nothing of it to resume; "
+                             "train it anew (train.py prior --level bottom --restart; overwrite=True from Python)",
+                             "level")
         kwargs = dict(steps=steps, epochs=epochs, callbacks=callbacks, deterministic=deterministic,
                       tensorboard=tensorboard, overwrite=overwrite, classes=classes, strategy=strategy, data=data)
         train_prior(config, run_dir, resume=resume, level="top", **kwargs)
-        bottom = RunDir(run_dir).at_level("bottom")
-        return train_prior(config, run_dir, resume=resume and os.path.isfile(bottom.prior_checkpoint), level="bottom",
-                           **kwargs)
+        return train_prior(config, run_dir, resume=resume_bottom, level="bottom", **kwargs)
     config.check_level(level)
     run = open_run(run_dir, config, strategy, True, resume, overwrite,
                    lambda run: run.at_level(level).prior_files(), f"has a{' ' + level if level else ''} prior")
@@ -509,7 +516,11 @@ def train_prior(config: Config, run_dir, steps=None, epochs=None, resume=False, 
     top_codes = None
     if level == "bottom":  # the top maps the bottom prior learns under, flattened
         top = run.at_level("top").codes
-        top_codes = check_codes(_load_npy(top), config, top, "top").reshape(len(codes), -1)
+        top_codes = check_codes(_load_npy(top), config, top, "top")
+        if len(top_codes) != len(codes):
+            raise UsageError(f"{top} holds {len(top_codes)} code maps, {run.codes} {len(codes)}: train the priors "
+                             "again with --restart")
+        top_codes = top_codes.reshape(len(codes), -1)
     num_codes = config.top_codes if level == "top" else config.num_codes
     first = START_TOKEN if labels is None else class_tokens(labels, num_codes)  # the class is the start
     tokens = codes_to_tokens(codes, first)

@@ -117,8 +117,9 @@ def main(argv=None, prog="sample.py"):
 
         two = run.config.levels == 2
         if run.prior is None or (two and run.top_prior is None):
-            what = "trained prior" if not two else f"trained {'top' if run.top_prior is None else 'bottom'} prior"
-            raise UsageError(f"{args.run} has no {what}; run: python train.py prior --run {args.run}")
+            level = "" if not two else "top" if run.top_prior is None else "bottom"
+            raise UsageError(f"{args.run} has no trained {level + ' ' if level else ''}prior; run: python train.py "
+                             f"prior --run {args.run}" + (" --level bottom" if level == "bottom" else ""))
         least = min(run.config.num_codes, run.config.top_codes) if two else run.config.num_codes
         if args.top_k is not None and args.top_k > least:
             raise UsageError(f"--top-k must be at most num_codes = {least}" + (" (the smaller level's)" if two else "")

@@ -18,6 +18,7 @@ from ..cli import (DEFAULTS, ArgumentParser, add_field, add_steps_flags, apply_f
                    seed_int, unit_interval, validate_flags)
 from ..config import PRIOR_LEVELS, Config
 from ..errors import UsageError
+from ..rundir import RunDir
 
 DEMO_RUN = os.path.join("runs", "demo")
 DISTRIBUTE = ("none", "mirrored", "multiworker")
@@ -260,34 +261,36 @@ def train_prior_command(args):
     level = args.level
     if level is not None:
         config.check_level(level)
-    if config.levels == 2 and args.restart and level is not None:
-        raise UsageError("--restart on a two-level run trains both priors anew (they share the prior's flags): "
-                         "leave out --level")
     if level == "bottom" and args.classes:
         raise UsageError("--classes applies to the top prior: the bottom one is conditioned on the top codes")
     if args.resume and args.classes and config.classes is None:
         raise UsageError("--classes contradicts the run's saved prior, which is not class-conditional "
                          "(--restart --classes trains a new one)")
-    reset = restart_defaults(config, flags) if args.restart else []
-    if not args.resume and level != "bottom":  # the bottom prior keeps the top's
+    # A resumed prior keeps its flags. A two-level run's priors share theirs: the bottom one keeps
+    # the top one's, and so does a top one trained again beside a bottom one.
+    bottom_trained = config.levels == 2 and os.path.isfile(RunDir(args.run).at_level("bottom").prior_weights)
+    kept = args.resume or level == "bottom" or (level == "top" and bottom_trained)
+    reset = restart_defaults(config, flags) if args.restart and not kept else []
+    if not kept:
         config.classes = None  # a new prior: conditional only with --classes
     elif flags.get("prior_data") is not None:  # the saved codes are what the prior goes on learning
         if os.path.abspath(flags["prior_data"]) != os.path.abspath(config.prior_data or config.data or ""):
-            raise UsageError(f"--data {flags['prior_data']}: a resumed prior goes on with the codes of "
-                             f"{config.prior_data or config.data} (RUN/codes.npy); --restart trains one on another folder")
+            what = "a resumed prior goes on with" if args.resume else "a two-level run's priors learn"
+            raise UsageError(f"--data {flags['prior_data']}: {what} the codes of {config.prior_data or config.data} "
+                             f"(RUN/{os.path.basename(RunDir(args.run).at_level(level).codes)}); --restart"
+                             f"{' without --level' if level else ''} trains one on another folder")
         flags["prior_data"] = None
-    # A resumed prior keeps its flags; so does a two-level run's bottom prior, which shares the top's.
-    kept = args.resume or level == "bottom"
     changeable = ("sample_every_epochs", "prior_jit_compile") if kept else tuple(flags)
     config = apply_flags(config, flags, changeable=changeable, flag_names=names)
     check_flags_apply(args, parser, config)
     images = config.prior_data or config.data
-    if not args.resume and not (images and os.path.isdir(images)):  # --data itself was checked
+    needs_images = not args.resume and level != "bottom"  # the bottom prior learns the codes the top's stage wrote
+    if needs_images and not (images and os.path.isdir(images)):  # --data itself was checked
         raise UsageError(f"the run's image folder {images} is gone; give --data DIR" if images else
                          "no image folder: give --data (the run's config.json names none)")
     strategy = start_tensorflow(args)
     from ..distribute import is_chief
-    from ..run import RunDir, load_vqvae
+    from ..run import load_vqvae
     from ..training import train_prior
 
     run = RunDir(args.run)
@@ -304,9 +307,10 @@ def train_prior_command(args):
         from ..data import ImageFolder
 
         load_vqvae(config, run)  # the VQ-VAE and the images (and classes) must load before the old prior goes
-        folder = ImageFolder(images, config.img_dim)
-        if args.classes:
-            folder.class_labels()
+        if needs_images:
+            folder = ImageFolder(images, config.img_dim)
+            if args.classes:
+                folder.class_labels()
         for path in existing:  # a half-done restart must not leave the old prior to --resume from
             os.remove(path)
         if reset:

@@ -78,16 +78,20 @@ class GatedLayer(keras.layers.Layer):
 
     def call(self, v, h, classes=None, condition=None):
         reach = self.kernel // 2
-        v_pre = self.vertical_conv(ops.pad(v, [[0, 0], [reach, 0], [reach, reach], [0, 0]]))
+        v_pre = self.vertical_pre(self.vertical_conv(ops.pad(v, [[0, 0], [reach, 0], [reach, reach], [0, 0]])),
+                                  condition)
         h_conv = self.horizontal_conv(ops.pad(h, [[0, 0], [0, 0], [reach, 0], [0, 0]]))
-        return self.vertical(v_pre, classes, condition), self.horizontal(h_conv, v_pre, h, classes, condition)
+        return self.vertical(v_pre, classes), self.horizontal(h_conv, v_pre, h, classes, condition)
 
-    def vertical(self, v_pre, classes, condition=None):
-        """The vertical stack's output from its convolution's output (batch, rows, cols, 2C)."""
+    def vertical_pre(self, v_conv, condition=None):
+        """The vertical stack's pre-activation: its convolution's output (batch, rows, cols, 2C),
+        plus the top map's bias where conditioned (which the link carries to the horizontal stack)."""
+        return v_conv + self.vertical_condition(condition) if self.conditioned else v_conv
+
+    def vertical(self, v_pre, classes):
+        """The vertical stack's output from its pre-activation (batch, rows, cols, 2C)."""
         if self.num_classes:
             v_pre = v_pre + class_vectors(self.vertical_class, classes)[:, None, None, :]
-        if self.conditioned:  # the top map's bias at these positions (the link below carries it on)
-            v_pre = v_pre + self.vertical_condition(condition)
         return gate(v_pre)
 
     def horizontal(self, h_conv, v_pre, h, classes, condition=None):
@@ -199,33 +203,34 @@ class RowSampler(Sampler):
         classes = tf.constant(np.full(batch, -1) if classes is None else classes, tf.int32)
         options = (tf.constant(seed, tf.int64), tf.constant(temperature, tf.float32), tf.constant(top_k, tf.int32),
                    tf.constant(top_p, tf.float32))
-        # A conditioned prior's top map vectors, once for every row (else a 0-row stand-in).
-        condition = model.condition_map(tf.constant(np.reshape(top_codes, (batch, -1)), tf.int32)) \
-            if top_codes is not None else tf.zeros((batch, 0, w, model.channels), model.compute_dtype)
+        # A conditioned prior's top map vectors, once for every row.
+        condition = () if top_codes is None else \
+            (model.condition_map(tf.constant(np.reshape(top_codes, (batch, -1)), tf.int32)),)
         for row in range(h):
-            stacks, codes = self.call(tf.constant(row), stacks, codes, classes, condition, *options)
+            stacks, codes = self.call(tf.constant(row), stacks, codes, classes, *options, *condition)
         return codes.numpy()
 
-    def compiled(self, row, stacks, codes, classes, condition, seed, temperature, top_k, top_p):
-        """One row: (stacks, codes) with the row's codes drawn and written into both."""
+    def compiled(self, row, stacks, codes, classes, seed, temperature, top_k, top_p, *condition):
+        """One row: (stacks, codes) with the row's codes drawn and written into both. condition: a
+        conditioned prior's top map vectors (batch, h, w, C), else none (the signature stays the
+        unconditioned prior's)."""
         model = self.model
         reach, w, channels = model.kernel // 2, model.width, model.channels
         batch = tf.shape(codes)[0]
-        row_condition = window(condition, row, 1, axis=1) if model.condition else None  # (batch, 1, w, C)
+        row_condition = window(condition[0], row, 1, axis=1) if condition else None  # (batch, 1, w, C)
         # The vertical stack at this row, layer by layer, from the k//2 + 1 padded rows ending at it.
         stacks, links = list(stacks), []
         for i, layer in enumerate(model.gated):
-            v_pre = layer.vertical_conv(window(stacks[i], row, reach + 1, axis=1))
+            v_pre = layer.vertical_pre(layer.vertical_conv(window(stacks[i], row, reach + 1, axis=1)), row_condition)
             links.append(v_pre)  # (batch, 1, w, 2C)
             if i + 1 < model.depth:
-                stacks[i + 1] = ops.slice_update(stacks[i + 1], [0, row + reach, reach, 0],
-                                                 layer.vertical(v_pre, classes, row_condition))
+                stacks[i + 1] = ops.slice_update(stacks[i + 1], [0, row + reach, reach, 0], layer.vertical(v_pre, classes))
         # The horizontal stacks of this row, padded left: each layer's input, filled as positions are drawn.
         lines = [tf.zeros((batch, 1, reach + w + 1, channels), model.compute_dtype) for _ in range(model.depth)]
 
         def body(col, lines, first_stack, codes):
             lines = list(lines)
-            here_condition = window(row_condition, col, 1, axis=2) if model.condition else None
+            here_condition = window(row_condition, col, 1, axis=2) if condition else None
             for i, layer in enumerate(model.gated):
                 h_conv = layer.horizontal_conv(window(lines[i], col, reach + 1, axis=2))
                 link = window(links[i], col, 1, axis=2)
