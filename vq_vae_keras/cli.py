@@ -219,7 +219,8 @@ def add_steps_flags(parser, restart=False):
     if restart:
         group.add_argument("--restart", action="store_true",
                            help="delete the run's prior (weights, checkpoint, codes.npy, log, sample grids) "
-                                "and train a new one: prior flags not given take their defaults")
+                                "and train a new one: prior flags not given take their defaults (a two-level "
+                                "run: both priors; with --level, that one alone, keeping the flags)")
 
 
 def config_for_run(run, flags, resume, flag_names=None):

@@ -213,9 +213,8 @@ def kmeans_initialise(vqvae, folder, config):
     first epoch if it holds fewer than 10 vectors per code, at each level). The encoder runs as in
     training (batch statistics), its BatchNorm moving averages are left as they were. Two levels:
     the top codebook first, then the bottom one on the latents its code vectors give."""
-    (h, w), (top_h, top_w) = config.grid_shape, config.top_grid_shape
-    per_image = [(h * w, vqvae.vq_layer.num_codes)] + \
-        [(top_h * top_w, vqvae.top_vq_layer.num_codes)] * (vqvae.top_vq_layer is not None)
+    grids = [config.grid_shape, config.top_grid_shape]  # bottom, top: as vq_layers
+    per_image = [(h * w, layer.num_codes) for (h, w), layer in zip(grids, vqvae.vq_layers)]
     indices = []
     for batch in epoch_batches(len(folder), config.batch_size, config.seed):
         indices.extend(batch)

@@ -267,9 +267,9 @@ def train_prior_command(args):
         raise UsageError("--classes contradicts the run's saved prior, which is not class-conditional "
                          "(--restart --classes trains a new one)")
     # A resumed prior keeps its flags. A two-level run's priors share theirs: the bottom one keeps
-    # the top one's, and so does a top one trained again beside a bottom one.
+    # the top one's, and so does a top one trained again (--restart, or beside a bottom one).
     bottom_trained = config.levels == 2 and os.path.isfile(RunDir(args.run).at_level("bottom").prior_weights)
-    kept = args.resume or level == "bottom" or (level == "top" and bottom_trained)
+    kept = args.resume or level == "bottom" or (level == "top" and (bottom_trained or args.restart))
     reset = restart_defaults(config, flags) if args.restart and not kept else []
     if not kept:
         config.classes = None  # a new prior: conditional only with --classes
