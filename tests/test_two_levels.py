@@ -158,6 +158,7 @@ def test_resume_continues_both_levels_exactly(tmp_path, quantizer):
         np.testing.assert_array_equal(x.numpy(), y.numpy(), err_msg=x.path)
 
 
+@pytest.mark.slow  # half a minute: several commands on a tiny run
 def test_a_two_level_run_through_the_command_line(tmp_path):
     data = write_images(tmp_path / "images", count=10, size=16)
     run = str(tmp_path / "run")
@@ -293,6 +294,7 @@ def test_the_compiled_samplers_draw_from_the_full_models(kind):
         sample_codes(prior, 2, (4, 4))
 
 
+@pytest.mark.slow  # half a minute: five trainings
 def test_the_bottom_prior_resumes_exactly(tmp_path):
     data = write_images(tmp_path / "images", count=12, size=16)
     config = lambda: tiny_config(data=data, seed=3, levels=2, val_split=0.25)  # noqa: E731
@@ -333,6 +335,7 @@ def test_two_level_options_are_checked():
 
 
 
+@pytest.mark.slow  # a quarter of a minute: six commands on a tiny run
 def test_a_bottom_prior_stopped_before_its_first_checkpoint_can_be_trained_again(tmp_path):
     """Its log and grids, no checkpoint: --resume says so before the top prior trains again, and
     --level bottom --restart trains it anew alone, the top prior untouched, even with the images
