@@ -19,6 +19,7 @@ from .codebook import counts_perplexity, usage_counts
 from .data import ImageFolder, load_images
 from .errors import UsageError, warn
 from .io import atomic_write_text, load_weights, to_uint8
+from .models import level_names
 from .priors.sampling import sample_codes, sample_levels
 from .priors.tokens import codes_to_tokens, prior_nll
 from .quantizers import TOP
@@ -340,7 +341,7 @@ class EvaluateEvery(StepCallback):
         if isinstance(images, (str, os.PathLike)):
             images = load_images(images, vqvae.config.img_dim)
         self.run, self.images = LoadedRun(vqvae.config, vqvae, None), images
-        self.fields = self.FIELDS + (("codes_used" + TOP,) if vqvae.config.levels == 2 else ())
+        self.fields = (*self.FIELDS[:-1], *level_names(self.FIELDS[-1:], vqvae.config.levels))
         self.every, self.csv_path, self.tensorboard_dir = every, csv_path, tensorboard_dir
         self.step, self.last, self.batch_size = initial_step, None, batch_size
         self.rows = self._earlier_rows(initial_step)

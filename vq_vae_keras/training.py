@@ -30,7 +30,7 @@ from .data import ImageArray, ImageFolder, epoch_batches, index_dataset, load_im
 from .distribute import distributed, is_chief, strategy_scope, vector_logs, xla_off_under
 from .errors import UsageError, warn
 from .io import checkpoint_state, load_checkpoint, resumable, save_model, save_npy, save_png
-from .models import build_vqvae, compile_vqvae, learning_rate, log_names
+from .models import build_vqvae, compile_vqvae, learning_rate, level_names, log_names
 from .quantizers import TOP
 from .run import RunDir, load_prior, load_vqvae
 
@@ -330,7 +330,7 @@ class SampleSteps(Every):
     closing summary), each level's. A save between sample steps keeps them in the checkpoint, so a
     resumed run goes on counting from the sample step, not from where it stopped."""
 
-    COUNTS_KEYS = ("usage_counts", "usage_counts" + TOP)  # the checkpoint's, bottom then top
+    COUNTS_KEYS = tuple(level_names(["usage_counts"], 2))  # the checkpoint's, bottom then top
 
     def __init__(self, vqvae, run, images, log, board, start, state, total):
         super().__init__(vqvae.config.sample_every, self.save, start)

@@ -258,6 +258,7 @@ def train_prior_command(args):
     flags = given_fields(args, parser)
     names = message_names(parser)
     config = Config.load(os.path.join(args.run, "config.json"))
+    run = RunDir(args.run)
     level = args.level
     if level is not None:
         config.check_level(level)
@@ -268,7 +269,7 @@ def train_prior_command(args):
                          "(--restart --classes trains a new one)")
     # A resumed prior keeps its flags. A two-level run's priors share theirs: the bottom one keeps
     # the top one's, and so does a top one trained again (--restart, or beside a bottom one).
-    bottom_trained = config.levels == 2 and os.path.isfile(RunDir(args.run).at_level("bottom").prior_weights)
+    bottom_trained = config.levels == 2 and os.path.isfile(run.at_level("bottom").prior_weights)
     kept = args.resume or level == "bottom" or (level == "top" and (bottom_trained or args.restart))
     reset = restart_defaults(config, flags) if args.restart and not kept else []
     if not kept:
@@ -277,7 +278,7 @@ def train_prior_command(args):
         if os.path.abspath(flags["prior_data"]) != os.path.abspath(config.prior_data or config.data or ""):
             what = "a resumed prior goes on with" if args.resume else "a two-level run's priors learn"
             raise UsageError(f"--data {flags['prior_data']}: {what} the codes of {config.prior_data or config.data} "
-                             f"(RUN/{os.path.basename(RunDir(args.run).at_level(level).codes)}); --restart"
+                             f"(RUN/{os.path.basename(run.at_level(level).codes)}); --restart"
                              f"{' without --level' if level else ''} trains one on another folder")
         flags["prior_data"] = None
     changeable = ("sample_every_epochs", "prior_jit_compile") if kept else tuple(flags)
@@ -293,7 +294,6 @@ def train_prior_command(args):
     from ..run import load_vqvae
     from ..training import train_prior
 
-    run = RunDir(args.run)
     views = [run.at_level(each) for each in ((level,) if level else PRIOR_LEVELS)] if config.levels == 2 else [run]
     existing = [path for view in views for path in view.prior_files()] if is_chief(strategy) else []  # another worker leaves the run's files alone
     if existing and not (args.resume or args.restart):
