@@ -22,7 +22,7 @@ from .io import atomic_write_text, load_weights, to_uint8
 from .models import level_names
 from .priors.sampling import sample_codes, sample_levels
 from .priors.tokens import codes_to_tokens, prior_nll
-from .quantizers import TOP
+from .quantizers import LEVEL_SUFFIXES
 from .run import LoadedRun, load_run
 
 # An exact reconstruction (MSE 0) has infinite PSNR; it counts as this many dB, so that a mean stays
@@ -246,7 +246,7 @@ def evaluate(run, images_or_folder, batch_size=64, fid=None, inception_weights="
     per_image = {key: np.concatenate(values) for key, values in per_image.items()}
     results = dict.fromkeys(KEYS)
     results.update(images=len(per_image["mse"]), **{key: float(v.mean()) for key, v in per_image.items()})
-    for suffix, level_counts in zip(("", TOP), counts):
+    for suffix, level_counts in zip(LEVEL_SUFFIXES, counts):
         results.update({"codes_used" + suffix: int((level_counts > 0).sum()),
                         "codes_used_fraction" + suffix: float((level_counts > 0).mean()),
                         "perplexity" + suffix: counts_perplexity(level_counts)})

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .config import OPTIMIZER_FIELDS, Config
 from .distribute import ReplicaLocalLosses
 from .errors import UsageError, one_trace_per_object
-from .quantizers import PACKAGE, TOP, CodebookLayer, build_quantizer, quantizer_class
+from .quantizers import LEVEL_SUFFIXES, PACKAGE, TOP, CodebookLayer, build_quantizer, quantizer_class
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -285,7 +285,7 @@ class VQVAEObjective(ReplicaLocalLosses, keras.layers.Layer):
         mse_x = ops.mean(ops.square(x - x_rec))
         self.mse_x.update_state(mse_x)
         loss = mse_x
-        for suffix, z, e in zip(("", TOP), latents[0::2], latents[1::2]):
+        for suffix, z, e in zip(LEVEL_SUFFIXES, latents[0::2], latents[1::2]):
             if not self.codebook_terms:
                 break
             mse_e = ops.mean(ops.square(ops.stop_gradient(z) - e))

@@ -31,6 +31,7 @@ from .distribute import ReplicaLocalLosses, replica_rows, replica_sum
 
 PACKAGE = "vq_vae_keras"
 TOP = "_top"  # VQ-VAE-2's top level: its quantizer layer's name and its metrics end with this
+LEVEL_SUFFIXES = ("", TOP)  # what each level's names end with, in the [bottom, top] order of latents and codes
 
 
 def l2_normalize(x, epsilon=1e-12):

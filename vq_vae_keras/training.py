@@ -31,7 +31,7 @@ from .distribute import distributed, is_chief, strategy_scope, vector_logs, xla_
 from .errors import UsageError, warn
 from .io import checkpoint_state, load_checkpoint, resumable, save_model, save_npy, save_png
 from .models import build_vqvae, compile_vqvae, learning_rate, level_names, log_names
-from .quantizers import TOP
+from .quantizers import LEVEL_SUFFIXES
 from .run import RunDir, load_prior, load_vqvae
 
 REFERENCE_EPOCHS = 1000
@@ -365,7 +365,7 @@ class SampleSteps(Every):
             usage.reset_state()
         if self.board is not None:
             self.board.images(step, self.grids.written)
-            for suffix, level_counts in zip(("", TOP), counts):
+            for suffix, level_counts in zip(LEVEL_SUFFIXES, counts):
                 self.board.code_usage(step, level_counts, suffix)
             self.board.flush()
 
