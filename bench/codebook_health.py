@@ -15,7 +15,8 @@ fraction of codes the quantizer chose in training mode over the 500 steps before
 Baseline row, computed in the same run: the palette codec at the VQ-VAE's bit rate. Each image
 becomes its (img_dim/4)^2 thumbnail (area average), each thumbnail pixel one of num_codes colours
 (k-means on the training thumbnails' pixels: log2(num_codes) bits per cell, as one code per cell),
-upsampled back bilinearly.
+upsampled back bilinearly. The option "no quantizer (continuous latents; not a codec)" is the other
+bound: the same encoder and decoder trained on mse_x alone, z reaching the decoder unquantised.
 
 Without --data it uses the demo's shapes (2000 to train, 500 others held out). For photographs see
 bench/photos.py. --csv appends one row per finished run (a long bench keeps what it has done;
@@ -42,24 +43,40 @@ from vq_vae_keras.evaluation import mse, psnr_from_mse, to_uint8  # noqa: E402
 from vq_vae_keras.quantizers import CodebookLayer  # noqa: E402
 from vq_vae_keras.training import train_vqvae  # noqa: E402
 
+PALETTE = "palette codec (equal bit rate)"
+# Not a codec: the same encoder and decoder trained on mse_x alone, z passed on unquantised (32 floats per
+# cell instead of 6 bits). What this network reaches with an unlimited bit rate bounds what any codebook
+# option can reach on it.
+CONTINUOUS = "no quantizer (continuous latents; not a codec)"
 EXISTING = {"quantizer": "ema", "kmeans_init": True, "restart_dead": 50}
-RECOMMENDED = {**EXISTING, "lr_schedule": "cosine"}
+# The README's recommendation (bench/README.md, "FSQ 8x8 at a higher peak rate").
+RECOMMENDED = {"quantizer": "fsq", "fsq_levels": [8, 8], "lr": 3e-3, "lr_schedule": "cosine", "warmup_steps": 300}
 OPTIONS = {
     "default (vq)": {},
-    "recommended: ema + kmeans-init + restart-dead 50 + lr-schedule cosine": RECOMMENDED,
+    "fsq 8x8 + lr 3e-3 cosine warmup 300": RECOMMENDED,
+    "ema + kmeans-init + restart-dead 50 + lr-schedule cosine": {**EXISTING, "lr_schedule": "cosine"},
     "lr-schedule cosine": {"lr_schedule": "cosine"},
     "ema + kmeans-init + restart-dead 50": EXISTING,
     "vq + kmeans-init + restart-dead 50": {"kmeans_init": True, "restart_dead": 50},
     "fsq 4x4x4": {"quantizer": "fsq", "fsq_levels": [4, 4, 4]},
     "fsq 8x8": {"quantizer": "fsq", "fsq_levels": [8, 8]},
+    "fsq 8x8 + lr-schedule cosine": {"quantizer": "fsq", "fsq_levels": [8, 8], "lr_schedule": "cosine"},
+    "fsq 16x4": {"quantizer": "fsq", "fsq_levels": [16, 4]},
+    "fsq 8x8 + lr 2e-3 cosine warmup 300": {"quantizer": "fsq", "fsq_levels": [8, 8], "lr": 2e-3,
+                                            "lr_schedule": "cosine", "warmup_steps": 300},
+    "lr 3e-3 cosine warmup 300": {"lr": 3e-3, "lr_schedule": "cosine", "warmup_steps": 300},
+    "fsq 16x4 + lr 2e-3 cosine warmup 300": {"quantizer": "fsq", "fsq_levels": [16, 4], "lr": 2e-3,
+                                             "lr_schedule": "cosine", "warmup_steps": 300},
     "rotation trick": {"rotation_trick": True},
     "cosine codebook": {"cosine_codebook": True},
     "rotation + cosine": {"rotation_trick": True, "cosine_codebook": True},
     "ema + kmeans + restarts + rotation": {**EXISTING, "rotation_trick": True},
     "ema + kmeans + restarts + cosine": {**EXISTING, "cosine_codebook": True},
     "ema + kmeans + restarts + rotation + cosine": {**EXISTING, "rotation_trick": True, "cosine_codebook": True},
+    "beta 0.1": {"beta": 0.1},
+    "gumbel": {"quantizer": "gumbel"},
+    CONTINUOUS: {},
 }
-PALETTE = "palette codec (equal bit rate)"
 USAGE_WINDOW = 500  # steps
 
 
@@ -83,6 +100,22 @@ def held_out_scores(vqvae, images, num_codes):
     return float(psnr), float((usage_counts(codes, num_codes) > 0).mean())
 
 
+def train_continuous(config, data, steps, callbacks):
+    """The VQ-VAE's encoder and decoder, z -> decoder without a quantizer, Adam(config.lr) on mse_x,
+    on the batches train_vqvae would read (same images, same seeded order)."""
+    from vq_vae_keras.models import build_decoder, build_encoder, seeded_initializers
+    from vq_vae_keras.training import seed_everything, training_images
+
+    seed_everything(config.seed, False)
+    with seeded_initializers(config.seed):
+        encoder, decoder = build_encoder(config), build_decoder(config)
+    x = keras.Input((config.img_dim, config.img_dim, 3))
+    model = keras.Model(x, decoder(encoder(x)))
+    model.compile(keras.optimizers.Adam(config.lr), loss="mse")
+    _, dataset, _ = training_images(data, config, "memory")
+    model.fit(dataset(0).map(lambda b: (b, b)), steps_per_epoch=steps, epochs=1, verbose=0, callbacks=callbacks)
+
+
 class ScoreAt(keras.callbacks.Callback):
     """Held-out scores at the given steps; the fraction of codes used in training mode over every
     USAGE_WINDOW steps (the quantizer's usage counts, which nothing else resets after step 1 in a
@@ -95,12 +128,16 @@ class ScoreAt(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         layers = {layer.name: layer for layer in self.model.layers}
-        self.vq_layer = next(layer for layer in layers.values() if isinstance(layer, CodebookLayer))
+        self.vq_layer = next((layer for layer in layers.values() if isinstance(layer, CodebookLayer)), None)
         predict = lambda name: lambda x: layers[name].predict(x, batch_size=100, verbose=0)  # noqa: E731
+        identity = lambda z: (np.zeros(z.shape[:-1], "int32"), z)  # noqa: E731  (no quantizer: one "code")
         self.vqvae = SimpleNamespace(encode=predict("encoder"), decode=predict("decoder"),
-                                     quantize=lambda z: [np.asarray(t) for t in self.vq_layer(z)])
+                                     quantize=identity if self.vq_layer is None else
+                                     lambda z: [np.asarray(t) for t in self.vq_layer(z)])
 
     def window_usage(self):
+        if self.vq_layer is None:
+            return float("nan")
         counts = self.vq_layer.usage.counts.numpy()
         window = counts - self.last_counts if np.all(counts >= self.last_counts) else counts
         self.last_counts = counts
@@ -187,8 +224,11 @@ def main():
                 config = vqk.Config(data=data, img_dim=args.img_dim, z_dim=args.z_dim, num_codes=args.num_codes,
                                     batch_size=args.batch_size, seed=seed, sample_every=10**9, **OPTIONS[name])
                 score = ScoreAt(held_out, eval_at, args.num_codes)
-                train_vqvae(config, os.path.join(tmp, f"run_{len(rows)}"), steps=args.steps, deterministic=True,
-                            callbacks=[score])
+                if name == CONTINUOUS:
+                    train_continuous(config, data, args.steps, [score])
+                else:
+                    train_vqvae(config, os.path.join(tmp, f"run_{len(rows)}"), steps=args.steps,
+                                deterministic=True, callbacks=[score])
                 for step, (psnr, used, train_used, curve) in sorted(score.scores.items()):
                     row = {"settings": settings(name, step), "option": name, "seed": seed, "psnr": psnr,
                            "codes_used": used, "train_usage": train_used, "usage_curve": curve}
@@ -212,8 +252,9 @@ def main():
             psnrs = [float(r["psnr"]) for r in runs]
             train = [float(r["train_usage"]) for r in runs if r.get("train_usage")]
             label = name if "of" not in settings(name, step).split() else f"{name} (at {step} of {args.steps})"
-            print(f"| {label} | {len(runs)} | {spread(psnrs)} | {np.mean(psnrs) - palette:+.2f} | "
-                  f"{spread([float(r['codes_used']) for r in runs])} | {spread(train) if train else '-'} |")
+            codes = "-" if name == CONTINUOUS else spread([float(r["codes_used"]) for r in runs])
+            train = "-" if name == CONTINUOUS or not train else spread(train)
+            print(f"| {label} | {len(runs)} | {spread(psnrs)} | {np.mean(psnrs) - palette:+.2f} | {codes} | {train} |")
 
 
 if __name__ == "__main__":

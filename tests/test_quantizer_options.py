@@ -464,3 +464,28 @@ def test_only_the_config_and_the_factory_compare_the_quantizers_name():
                 with open(path) as f:
                     found += [f"{path}:{i}" for i, line in enumerate(f, 1) if comparison.search(line)]
     assert found == []
+
+
+def test_the_readmes_recommended_codebook_set_is_the_benchs_and_trains_as_written(tmp_path):
+    """The flags of README's "recommended:" row are the set bench/codebook_health.py measured
+    (RECOMMENDED), and train.py accepts them as written: a 301-step run (one past the warm-up)."""
+    import importlib.util
+    import re
+    import shlex
+
+    import train
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        flags = shlex.split(re.search(r"\*\*recommended:\*\* `([^`]+)`", f.read()).group(1))
+    spec = importlib.util.spec_from_file_location("codebook_health", os.path.join(ROOT, "bench", "codebook_health.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    data = write_images(tmp_path / "images", count=4, size=16)
+    run = str(tmp_path / "run")
+    status, _, err = call_main(train.main, ["vqvae", "--data", data, "--run", run, "--img-dim", "16", "--z-dim", "4",
+                                            "--batch-size", "4", "--steps", "301", "--no-jit", *flags])
+    assert status == 0, err
+    config = vqk.Config.load(os.path.join(run, "config.json"))
+    assert {name: getattr(config, name) for name in bench.RECOMMENDED} == bench.RECOMMENDED
+    assert config.num_codes == 64
