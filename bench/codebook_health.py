@@ -101,9 +101,9 @@ def held_out_scores(vqvae, images, num_codes):
 
 
 def train_continuous(config, data, steps, callbacks):
-    """The VQ-VAE's encoder and decoder, z -> decoder without a quantizer, Adam(config.lr) on mse_x,
+    """The VQ-VAE's encoder and decoder, z -> decoder without a quantizer, Adam on mse_x (the config's rate),
     on the batches train_vqvae would read (same images, same seeded order)."""
-    from vq_vae_keras.models import build_decoder, build_encoder, seeded_initializers
+    from vq_vae_keras.models import build_decoder, build_encoder, learning_rate, seeded_initializers
     from vq_vae_keras.training import seed_everything, training_images
 
     seed_everything(config.seed, False)
@@ -111,7 +111,7 @@ def train_continuous(config, data, steps, callbacks):
         encoder, decoder = build_encoder(config), build_decoder(config)
     x = keras.Input((config.img_dim, config.img_dim, 3))
     model = keras.Model(x, decoder(encoder(x)))
-    model.compile(keras.optimizers.Adam(config.lr), loss="mse")
+    model.compile(keras.optimizers.Adam(learning_rate(config, steps)), loss="mse", jit_compile=config.jit_compile)
     _, dataset, _ = training_images(data, config, "memory")
     model.fit(dataset(0).map(lambda b: (b, b)), steps_per_epoch=steps, epochs=1, verbose=0, callbacks=callbacks)
 
@@ -130,7 +130,7 @@ class ScoreAt(keras.callbacks.Callback):
         layers = {layer.name: layer for layer in self.model.layers}
         self.vq_layer = next((layer for layer in layers.values() if isinstance(layer, CodebookLayer)), None)
         predict = lambda name: lambda x: layers[name].predict(x, batch_size=100, verbose=0)  # noqa: E731
-        identity = lambda z: (np.zeros(z.shape[:-1], "int32"), z)  # noqa: E731  (no quantizer: one "code")
+        identity = lambda z: (np.zeros(z.shape[:-1], "int32"), z)  # noqa: E731  (no quantizer: no codes to count)
         self.vqvae = SimpleNamespace(encode=predict("encoder"), decode=predict("decoder"),
                                      quantize=identity if self.vq_layer is None else
                                      lambda z: [np.asarray(t) for t in self.vq_layer(z)])
@@ -231,7 +231,8 @@ def main():
                                 deterministic=True, callbacks=[score])
                 for step, (psnr, used, train_used, curve) in sorted(score.scores.items()):
                     row = {"settings": settings(name, step), "option": name, "seed": seed, "psnr": psnr,
-                           "codes_used": used, "train_usage": train_used, "usage_curve": curve}
+                           "codes_used": float("nan") if name == CONTINUOUS else used, "train_usage": train_used,
+                           "usage_curve": curve}
                     rows[row["settings"], name, seed] = row
                     append_row(args.csv, row)
                     print(f"{name}, seed {seed}, step {step}: psnr {psnr:.2f} dB, codes used {used:.2f}, "
