@@ -466,6 +466,46 @@ def test_only_the_config_and_the_factory_compare_the_quantizers_name():
     assert found == []
 
 
+def numpy_fsq_unquantized(z, levels, w_in, b_in, w_out, b_out):
+    """FSQ without its rounding, from the paper's formulas: the bounded channels / (L // 2), projected out."""
+    levels = np.asarray(levels, np.float64)
+    half_l = (levels - 1) * (1 - 1e-3) / 2
+    offset = np.where(levels % 2 == 0, 0.5, 0.0)
+    bounded = np.tanh(z @ w_in + b_in + np.tan(offset / half_l)) * half_l - offset
+    return (bounded / (levels // 2)) @ w_out + b_out
+
+
+def test_unquantized_is_z_for_vq_the_unrounded_channels_for_fsq_and_the_noiseless_mixture_for_gumbel():
+    z = np.random.default_rng(2).normal(size=(3, 4, 6)).astype(np.float32)
+    fsq = _fsq()
+    np.testing.assert_allclose(np.asarray(fsq.unquantized(z)),
+                               numpy_fsq_unquantized(z, LEVELS, *(w.numpy() for w in fsq.weights)), atol=1e-4)
+    gumbel = vqk.quantizers.GumbelQuantizer(5, temperature=0.5, seed=0)
+    gumbel.build((None, 6))
+    logits = (z @ gumbel.logit_kernel.numpy() + gumbel.logit_bias.numpy()) / 0.5
+    soft = np.exp(logits - logits.max(-1, keepdims=True))
+    np.testing.assert_allclose(np.asarray(gumbel.unquantized(z)),
+                               soft / soft.sum(-1, keepdims=True) @ gumbel.codebook.numpy(), atol=1e-5)
+    vq = vqk.quantizers.VectorQuantizer(5)
+    vq.build((None, 6))
+    np.testing.assert_array_equal(np.asarray(vq.unquantized(z)), z)
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_an_fsq_models_unquantized_reconstruction_decodes_the_unrounded_channels(levels):
+    """recon --no-quantize, test_ae_1 grids and evaluate's psnr_unquantized: the decoder gets FSQ's
+    unrounded channels projected out (NumPy), not the encoder's output, which FSQ's projection expects."""
+    config = tiny_config(quantizer="fsq", fsq_levels=[2, 4], num_codes=8, levels=levels)
+    vqvae = vqk.build_vqvae(config)
+    x = np.random.default_rng(0).uniform(-1, 1, (4, 16, 16, 3)).astype(np.float32)
+    z = vqvae.encode(x)
+    z = z if levels == 2 else [z]
+    expected = [numpy_fsq_unquantized(level, [2, 4], *(w.numpy() for w in layer.weights))
+                for layer, level in zip(vqvae.vq_layers, z)]
+    expected = vqvae.decoder.predict(expected if levels == 2 else expected[0], verbose=0)
+    np.testing.assert_allclose(vqvae.reconstruct(x, quantize=False), expected, atol=1e-4)
+
+
 def test_the_readmes_recommended_set_is_the_benchs_and_trains_as_written(tmp_path):
     """README's "recommended:" flags are exactly the set bench/codebook_health.py measured
     (RECOMMENDED: no flag more, none less), and train.py accepts them as written: a 301-step run,

@@ -173,7 +173,8 @@ def evaluate(run, images_or_folder, batch_size=64, fid=None, inception_weights="
     - images: how many were scored.
     - mse, psnr, ssim: each image through encoder -> quantizer -> decoder, per image on the 0..255
       scale (see `reconstruction_scores`), averaged over images. psnr_unquantized, ssim_unquantized:
-      encoder -> decoder, skipping the quantizer (the reference's test_ae_1).
+      encoder -> decoder without the choice of codes (`VQVAE.unquantized`: z itself, the reference's
+      test_ae_1; FSQ's channels unrounded; Gumbel's mixture without noise).
     - codes_used, codes_used_fraction (of num_codes), perplexity (exp of the entropy of the code
       histogram): over all code positions of all images. A two-level run (levels 2) also has
       codes_used_top, codes_used_fraction_top and perplexity_top, its top level's.
@@ -225,7 +226,7 @@ def evaluate(run, images_or_folder, batch_size=64, fid=None, inception_weights="
         original, recon = to_uint8(images), to_uint8(vqvae.decode(vectors, batch_size))
         for key, values in reconstruction_scores(original, recon).items():
             per_image[key].append(values)
-        unquantized = reconstruction_scores(original, to_uint8(vqvae.decode(z, batch_size)))
+        unquantized = reconstruction_scores(original, to_uint8(vqvae.decode(vqvae.unquantized(z), batch_size)))
         per_image["psnr_unquantized"].append(unquantized["psnr"])
         per_image["ssim_unquantized"].append(unquantized["ssim"])
         for level_counts, level_codes in zip(counts, codes if len(levels) > 1 else [codes]):
@@ -283,8 +284,8 @@ DESCRIPTIONS = {
     "psnr": "dB, through the quantizer (higher is better)",
     "ssim": "through the quantizer (1 is perfect)",
     "mse": "per pixel-channel, 0..255 scale",
-    "psnr_unquantized": "dB, encoder -> decoder without the quantizer",
-    "ssim_unquantized": "encoder -> decoder without the quantizer",
+    "psnr_unquantized": "dB, encoder -> decoder without the choice of codes",
+    "ssim_unquantized": "encoder -> decoder without the choice of codes",
     "codes_used": "codes chosen at least once",
     "codes_used_fraction": "of num_codes",
     "perplexity": "exp(entropy) of code usage (num_codes at best)",

@@ -210,6 +210,14 @@ class VQVAE:
         codes, vectors = out[:2], out[2:]
         return [c.astype(np.int32) for c in codes], vectors
 
+    def unquantized(self, z):
+        """Latents -> what the decoder gets from them without the choice of codes (levels 2: [bottom,
+        top]): z itself for the VQ codebooks, FSQ's unrounded channels, Gumbel's noiseless mixture."""
+        if self.top_vq_layer is None:
+            return keras.ops.convert_to_numpy(self.vq_layer.unquantized(np.asarray(z, np.float32)))
+        return [keras.ops.convert_to_numpy(layer.unquantized(np.asarray(level, np.float32)))
+                for layer, level in zip(self.vq_layers, z)]
+
     def decode(self, z, batch_size=64):
         """Latents or code vectors (N, h, w, z_dim) (levels 2: [bottom, top]) -> images (N, d, d, 3) in [-1, 1]."""
         return predict_whole_batches(self.decoder, z, batch_size)
@@ -238,9 +246,8 @@ class VQVAE:
     def reconstruct(self, images, quantize=True, batch_size=64):
         """encoder -> (quantizer ->) decoder, as the reference's test_ae_2 (test_ae_1 without quantize)."""
         z = self.encode(images, batch_size)
-        if quantize:
-            z = self.quantize(z, batch_size)[1]
-        return self.decode(z, batch_size)
+        vectors = self.quantize(z, batch_size)[1] if quantize else self.unquantized(z)
+        return self.decode(vectors, batch_size)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

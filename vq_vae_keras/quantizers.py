@@ -116,6 +116,11 @@ class CodebookLayer(keras.layers.Layer):
         """The (num_codes, dim) vectors codes stand for."""
         return self.codebook
 
+    def unquantized(self, z):
+        """What the decoder gets from z (..., dim) without the choice of a code: z itself here, the
+        reference's test_ae_1 (z lives beside the code vectors); FSQ and Gumbel have their own."""
+        return z
+
     def lookup(self, codes):
         """Code vectors of integer codes: (...) -> (..., dim)."""
         return ops.take(self.code_vectors(), ops.cast(codes, "int32"), axis=0)
@@ -340,6 +345,11 @@ class GumbelQuantizer(ReplicaLocalLosses, CodebookLayer):
     def logits(self, z):
         return ops.matmul(z, self.logit_kernel) + self.logit_bias
 
+    def unquantized(self, z):
+        """The relaxation without its noise: softmax(logits / temperature) @ codebook (z is the
+        projection's input, not a code vector)."""
+        return ops.matmul(ops.softmax(self.logits(z) / self.temperature, axis=-1), self.codebook)
+
     def call(self, z, training=None, return_decoder_input=False):
         logits = self.logits(z)
         codes = ops.cast(ops.argmax(logits, axis=-1), "int32")
@@ -421,6 +431,11 @@ class FiniteScalarQuantizer(CodebookLayer):
 
     def project_out(self, rounded):
         return ops.matmul(rounded / self._half_width, self.project_out_kernel) + self.project_out_bias
+
+    def unquantized(self, z):
+        """The bounded channels before rounding, projected out (z is the projection's input, not a
+        code vector)."""
+        return self.project_out(self.bound(ops.matmul(z, self.project_in_kernel) + self.project_in_bias))
 
     def call(self, z, training=None, return_decoder_input=False):
         rounded, through = self.rounded_channels(z)  # (`quantize` is a Keras Layer method)

@@ -44,7 +44,9 @@ def build_parser(prog="sample.py"):
         p.add_argument("--n", type=grid_size, default=8, help="grid of n x n tiles, at most 64 (default: %(default)s)")
         p.add_argument("--seed", type=seed_int, help="repeat an earlier call's draws (default: a fresh seed, printed)")
         if name == "recon":
-            p.add_argument("--no-quantize", action="store_true", help="encoder -> decoder, skipping the quantizer")
+            p.add_argument("--no-quantize", action="store_true",
+                           help="encoder -> decoder without the choice of codes (FSQ: its channels unrounded; "
+                                "Gumbel: its mixture without noise)")
         if name == "random":
             p.add_argument("--temperature", type=positive_float, default=1.0,
                            help="divide the prior's logits by T: below 1 safer, above 1 more varied (default: %(default)s)")
