@@ -12,6 +12,8 @@ Every quantizer follows one protocol (CodebookLayer), which is all the VQ-VAE re
   metric_names: the loss terms the layer adds itself (add_loss) and reports under these names;
   training_callbacks(config, start_step) and callback_log_names: what it needs from the training
     loop (the Gumbel temperature schedule) and the log columns those callbacks add.
+  unquantized(z): what the decoder gets from z without the choice of a code (recon --no-quantize,
+    the test_ae_1 grids, psnr_unquantized).
 
 Distances, argmin, the codebook and its EMA statistics are computed in float32 whatever the model's
 dtype policy: |z|^2 + |e|^2 - 2 z.e in float16 picks wrong codes.
@@ -346,8 +348,8 @@ class GumbelQuantizer(ReplicaLocalLosses, CodebookLayer):
         return ops.matmul(z, self.logit_kernel) + self.logit_bias
 
     def unquantized(self, z):
-        """The relaxation without its noise: softmax(logits / temperature) @ codebook (z is the
-        projection's input, not a code vector)."""
+        """The relaxation without its noise, at the current (annealed) temperature:
+        softmax(logits / temperature) @ codebook (z is the projection's input, not a code vector)."""
         return ops.matmul(ops.softmax(self.logits(z) / self.temperature, axis=-1), self.codebook)
 
     def call(self, z, training=None, return_decoder_input=False):
