@@ -94,10 +94,11 @@ def palette_codec(train, held_out, num_codes, seed=0):
 
 
 def held_out_scores(vqvae, images, num_codes):
-    """(held-out PSNR in dB, fraction of codes used) through encoder -> quantizer -> decoder."""
+    """(held-out PSNR in dB, fraction of codes used: NaN without a quantizer) through encoder ->
+    quantizer -> decoder."""
     codes, vectors = vqvae.quantize(vqvae.encode(images))
     psnr = psnr_from_mse(mse(to_uint8(images), to_uint8(vqvae.decode(vectors)))).mean()
-    return float(psnr), float((usage_counts(codes, num_codes) > 0).mean())
+    return float(psnr), float("nan") if codes is None else float((usage_counts(codes, num_codes) > 0).mean())
 
 
 def train_continuous(config, data, steps, callbacks):
@@ -130,7 +131,7 @@ class ScoreAt(keras.callbacks.Callback):
         layers = {layer.name: layer for layer in self.model.layers}
         self.vq_layer = next((layer for layer in layers.values() if isinstance(layer, CodebookLayer)), None)
         predict = lambda name: lambda x: layers[name].predict(x, batch_size=100, verbose=0)  # noqa: E731
-        identity = lambda z: (np.zeros(z.shape[:-1], "int32"), z)  # noqa: E731  (no quantizer: no codes to count)
+        identity = lambda z: (None, z)  # noqa: E731  (no quantizer: no codes to count)
         self.vqvae = SimpleNamespace(encode=predict("encoder"), decode=predict("decoder"),
                                      quantize=identity if self.vq_layer is None else
                                      lambda z: [np.asarray(t) for t in self.vq_layer(z)])
@@ -231,8 +232,7 @@ def main():
                                 deterministic=True, callbacks=[score])
                 for step, (psnr, used, train_used, curve) in sorted(score.scores.items()):
                     row = {"settings": settings(name, step), "option": name, "seed": seed, "psnr": psnr,
-                           "codes_used": float("nan") if name == CONTINUOUS else used, "train_usage": train_used,
-                           "usage_curve": curve}
+                           "codes_used": used, "train_usage": train_used, "usage_curve": curve}
                     rows[row["settings"], name, seed] = row
                     append_row(args.csv, row)
                     print(f"{name}, seed {seed}, step {step}: psnr {psnr:.2f} dB, codes used {used:.2f}, "

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .config import OPTIMIZER_FIELDS, Config
 from .distribute import ReplicaLocalLosses
 from .errors import UsageError, one_trace_per_object
-from .quantizers import LEVEL_SUFFIXES, PACKAGE, TOP, CodebookLayer, build_quantizer, quantizer_class
+from .quantizers import LEVEL_SUFFIXES, PACKAGE, CodebookLayer, build_quantizer, quantizer_class
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -343,8 +343,8 @@ def seeded_initializers(seed):
 
 
 def level_names(names, levels) -> list:
-    """names, then with levels 2 the same names for the top level (ending in TOP)."""
-    return list(names) + ([name + TOP for name in names] if levels == 2 else [])
+    """names, then with levels 2 the same names for the top level (LEVEL_SUFFIXES: ending in TOP)."""
+    return [name + suffix for suffix in LEVEL_SUFFIXES[:levels] for name in names]
 
 
 def metric_names(config: Config) -> list:
