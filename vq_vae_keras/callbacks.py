@@ -21,6 +21,8 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
+from . import backend
+from .backend import sync_variables
 from .codebook import histogram_image
 from .grids import reconstruction_grid
 from .errors import UsageError, warn
@@ -62,6 +64,7 @@ class Every(StepCallback):
     def on_step(self, step, logs):
         self.logs = logs
         if (step - 1) % self.every == 0:
+            sync_variables(self.model)
             self.fn(step, logs)
             self.last = step
 
@@ -130,6 +133,7 @@ class LearningRate(keras.callbacks.Callback):
     at the step it is about to take). Put it before the callbacks that read the logs."""
 
     def on_train_batch_begin(self, batch, logs=None):
+        sync_variables(self.model)  # the schedule reads the optimizer's step
         self.lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
     def on_train_batch_end(self, batch, logs=None):
@@ -156,7 +160,9 @@ class ResetMetrics(StepCallback):
         if self.step % self.every == 0:
             if self.reset is None:
                 metrics = [m for m in self.model.metrics if not isinstance(m, CodeUsage)]
-                self.reset = tf.function(lambda: [m.reset_state() for m in metrics])
+                reset = lambda: [m.reset_state() for m in metrics]  # noqa: E731
+                self.reset = tf.function(reset) if backend.name() == "tensorflow" else reset
+            sync_variables(self.model)
             self.reset()
 
 

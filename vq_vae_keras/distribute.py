@@ -108,19 +108,21 @@ class ReplicaLocalLosses:
     replica's total, and so the logged `loss`, then took in other replicas' terms too. (Gradients were right: each replica's tape records only its own
     thread's operations.) One device: one thread, Keras's behaviour unchanged."""
 
-    def _thread_state(self):
-        return vars(self).setdefault("_losses_by_thread", threading.local())  # vars(): not tracked by Keras
-
     @property
     def _losses(self):
-        state = self._thread_state()
+        state = thread_state(self)
         if not hasattr(state, "losses"):
             state.losses = []
         return state.losses
 
     @_losses.setter
     def _losses(self, value):
-        self._thread_state().losses = value
+        thread_state(self).losses = value
+
+
+def thread_state(layer):
+    """A namespace of the layer's own for this thread (for this replica, under MirroredStrategy)."""
+    return vars(layer).setdefault("_replica_local", threading.local())  # vars(): not tracked by Keras
 
 
 # ---------------------------------------------------------------- training under a strategy

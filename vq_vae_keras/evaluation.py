@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
+from .backend import sync_variables
 from .callbacks import StepCallback, TensorBoardWriter, csv_text, log_rows_until
 from .codebook import counts_perplexity, usage_counts
 from .data import ImageFolder, load_images
@@ -353,6 +354,7 @@ class EvaluateEvery(StepCallback):
 
     def on_step(self, step, logs):
         if step % self.every == 0:
+            sync_variables(self.model)
             self.evaluate_now()
 
     def on_train_end(self, logs=None):

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .config import OPTIMIZER_FIELDS, Config
 from .distribute import ReplicaLocalLosses
 from .errors import UsageError, one_trace_per_object
-from .quantizers import LEVEL_SUFFIXES, PACKAGE, CodebookLayer, build_quantizer, quantizer_class
+from .quantizers import LEVEL_SUFFIXES, PACKAGE, CodebookLayer, StepMetrics, build_quantizer, quantizer_class
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -251,7 +251,7 @@ class VQVAE:
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class VQVAEObjective(ReplicaLocalLosses, keras.layers.Layer):
+class VQVAEObjective(StepMetrics, ReplicaLocalLosses, keras.layers.Layer):
     """The whole VQ-VAE objective, added with add_loss as the reference did, so that
     `train_model.compile(optimizer=...); train_model.fit(images)` trains every term.
 
@@ -290,15 +290,15 @@ class VQVAEObjective(ReplicaLocalLosses, keras.layers.Layer):
     def call(self, inputs):
         x, x_rec, *latents = (ops.cast(t, "float32") for t in inputs)
         mse_x = ops.mean(ops.square(x - x_rec))
-        self.mse_x.update_state(mse_x)
+        self.record(self.mse_x, mse_x)
         loss = mse_x
         for suffix, z, e in zip(LEVEL_SUFFIXES, latents[0::2], latents[1::2]):
             if not self.codebook_terms:
                 break
             mse_e = ops.mean(ops.square(ops.stop_gradient(z) - e))
             mse_z = ops.mean(ops.square(ops.stop_gradient(e) - z))
-            getattr(self, "mse_e" + suffix).update_state(mse_e)
-            getattr(self, "mse_z" + suffix).update_state(mse_z)
+            self.record(getattr(self, "mse_e" + suffix), mse_e)
+            self.record(getattr(self, "mse_z" + suffix), mse_z)
             loss = loss + self.codebook_weight * mse_e + self.beta * mse_z
         self.add_loss(loss)
         return x_rec
@@ -312,6 +312,21 @@ class VQVAEObjective(ReplicaLocalLosses, keras.layers.Layer):
         if self.levels != 1:
             config["levels"] = self.levels
         return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class TrainModel(keras.Model):
+    """The training graph (the reference's train_model): a functional model, image in,
+    reconstruction out, whose layers add the whole objective (add_loss) and record the step's
+    metrics (StepMetrics). compute_loss, where every backend's trainer has the metrics in scope,
+    updates them from what the layers recorded."""
+
+    def compute_loss(self, *args, **kwargs):
+        loss = super().compute_loss(*args, **kwargs)
+        for layer in self.layers:
+            if isinstance(layer, StepMetrics):
+                layer.update_metrics()
+        return loss
 
 
 @contextlib.contextmanager
@@ -386,7 +401,7 @@ def build_vqvae(config: Config) -> VQVAE:
         _, e, decoder_in = vq_layer(z, return_decoder_input=True)
         x_rec = decoder(decoder_in)
         objective = VQVAEObjective.for_quantizer(vq_layer, config.beta, name="objective")
-        train_model = keras.Model(x_in, objective([x_in, x_rec, z, e]), name="vqvae")
+        train_model = TrainModel(x_in, objective([x_in, x_rec, z, e]), name="vqvae")
 
         z_in = keras.Input(encoder.output.shape[1:], name="latent")
         quantizer = keras.Model(z_in, vq_layer(z_in), name="quantizer")
@@ -417,7 +432,7 @@ def build_two_level_vqvae(config: Config) -> VQVAE:
         _, e, bottom_in = vq_layer(z, return_decoder_input=True)
         x_rec = decoder([bottom_in, top_in])
         objective = VQVAEObjective.for_quantizer(vq_layer, config.beta, levels=2, name="objective")
-        train_model = keras.Model(x_in, objective([x_in, x_rec, z, e, z_top, e_top]), name="vqvae")
+        train_model = TrainModel(x_in, objective([x_in, x_rec, z, e, z_top, e_top]), name="vqvae")
 
         # Inference: the bottom latents from the top's code vectors, the top quantizer as at
         # inference even when the encoder is called in training mode (k-means initialisation).

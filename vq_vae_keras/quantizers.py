@@ -29,7 +29,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from .distribute import ReplicaLocalLosses, replica_rows, replica_sum
+from .backend import sync_variables
+from .distribute import ReplicaLocalLosses, replica_rows, replica_sum, thread_state
 
 PACKAGE = "vq_vae_keras"
 TOP = "_top"  # VQ-VAE-2's top level: its quantizer layer's name and its metrics end with this
@@ -77,7 +78,24 @@ def perplexity(codes, num_codes):
     return ops.exp(-ops.sum(p * ops.log(ops.maximum(p, 1e-10))))
 
 
-class CodebookLayer(keras.layers.Layer):
+class StepMetrics:
+    """Mixin for a layer whose call computes metrics of the training step (the perplexity, code
+    usage, the loss terms). Keras's JAX trainer runs call() with only the model's weights in scope,
+    where a metric cannot be updated (keras-team/keras#21639); compute_loss has the metrics in scope
+    on every backend. So call() records each metric's values (`record`), and the training model's
+    compute_loss updates the metrics from them (`update_metrics`, models.TrainModel): the same step,
+    the same trace. Kept per thread: MirroredStrategy traces each replica's step in its own."""
+
+    def record(self, metric, *values):
+        recorded = vars(thread_state(self)).setdefault("metrics", {})
+        recorded[metric.name] = (metric, values)  # one entry a metric: a later call replaces it
+
+    def update_metrics(self):
+        for metric, values in vars(thread_state(self)).pop("metrics", {}).values():
+            metric.update_state(*values)
+
+
+class CodebookLayer(StepMetrics, keras.layers.Layer):
     """What the quantizers share: a (num_codes, dim) codebook, code lookup, the output
     [codes (...) int32, code vectors (..., dim)], the perplexity and usage metrics, and the
     protocol the VQ-VAE is built from (the module's docstring)."""
@@ -111,8 +129,8 @@ class CodebookLayer(keras.layers.Layer):
         return [codes, vectors, decoder_input] if return_decoder_input else [codes, vectors]
 
     def track_usage(self, codes):
-        self.perplexity.update_state(perplexity(codes, self.num_codes))
-        self.usage.update_state(codes)
+        self.record(self.perplexity, perplexity(codes, self.num_codes))
+        self.record(self.usage, codes)
 
     def code_vectors(self):
         """The (num_codes, dim) vectors codes stand for."""
@@ -275,10 +293,11 @@ class VectorQuantizer(CodebookLayer):
         mine = ops.expand_dims((picks >= 0) & (picks < n), 1)
         picked = replica_sum(ops.where(mine, ops.take(flat_z, ops.clip(picks, 0, n - 1), axis=0), 0.0))
         dead_column = ops.expand_dims(dead, 1)
-        self.codebook.assign(ops.where(dead_column, picked, self.codebook))
+        # .value: JAX's where takes arrays, not Keras variables
+        self.codebook.assign(ops.where(dead_column, picked, self.codebook.value))
         if self.ema_decay is not None:  # the moved code starts its averages afresh at its new place
-            self.ema_counts.assign(ops.where(dead, 1.0, self.ema_counts))
-            self.ema_sums.assign(ops.where(dead_column, self.codebook, self.ema_sums))
+            self.ema_counts.assign(ops.where(dead, 1.0, self.ema_counts.value))
+            self.ema_sums.assign(ops.where(dead_column, self.codebook.value, self.ema_sums.value))
         self.idle_steps.assign(ops.where(dead, 0.0, idle))
 
     def initialise(self, codebook):
@@ -369,7 +388,7 @@ class GumbelQuantizer(ReplicaLocalLosses, CodebookLayer):
         log_q = ops.log_softmax(logits, axis=-1)
         kl = ops.mean(ops.sum(ops.exp(log_q) * log_q, axis=-1)) + ops.log(float(self.num_codes))
         self.add_loss(self.kl_weight * kl)
-        self.kl.update_state(kl)
+        self.record(self.kl, kl)
         self.track_usage(codes)
         vectors = ops.matmul(soft, self.codebook)
         return self.outputs(codes, vectors, vectors, return_decoder_input)
@@ -414,6 +433,9 @@ class FiniteScalarQuantizer(CodebookLayer):
 
     def build(self, input_shape):
         dim, d = input_shape[-1], len(self.levels)
+        # The constants as the backend's tensors: PyTorch's tensors do not combine with NumPy arrays.
+        for name in ("_half_width", "_half_range", "_offset", "_shift", "_radix"):
+            setattr(self, name, ops.convert_to_tensor(getattr(self, name)))
         self.project_in_kernel = self.add_weight(name="project_in_kernel", shape=(dim, d), initializer="glorot_uniform")
         self.project_in_bias = self.add_weight(name="project_in_bias", shape=(d,), initializer="zeros")
         self.project_out_kernel = self.add_weight(name="project_out_kernel", shape=(d, dim),
@@ -547,6 +569,7 @@ class GumbelAnneal(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         self.temperature = self.config.gumbel_temperature_at(self.step)
+        sync_variables(self.model)
         self.layer.temperature.assign(self.temperature)
 
     def on_train_batch_end(self, batch, logs=None):

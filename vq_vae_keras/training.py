@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
+from .backend import sync_variables
 from .callbacks import (Every, LearningRate, NanGuard, StepCallback, NonFiniteLoss, ReconstructionGrids,  # noqa: F401
                         ResetMetrics, StepLog, StopOnSignal, TensorBoardWriter, TqdmProgress, save_state)
 from .codebook import TRAINING_COUNTED, kmeans, summary
@@ -83,6 +84,7 @@ def fit_with_interrupt(model, dataset, start, total, callbacks, save):
             model.fit(dataset, epochs=1, steps_per_epoch=total - start, callbacks=[stopper, *callbacks], verbose=0,
                       shuffle=False)
     except KeyboardInterrupt:
+        sync_variables(model)
         save(int(model.optimizer.iterations.numpy()))
         raise
     finally:  # Keras skips on_train_end when fit raises: give the signals back, end the bar's line

@@ -25,8 +25,9 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
+from .. import backend
 from .condition import TopCondition
-from .sampling import Sampler, draw
+from .sampling import Sampler, draw, draw_numpy
 from .tokens import PACKAGE, START_TOKEN, class_tokens, class_vectors, split_class_tokens
 
 # The reference's third-party LayerNormalization used epsilon = K.epsilon() ** 2.
@@ -190,6 +191,14 @@ class Prior(keras.Model):
         logits, _ = self.call_with_cache(tokens)
         super().__init__(tokens, self.softmax(logits), name=name, **kwargs)
 
+    def __setattr__(self, name, value):
+        # Its layers are made before the functional model's __init__, which PyTorch's Module refuses
+        # ("cannot assign module before Module.__init__() call"); the graph tracks them for Keras.
+        if keras.backend.backend() == "torch" and "_modules" not in vars(self):
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def call_with_cache(self, tokens, caches=None, index=0, condition=None):
         """tokens (batch, n) at positions index..index+n-1 -> (logits (batch, n, num_codes), caches).
 
@@ -302,9 +311,25 @@ class CachedSampler(Sampler):
             _, token, caches, codes = tf.while_loop(lambda i, *_: i < stop, body, state)
         return codes
 
+    def sample_eagerly(self, start, seed, temperature, top_k, top_p, top_codes=None):
+        """`compiled`'s loop on the JAX and PyTorch backends: the same layers, position by position
+        against caches of the whole length, each code drawn in NumPy (draw_numpy)."""
+        prior, batch = self.model, len(start)
+        token, codes = np.asarray(start, np.int32), np.zeros((batch, self.length), np.int32)
+        with backend.no_grad():
+            condition = None if top_codes is None else prior.top_condition(np.reshape(top_codes, (batch, -1)))
+            caches = prior.empty_caches(batch, self.length)
+            for i in range(self.length):
+                logits, caches = prior.call_with_cache(ops.convert_to_tensor(token[:, None]), caches, i, condition)
+                codes[:, i] = draw_numpy(ops.convert_to_numpy(logits[:, 0]), temperature, top_k, top_p, seed, i)
+                token = codes[:, i] + 1
+        return codes
+
     def sample(self, batch, seed, temperature, top_k, top_p, classes=None, top_codes=None):
         prior = self.model
         start = START_TOKEN if classes is None else class_tokens(classes, prior.num_codes)
+        if not self.compiles:
+            return self.sample_eagerly(np.broadcast_to(start, (batch,)), seed, temperature, top_k, top_p, top_codes)
         token = tf.constant(np.broadcast_to(start, (batch,)), tf.int32)
         options = (tf.constant(seed, tf.int64), tf.constant(temperature, tf.float32), tf.constant(top_k, tf.int32),
                    tf.constant(top_p, tf.float32))

@@ -27,8 +27,9 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
+from .. import backend
 from .condition import TopCondition
-from .sampling import Sampler, draw
+from .sampling import Sampler, draw, draw_numpy
 from .tokens import PACKAGE, class_vectors, split_class_tokens
 
 
@@ -198,9 +199,13 @@ class RowSampler(Sampler):
         model = self.model
         reach, h, w = model.kernel // 2, model.height, model.width
         shape = (batch, reach + h + 1, 2 * reach + w, model.channels)
+        classes = np.full(batch, -1) if classes is None else classes
+        if not self.compiles:
+            return self.sample_eagerly(shape, ops.convert_to_tensor(classes, "int32"), (seed, temperature, top_k, top_p),
+                                       top_codes)
         stacks = [tf.zeros(shape, model.compute_dtype) for _ in range(model.depth)]
         codes = tf.zeros((batch, h * w), tf.int32)
-        classes = tf.constant(np.full(batch, -1) if classes is None else classes, tf.int32)
+        classes = tf.constant(classes, tf.int32)
         options = (tf.constant(seed, tf.int64), tf.constant(temperature, tf.float32), tf.constant(top_k, tf.int32),
                    tf.constant(top_p, tf.float32))
         # A conditioned prior's top map vectors, once for every row.
@@ -210,13 +215,47 @@ class RowSampler(Sampler):
             stacks, codes = self.call(tf.constant(row), stacks, codes, classes, *options, *condition)
         return codes.numpy()
 
+    def sample_eagerly(self, shape, classes, options, top_codes=None):
+        """`sample` on the JAX and PyTorch backends: `one_row` run eagerly, a Python loop over
+        the positions, each code drawn in NumPy (draw_numpy)."""
+        model, batch = self.model, shape[0]
+
+        def draw_code(logits, position):
+            return ops.convert_to_tensor(draw_numpy(ops.convert_to_numpy(logits), *options[1:], options[0], position))
+
+        def loop(body, state):
+            for _ in range(model.width):
+                state = body(*state)
+            return state
+
+        with backend.no_grad():
+            stacks = [ops.zeros(shape, model.compute_dtype) for _ in range(model.depth)]
+            codes = ops.zeros((batch, model.height * model.width), "int32")
+            condition = () if top_codes is None else \
+                (model.condition_map(ops.convert_to_tensor(np.reshape(top_codes, (batch, -1)), "int32")),)
+            for row in range(model.height):
+                stacks, codes = self.one_row(row, stacks, codes, classes, condition, draw_code, loop)
+        return ops.convert_to_numpy(codes)
+
     def compiled(self, row, stacks, codes, classes, seed, temperature, top_k, top_p, *condition):
         """One row: (stacks, codes) with the row's codes drawn and written into both. condition: a
         conditioned prior's top map vectors (batch, h, w, C), else none (the signature stays the
         unconditioned prior's)."""
+        def draw_code(logits, position):
+            return draw(logits, temperature, top_k, top_p, seed, position)
+
+        def loop(body, state):
+            return tf.while_loop(lambda col, *_: col < self.model.width, body, state)
+
+        return self.one_row(row, stacks, codes, classes, condition, draw_code, loop)
+
+    def one_row(self, row, stacks, codes, classes, condition, draw_code, loop):
+        """The row's codes drawn, left to right, and written into (stacks, codes): `compiled`'s
+        body, with its draw (draw_code(logits, position) -> codes) and its loop over the
+        positions (loop(body, state) -> state) as arguments."""
         model = self.model
         reach, w, channels = model.kernel // 2, model.width, model.channels
-        batch = tf.shape(codes)[0]
+        batch = ops.shape(codes)[0]
         row_condition = window(condition[0], row, 1, axis=1) if condition else None  # (batch, 1, w, C)
         # The vertical stack at this row, layer by layer, from the k//2 + 1 padded rows ending at it.
         stacks, links = list(stacks), []
@@ -226,7 +265,7 @@ class RowSampler(Sampler):
             if i + 1 < model.depth:
                 stacks[i + 1] = ops.slice_update(stacks[i + 1], [0, row + reach, reach, 0], layer.vertical(v_pre, classes))
         # The horizontal stacks of this row, padded left: each layer's input, filled as positions are drawn.
-        lines = [tf.zeros((batch, 1, reach + w + 1, channels), model.compute_dtype) for _ in range(model.depth)]
+        lines = [ops.zeros((batch, 1, reach + w + 1, channels), model.compute_dtype) for _ in range(model.depth)]
 
         def body(col, lines, first_stack, codes):
             lines = list(lines)
@@ -239,14 +278,13 @@ class RowSampler(Sampler):
                 if i + 1 < model.depth:
                     lines[i + 1] = ops.slice_update(lines[i + 1], [0, 0, col + reach, 0], out)
             position = row * w + col
-            code = draw(model.logits(out)[:, 0, 0], temperature, top_k, top_p, seed, position)
+            code = draw_code(model.logits(out)[:, 0, 0], position)
             codes = ops.slice_update(codes, [0, position], code[:, None])
             x = ops.cast(model.embedding(code + 1), model.compute_dtype)[:, None, None, :]
             lines[0] = ops.slice_update(lines[0], [0, 0, col + 1 + reach, 0], x)  # right of it
             first_stack = ops.slice_update(first_stack, [0, row + 1 + reach, col + reach, 0], x)  # below it
             return col + 1, lines, first_stack, codes
 
-        state = (tf.constant(0), lines, stacks[0], codes)
-        _, _, stacks[0], codes = tf.while_loop(lambda col, *_: col < w, body, state)
+        _, _, stacks[0], codes = loop(body, (0, lines, stacks[0], codes))
         return stacks, codes
 

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from .. import __version__
+from .. import __version__, backend
 from ..errors import UsageError, one_trace_per_object, warn
 
 _samplers = weakref.WeakKeyDictionary()
@@ -136,7 +136,9 @@ class Sampler:
 
     def __init__(self, model):
         self._model = weakref.ref(model)
-        self.function = tf.function(self.compiled, jit_compile=True, autograph=False)
+        # The JAX and PyTorch backends run `sample_eagerly` instead: no TensorFlow program.
+        self.compiles = backend.name() == "tensorflow"
+        self.function = tf.function(self.compiled, jit_compile=True, autograph=False) if self.compiles else None
         self._ran = False
 
     def call(self, *args):
@@ -234,6 +236,44 @@ def noise(seed, position, rows, num_codes):
     return unit_interval(mix32(mix32(xor(a, tf.cast(tf.range(num_codes), tf.uint32)[None, :])) + b))
 
 
+def noise_numpy(seed, position, rows, num_codes):
+    """`noise` in NumPy, for the samplers of the JAX and PyTorch backends, which run outside
+    TensorFlow (PyTorch has no uint32 shifts): the same seed draws the same codes on every backend."""
+    def mix(h):  # mix32 on uint32 arrays, whose products wrap modulo 2**32 as TensorFlow's do
+        h = h ^ (h >> np.uint32(16))
+        h = h * np.uint32(0x85EBCA6B)
+        h = h ^ (h >> np.uint32(13))
+        h = h * np.uint32(0xC2B2AE35)
+        return h ^ (h >> np.uint32(16))
+
+    word = lambda value: np.array([value % 2**32], np.uint32)  # noqa: E731
+    a = mix(word(NOISE_KEYS[0]) ^ word(int(seed[0])))
+    samples = ((int(seed[1]) + np.arange(rows, dtype=np.int64)) % 2**32).astype(np.uint32)
+    a = mix(a ^ samples)[:, None]
+    a = mix(a ^ word(position))
+    b = mix(word(NOISE_KEYS[1]) ^ word(int(seed[0]) >> 32))
+    h = mix(mix(a ^ np.arange(num_codes, dtype=np.uint32)[None, :]) + b)
+    return ((h >> np.uint32(9)).astype(np.float32) + np.float32(0.5)) * np.float32(1.0 / 2**23)
+
+
+def draw_numpy(logits, temperature, top_k, top_p, seed, position=0):
+    """`draw` in NumPy on (batch, K) logits, with `noise_numpy`: the JAX and PyTorch samplers' draw."""
+    logits = np.asarray(logits, np.float32) / np.float32(temperature)
+    num_codes = logits.shape[-1]
+    if top_k < num_codes or top_p < 1.0:
+        ranked = -np.sort(-logits, axis=-1)
+        in_top_k = np.arange(num_codes) < top_k
+        masked = np.where(in_top_k, ranked, -np.inf)
+        probs = np.exp(masked - masked[:, :1])
+        probs /= probs.sum(axis=-1, keepdims=True)
+        before = np.concatenate([np.zeros_like(probs[:, :1]), np.cumsum(probs, axis=-1)[:, :-1]], axis=-1)
+        kept = np.sum(in_top_k & (before < top_p), axis=-1)
+        threshold = np.take_along_axis(ranked, kept[:, None] - 1, axis=-1)
+        logits = np.where(logits < threshold, np.float32(-np.inf), logits)
+    uniform = noise_numpy(seed, position, len(logits), num_codes)
+    return np.argmax(logits - np.log(-np.log(uniform)), axis=-1).astype(np.int32)
+
+
 def draw(logits, temperature, top_k, top_p, seed, position=0):
     """One code per row of logits (batch, K) from softmax(logits / temperature), restricted to the
     top_k likeliest codes, then to the nucleus: the fewest likeliest codes whose probability (after
@@ -317,6 +357,8 @@ def sample_classes(prior, n, classes):
 def default_batch_size(sampler, n):
     """Samples per batch when sample_codes is given none: all n at once on a GPU, the sampler's
     `cpu_batch_size` on a CPU (never more than n)."""
+    if backend.name() != "tensorflow":  # eager: a batch shares each position's per-call overhead
+        return n
     return n if tf.config.list_logical_devices("GPU") else min(sampler.cpu_batch_size, n)
 
 
