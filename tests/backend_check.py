@@ -6,7 +6,8 @@ spec says.
            each one's logs (json) and the untrained model's outputs on the batch (npz).
   outputs  one config: its VQ-VAE and prior, trained a few steps and saved (spec["train"]) or
            loaded from the weight files the spec names; writes what they compute from fixed
-           inputs (npz): codes, reconstructions with and without quantizing, prior probabilities.
+           inputs (npz): codes, reconstructions with and without quantizing, prior probabilities,
+           and code maps sampled with fixed seeds.
 """
 
 import json
@@ -45,7 +46,13 @@ def numpy(t):
 def fit(spec):
     """fit(x) on one batch for spec["epochs"] epochs: each epoch's logs are one step's. Beside them
     what the untrained model makes of that batch (encode, quantize, decode), from which the test
-    computes what the first step must log."""
+    computes what the first step must log, and the weights fit ends with. spec["distribute"]:
+    make_strategy's kind first (JAX: DataParallel over the process's devices); spec["sgd"]: plain
+    SGD, not the config's Adam."""
+    if spec.get("distribute"):
+        vqk.make_strategy(spec["distribute"])
+        with open(os.path.join(spec["out"], "devices.json"), "w") as f:
+            json.dump(keras.distribution.distribution().device_mesh.devices.size, f)
     for name, overrides in spec["configs"].items():
         config = vqk.Config(**overrides)
         vqvae = vqk.build_vqvae(config)
@@ -59,8 +66,13 @@ def fit(spec):
         arrays = {"x": x, "recon": numpy(vqvae.decoder(vectors, training=True))}
         for i, (zi, ci, ei) in enumerate(zip(levels(z), levels(codes), levels(vectors))):
             arrays.update({f"z{i}": zi, f"codes{i}": ci, f"vectors{i}": ei})
-        history = compile_vqvae(vqvae).fit(x, batch_size=config.batch_size, epochs=spec["epochs"], verbose=0)
-        np.savez(os.path.join(spec["out"], name + ".npz"), **arrays)
+        if spec.get("sgd"):  # plain steps: float noise stays noise (Adam's first step is +-lr for any gradient)
+            vqvae.train_model.compile(optimizer=keras.optimizers.SGD(0.05))
+        else:
+            compile_vqvae(vqvae)
+        history = vqvae.train_model.fit(x, batch_size=config.batch_size, epochs=spec["epochs"], shuffle=False, verbose=0)
+        weights = {f"weight{i}": numpy(w) for i, w in enumerate(vqvae.train_model.weights)}
+        np.savez(os.path.join(spec["out"], name + ".npz"), **arrays, **weights)
         with open(os.path.join(spec["out"], name + ".json"), "w") as f:
             json.dump({key: [float(v) for v in values] for key, values in history.history.items()}, f)
 
@@ -85,7 +97,9 @@ def outputs(spec):
     scored = rng.integers(0, config.num_codes, (4, *config.grid_shape))
     return {"codes": codes, "vectors": vectors, "recon": vqvae.reconstruct(x),
             "recon_unquantized": vqvae.reconstruct(x, quantize=False),
-            "probabilities": keras.ops.convert_to_numpy(prior(codes_to_tokens(scored)[:, :-1]))}
+            "probabilities": keras.ops.convert_to_numpy(prior(codes_to_tokens(scored)[:, :-1])),
+            "samples": vqk.sample_codes(prior, 4, config.grid_shape, seed=5),
+            "samples_top_k": vqk.sample_codes(prior, 4, config.grid_shape, seed=6, top_k=3, temperature=0.8)}
 
 
 if __name__ == "__main__":

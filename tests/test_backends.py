@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import TINY
+from conftest import ROOT, TINY, TINY_FLAGS, write_images
 
 from vq_vae_keras.models import metric_names
 from vq_vae_keras.config import Config
@@ -31,11 +31,11 @@ def backend(name):
 BACKENDS = [backend(name) for name in PACKAGES]
 
 
-def run_check(backend_name, command, spec, folder):
-    spec_path = os.path.join(folder, f"{command}-{backend_name}.json")
+def run_check(backend_name, command, spec, folder, **env):
+    spec_path = os.path.join(folder, f"{command}-{backend_name}-{len(os.listdir(folder))}.json")
     with open(spec_path, "w") as f:
         json.dump(spec, f)
-    env = {**os.environ, "KERAS_BACKEND": backend_name}
+    env = {**os.environ, "KERAS_BACKEND": backend_name, **env}
     done = subprocess.run([sys.executable, CHECK, command, spec_path], env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -97,6 +97,30 @@ def test_fit_from_user_code_trains_and_logs_every_option(backend_name, tmp_path)
             assert logs[key][0] == pytest.approx(value, rel=rtol, abs=1e-6), (name, key)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
+def test_two_jax_devices_train_as_one(tmp_path):
+    """distribute mirrored under JAX (Keras's DataParallel, the CPU split in two by XLA_FLAGS): the
+    same logs and weights as one device, the codebook's EMA and restarts, Gumbel's noise and both
+    levels included, within float noise. Plain SGD: Adam's first step is +-lr whatever the
+    gradient's size, which would turn float noise into lr-sized differences."""
+    names = ("vq", "ema_restarts", "gumbel", "two_levels")
+    configs = {name: {**TINY, **OPTIONS[name]} for name in names}
+    flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    for devices, distribute in (("one", None), ("two", "mirrored")):
+        os.makedirs(tmp_path / devices)
+        spec = {"configs": configs, "epochs": 3, "sgd": True, "out": str(tmp_path / devices), "distribute": distribute}
+        run_check("jax", "fit", spec, tmp_path, **flags)
+    assert json.load(open(tmp_path / "two" / "devices.json")) == 2  # the batch was split
+    for name in names:
+        one, two = (json.load(open(tmp_path / devices / f"{name}.json")) for devices in ("one", "two"))
+        assert one.keys() == two.keys()
+        for key in one:
+            np.testing.assert_allclose(two[key], one[key], rtol=1e-4, atol=1e-6, err_msg=f"{name} {key}")
+        one, two = (np.load(tmp_path / devices / f"{name}.npz") for devices in ("one", "two"))
+        for key in (k for k in one if k.startswith("weight")):
+            np.testing.assert_allclose(two[key], one[key], atol=1e-5, err_msg=f"{name} {key}")
+
+
 # Two models and both prior kinds: the reference's VQ with its attention prior, FSQ with a PixelCNN.
 CROSS = {"vq": {}, "fsq_pixelcnn": {"quantizer": "fsq", "fsq_levels": [2, 4], "prior": "pixelcnn"}}
 
@@ -123,3 +147,50 @@ def test_weights_written_under_one_backend_compute_the_same_under_the_others(wri
         np.testing.assert_allclose(read["recon"][agree], written["recon"][agree], atol=1e-5, err_msg=reader)
         np.testing.assert_allclose(read["recon_unquantized"], written["recon_unquantized"], atol=1e-5, err_msg=reader)
         np.testing.assert_allclose(read["probabilities"], written["probabilities"], atol=1e-5, err_msg=reader)
+        # TensorFlow's compiled samplers and the others' eager ones draw with the same noise.
+        for key in ("samples", "samples_top_k"):
+            np.testing.assert_array_equal(read[key], written[key], err_msg=f"{reader} {key}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend_name", [b for b in BACKENDS if b.values[0] != "tensorflow"])
+def test_the_commands_run_under_the_backend(backend_name, tmp_path):
+    """train.py and sample.py as a user runs them with KERAS_BACKEND set: both stages, a resume,
+    every sample command; the run says which backend wrote it."""
+    data, run = write_images(tmp_path / "images"), str(tmp_path / "run")
+    env = {**os.environ, "KERAS_BACKEND": backend_name}
+
+    def cli(*args, status=0):
+        done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == status, done.stderr[-3000:]
+        return done
+
+    cli("train.py", "vqvae", "--data", data, "--run", run, *TINY_FLAGS, "--steps", "3", "--sample-every", "2")
+    cli("train.py", "vqvae", "--data", data, "--run", run, "--steps", "5", "--resume")
+    with open(os.path.join(run, "config.json")) as f:
+        config = json.load(f)
+    assert config["backend"] == backend_name and backend_name in config["versions"]
+    assert [line.split(",")[0] for line in open(os.path.join(run, "log.csv")).read().split()[1:]] == \
+        ["1", "2", "3", "4", "5"]
+    config.update(prior_heads=2, prior_head_dim=4, prior_depth=2)  # the prior's size is no flag: tests only
+    with open(os.path.join(run, "config.json"), "w") as f:
+        json.dump(config, f)
+    cli("train.py", "prior", "--run", run, "--steps", "2", "--batch-size", "4")
+    for command in ("recon", "interp", "usage"):
+        cli("sample.py", command, "--run", run, "--data", data)
+    cli("sample.py", "random", "--run", run, "--n", "4", "--seed", "3")
+    cli("sample.py", "evaluate", "--run", run, "--data", data, "--fid", "4", "--inception-weights", "none")
+    for name in ("recon.png", "interp.png", "usage.png", "random.png", "test_ae_2_4.png"):
+        assert os.path.isfile(os.path.join(run, "samples", name)), name
+    assert json.load(open(os.path.join(run, "eval.json")))["prior_nll"] > 0
+    # What only TensorFlow does says so in one line: tf.distribute (JAX has mirrored: DataParallel).
+    other = str(tmp_path / "other")
+    refused = cli("train.py", "vqvae", "--data", data, "--run", other, *TINY_FLAGS, "--steps", "1",
+                  "--distribute", "multiworker" if backend_name == "jax" else "mirrored", status=2)
+    assert "needs Keras's TensorFlow backend" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    if backend_name == "jax":
+        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+        cli("train.py", "vqvae", "--data", data, "--run", other, *TINY_FLAGS, "--steps", "2", "--distribute", "mirrored")
+        odd = cli("train.py", "vqvae", "--data", data, "--run", str(tmp_path / "odd"), *TINY_FLAGS, "--batch-size", "3",
+                  "--steps", "1", "--distribute", "mirrored", status=2)
+        assert "multiple of the 2 devices" in odd.stderr

@@ -23,7 +23,7 @@ def test_training_writes_the_run_directory(trained_run):
     run = trained_run["run"]
     config = json.load(open(os.path.join(run, "config.json")))
     assert config["img_dim"] == 16 and config["num_codes"] == 8 and config["beta"] == 0.25
-    assert set(config["versions"]) == {"keras", "tensorflow"}
+    assert set(config["versions"]) == {"keras", "tensorflow"} and config["backend"] == "tensorflow"
     for name in ("vqvae.weights.h5", "vqvae.keras", "prior.weights.h5", "codes.npy", "log.csv", "prior_log.csv",
                  "checkpoint/vqvae.npz", "checkpoint/prior.npz"):
         assert os.path.isfile(os.path.join(run, name)), name

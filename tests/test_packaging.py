@@ -34,8 +34,11 @@ def test_pyproject_and_requirements_txt_agree():
         project = tomllib.load(f)["project"]
     with open(os.path.join(ROOT, "requirements.txt")) as f:
         wanted = requirements(f)
-    declared = requirements(project["dependencies"] + project["optional-dependencies"]["test"])
+    extras = project["optional-dependencies"]
+    declared = requirements(project["dependencies"] + extras["test"])
     assert declared == wanted
+    with open(os.path.join(ROOT, "requirements-backends.txt")) as f:
+        assert requirements(extras["jax"] + extras["torch"]) == requirements(f)  # the other Keras backends
     assert project["scripts"] == {"vqk-train": "vq_vae_keras.commands.train:run",
                                   "vqk-sample": "vq_vae_keras.commands.sample:run"}
 

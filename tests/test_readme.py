@@ -4,9 +4,12 @@ Each block runs in a fresh process, in order, in one folder holding `my_images/`
 pictures), so later blocks find the run directories earlier ones made. The only changes are the
 budget: fewer steps and epochs, and FID on two samples with random Inception weights (no download).
 Not run: `pip install` lines (what .ci/run and tests/test_packaging.py do), the test command
-itself, and the demo (`python train.py` alone: tests/test_demo.py).
+itself, the demo (`python train.py` alone: tests/test_demo.py), and lines for a Keras backend
+that is not installed (KERAS_BACKEND=jax or torch: tests/test_backends.py runs the commands
+under each in CI).
 """
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -36,11 +39,18 @@ def smaller(code):
     return code
 
 
+def backend_missing(line):
+    """Whether the line runs under a Keras backend whose package this Python lacks (KERAS_BACKEND=jax
+    or torch: the README's test command installs neither; CI's backend stage does)."""
+    backend = re.match(r"KERAS_BACKEND=(\w+) ", line.strip())
+    return bool(backend) and importlib.util.find_spec(backend.group(1)) is None
+
+
 def script(block):
     """A bash block as a script: comments and lines not run dropped, the budget made smaller, the
     commands pointed at this checkout, stopping at the first failure."""
     lines = [line for line in block.splitlines() if not line.strip().startswith(NOT_RUN + ("#",))
-             and line.split("  #")[0].strip() != "python train.py"]
+             and line.split("  #")[0].strip() != "python train.py" and not backend_missing(line)]
     text = smaller("\n".join(lines))
     for command in ("train.py", "sample.py"):
         text = text.replace(f"python {command}", f"{sys.executable} {os.path.join(ROOT, command)}")
@@ -56,7 +66,8 @@ def test_readme_has_python_and_command_blocks():
 def test_every_pip_line_is_one_the_tests_cover():
     pips = [line for kind, block in readme_blocks() if kind == "bash" for line in block.splitlines()
             if line.startswith("pip ")]
-    assert pips and all(line.split("#")[0].split("&&")[0].strip() in ("pip install -r requirements.txt", "pip install .")
+    assert pips and all(line.split("#")[0].split("&&")[0].strip() in
+                        ("pip install -r requirements.txt", "pip install .", "pip install -r requirements-backends.txt")
                         for line in pips)
 
 
@@ -68,5 +79,6 @@ def test_readme_blocks_run_as_written(tmp_path):
         argv = [sys.executable, "-c", smaller(block)] if kind == "python" else ["bash", "-c", script(block)]
         done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, f"README block {number} ({kind}) failed:\n{argv[-1]}\n{done.stderr[-3000:]}"
-        for run in re.findall(r"--run (\S+)", block):  # each run a block names was made (background jobs too)
+        ran = "\n".join(line for line in block.splitlines() if not backend_missing(line))
+        for run in re.findall(r"--run (\S+)", ran):  # each run a block names was made (background jobs too)
             assert os.path.isfile(tmp_path / run / "config.json"), f"README block {number}: no {run}"

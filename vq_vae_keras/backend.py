@@ -29,8 +29,8 @@ def sync_variables(model):
 def require_tensorflow(what):
     """UsageError unless this process runs Keras on TensorFlow: for what only TensorFlow does."""
     if name() != "tensorflow":
-        raise UsageError(f"{what} needs Keras's TensorFlow backend (this process runs {name()}: "
-                         f"set KERAS_BACKEND=tensorflow, the default)")
+        raise UsageError(f"{what} needs Keras's TensorFlow backend, and this process runs {name()}: "
+                         f"set KERAS_BACKEND=tensorflow (the default)")
 
 
 def no_grad():

@@ -253,14 +253,21 @@ class Config:
         return dataclasses.asdict(self)
 
     def save(self, path) -> None:
-        """Write every field plus the keras/tensorflow versions as JSON (atomically)."""
+        """Write every field as JSON (atomically), plus the Keras backend that trained with it
+        ("backend": the last stage's) and the versions of keras, tensorflow and that backend."""
+        import importlib
+
         import keras
         import tensorflow as tf
 
         from .io import atomic_write_text
 
         record = self.to_dict()
+        backend = keras.backend.backend()
+        record["backend"] = backend
         record["versions"] = {"keras": keras.__version__, "tensorflow": tf.__version__}
+        if backend != "tensorflow":
+            record["versions"][backend] = importlib.import_module(backend).__version__
         atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
     @classmethod
@@ -275,6 +282,7 @@ class Config:
         if not isinstance(record, dict):
             raise UsageError(f"config {path} is not a JSON object")
         record.pop("versions", None)
+        record.pop("backend", None)  # runs of every backend load under any
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(record) - names)
         if unknown:

@@ -16,6 +16,8 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from . import backend
+from .backend import require_tensorflow
 from .errors import UsageError, warn
 
 KINDS = ("none", "mirrored", "multiworker")
@@ -34,7 +36,8 @@ def split_cpu(replicas):
 
 
 def make_strategy(kind, cpu_replicas=None):
-    """A tf.distribute strategy, or None for "none" (one device, no strategy).
+    """A tf.distribute strategy, or None for "none" (one device, no strategy). Under JAX, mirrored
+    sets Keras's DataParallel instead and returns None (jax_data_parallel).
 
     mirrored: tf.distribute.MirroredStrategy over every local GPU (the CPU when there is none),
       or over `cpu_replicas` logical CPU devices when given.
@@ -46,6 +49,9 @@ def make_strategy(kind, cpu_replicas=None):
         raise UsageError("cpu_replicas applies to the mirrored strategy only")
     if kind == "none":
         return None
+    if backend.name() == "jax":
+        return jax_data_parallel(kind, cpu_replicas)
+    require_tensorflow(f"distribute {kind} (tf.distribute)")
     if kind == "mirrored":
         if cpu_replicas is None:
             return tf.distribute.MirroredStrategy()
@@ -53,6 +59,32 @@ def make_strategy(kind, cpu_replicas=None):
         return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(cpu_replicas)])
     check_tf_config()
     return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def jax_data_parallel(kind, cpu_replicas):
+    """Under JAX, "mirrored" is Keras's own data parallelism: keras.distribution.DataParallel over
+    every local device, set for the process (before the models are built). Returns None: nothing
+    more to pass, Keras splits each global batch over the devices. The step stays one program over
+    the global batch, so the codebook's statistics and BatchNorm's are the global batch's, as on
+    one device."""
+    if kind != "mirrored":
+        require_tensorflow(f"distribute {kind} (tf.distribute; under JAX, mirrored spans the local devices)")
+    if cpu_replicas is not None:
+        raise UsageError("cpu_replicas: under JAX, split the CPU with XLA_FLAGS=--xla_force_host_platform_device_count=N "
+                         "in the environment, then distribute mirrored")
+    devices = keras.distribution.list_devices()
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+    return None
+
+
+def check_global_batch(batch_size, field):
+    """UsageError unless a Keras distribution (JAX's mirrored) splits batch_size evenly over its devices."""
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return
+    devices = distribution.device_mesh.devices.size
+    if batch_size % devices:
+        raise UsageError(f"{field} {batch_size} must be a multiple of the {devices} devices it is split over", field)
 
 
 def check_tf_config():

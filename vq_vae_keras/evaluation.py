@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
+from . import backend
 from .backend import sync_variables
 from .callbacks import StepCallback, TensorBoardWriter, csv_text, log_rows_until
 from .codebook import counts_perplexity, usage_counts
@@ -131,16 +132,21 @@ class InceptionFeatures:
         if weights is not None:
             load_weights(model, weights, "Inception weights")
         self.model = model
-        # One trace for every batch size and image size (tracing InceptionV3 takes seconds).
-        self._features = tf.function(self._features_eager, input_signature=[tf.TensorSpec((None, None, None, 3), tf.uint8)])
+        # One trace for every batch size and image size (tracing InceptionV3 takes seconds). The
+        # other backends call the network eagerly, on images TensorFlow resized.
+        self._features = tf.function(self._features_eager, input_signature=[tf.TensorSpec((None, None, None, 3), tf.uint8)]) \
+            if backend.name() == "tensorflow" else self._features_eager
 
     def _features_eager(self, pixels):
         x = tf.image.resize(tf.cast(pixels, tf.float32), (INCEPTION_SIZE, INCEPTION_SIZE), method="bilinear")
-        return self.model(keras.applications.inception_v3.preprocess_input(x), training=False)
+        if backend.name() != "tensorflow":
+            x = x.numpy()
+        with backend.no_grad():
+            return self.model(keras.applications.inception_v3.preprocess_input(x), training=False)
 
     def __call__(self, pixels):
         """uint8 images (N, d, d, 3) -> (N, 2048) float64."""
-        return np.concatenate([self._features(pixels[i:i + self.batch_size]).numpy()
+        return np.concatenate([keras.ops.convert_to_numpy(self._features(pixels[i:i + self.batch_size]))
                                for i in range(0, len(pixels), self.batch_size)]).astype(np.float64)
 
 

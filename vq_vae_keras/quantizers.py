@@ -207,7 +207,7 @@ class VectorQuantizer(CodebookLayer):
                                               trainable=False)
             self.ema_sums = self.add_weight(name="ema_sums", shape=(self.num_codes, dim), initializer="zeros",
                                             trainable=False)
-            self.ema_sums.assign(self.codebook)
+            self.ema_sums.assign(ops.copy(self.codebook))  # a copy: JAX cannot donate one buffer as two variables
         if self.restart_dead:
             self.idle_steps = self.add_weight(name="idle_steps", shape=(self.num_codes,), initializer="zeros",
                                               trainable=False)
@@ -305,7 +305,7 @@ class VectorQuantizer(CodebookLayer):
         self.codebook.assign(codebook)
         if self.ema_decay is not None:
             self.ema_counts.assign(ops.ones((self.num_codes,)))
-            self.ema_sums.assign(codebook)
+            self.ema_sums.assign(ops.copy(codebook))
 
     def compute_output_spec(self, z, training=None, return_decoder_input=False):
         outputs = super().compute_output_spec(z, training, return_decoder_input)

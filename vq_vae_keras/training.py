@@ -28,7 +28,7 @@ from .callbacks import (Every, LearningRate, NanGuard, StepCallback, NonFiniteLo
 from .codebook import TRAINING_COUNTED, kmeans, summary
 from .config import OPTIMIZER_FIELDS, Config
 from .data import ImageArray, ImageFolder, epoch_batches, index_dataset, load_images
-from .distribute import distributed, is_chief, strategy_scope, vector_logs, xla_off_under
+from .distribute import check_global_batch, distributed, is_chief, strategy_scope, vector_logs, xla_off_under
 from .errors import UsageError, warn
 from .io import checkpoint_state, load_checkpoint, resumable, save_model, save_npy, save_png
 from .models import build_vqvae, compile_vqvae, learning_rate, level_names, log_names
@@ -101,6 +101,8 @@ def open_run(run_dir, config, strategy, prior, resume, overwrite, taken, what):
     written: XLA off under a strategy (the one rule), a run where taken(run) refused unless resume
     or overwrite, and a resume that asks for another learning rate than the run's (keep_schedule)."""
     xla_off_under(strategy, config, Config.stage_field("jit_compile", prior))
+    field = Config.stage_field("batch_size", prior)
+    check_global_batch(getattr(config, field), field)
     run = RunDir(run_dir)
     if resume and os.path.isfile(run.config):
         keep_schedule(config, Config.load(run.config), prior)

@@ -313,17 +313,41 @@ class CachedSampler(Sampler):
 
     def sample_eagerly(self, start, seed, temperature, top_k, top_p, top_codes=None):
         """`compiled`'s loop on the JAX and PyTorch backends: the same layers, position by position
-        against caches of the whole length, each code drawn in NumPy (draw_numpy)."""
+        against caches of the whole length (`position`), each code drawn in NumPy (draw_numpy)."""
         prior, batch = self.model, len(start)
         token, codes = np.asarray(start, np.int32), np.zeros((batch, self.length), np.int32)
+        position = self.position()
         with backend.no_grad():
             condition = None if top_codes is None else prior.top_condition(np.reshape(top_codes, (batch, -1)))
             caches = prior.empty_caches(batch, self.length)
             for i in range(self.length):
-                logits, caches = prior.call_with_cache(ops.convert_to_tensor(token[:, None]), caches, i, condition)
-                codes[:, i] = draw_numpy(ops.convert_to_numpy(logits[:, 0]), temperature, top_k, top_p, seed, i)
+                logits, caches = position(ops.convert_to_tensor(token[:, None]), caches, i, condition)
+                codes[:, i] = draw_numpy(ops.convert_to_numpy(logits), temperature, top_k, top_p, seed, i)
                 token = codes[:, i] + 1
         return codes
+
+    def position(self):
+        """(tokens (batch, 1), caches, i, condition) -> (logits (batch, num_codes), caches): one
+        position through Prior.call_with_cache. Under JAX one jax.jit program for every position,
+        its weights passed in (the KerasHub pattern: a stateless call), so new weights reuse it;
+        under PyTorch eager."""
+        if backend.name() != "jax":
+            def eager(tokens, caches, i, condition):
+                logits, caches = self.model.call_with_cache(tokens, caches, i, condition)
+                return logits[:, 0], caches
+            return eager
+        if getattr(self, "_jax_position", None) is None:
+            import jax
+
+            def stateless(values, tokens, caches, i, condition):
+                prior = self.model  # read when traced: the sampler keeps its prior weakly
+                with keras.StatelessScope(state_mapping=list(zip(prior.variables, values))):
+                    logits, caches = prior.call_with_cache(tokens, caches, i, condition)
+                return logits[:, 0], caches
+
+            self._jax_position = jax.jit(stateless)
+        values = [variable.value for variable in self.model.variables]
+        return lambda tokens, caches, i, condition: self._jax_position(values, tokens, caches, np.int32(i), condition)
 
     def sample(self, batch, seed, temperature, top_k, top_p, classes=None, top_codes=None):
         prior = self.model
