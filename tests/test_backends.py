@@ -121,8 +121,10 @@ def test_two_jax_devices_train_as_one(tmp_path):
             np.testing.assert_allclose(two[key], one[key], atol=1e-5, err_msg=f"{name} {key}")
 
 
-# Two models and both prior kinds: the reference's VQ with its attention prior, FSQ with a PixelCNN.
-CROSS = {"vq": {}, "fsq_pixelcnn": {"quantizer": "fsq", "fsq_levels": [2, 4], "prior": "pixelcnn"}}
+# Two models and both prior kinds: the reference's VQ with its attention prior, FSQ with a
+# class-conditional PixelCNN (its samples: each class in turn).
+CROSS = {"vq": {},
+         "fsq_pixelcnn_classes": {"quantizer": "fsq", "fsq_levels": [2, 4], "prior": "pixelcnn", "classes": ["a", "b"]}}
 
 
 @pytest.mark.slow
@@ -183,6 +185,15 @@ def test_the_commands_run_under_the_backend(backend_name, tmp_path):
     for name in ("recon.png", "interp.png", "usage.png", "random.png", "test_ae_2_4.png"):
         assert os.path.isfile(os.path.join(run, "samples", name)), name
     assert json.load(open(os.path.join(run, "eval.json")))["prior_nll"] > 0
+    # The whole model it wrote loads here, under this process's backend (TensorFlow in CI).
+    import keras
+
+    import vq_vae_keras as vqk
+
+    whole = keras.saving.load_model(os.path.join(run, "vqvae.keras"), safe_mode=True)
+    x = vqk.load_images(data, 16)[:4]
+    np.testing.assert_allclose(whole.predict(x, verbose=0), vqk.load_run(run).vqvae.train_model.predict(x, verbose=0),
+                               atol=1e-5)
     # What only TensorFlow does says so in one line: tf.distribute (JAX has mirrored: DataParallel).
     other = str(tmp_path / "other")
     refused = cli("train.py", "vqvae", "--data", data, "--run", other, *TINY_FLAGS, "--steps", "1",

@@ -143,8 +143,11 @@ def save_weights(model, path):
 
 
 def save_model(model, path):
-    """model.save to a .keras file, atomically."""
-    _atomic(path, model.save, suffix=".keras")
+    """A functional model's layers and weights to a .keras file, atomically, without its optimizer
+    (the checkpoint keeps that): so that the file loads under every Keras backend, where Keras
+    would name PyTorch's Adam by a module that only the PyTorch backend has."""
+    uncompiled = type(model)(model.inputs, model.outputs, name=model.name)  # the same layers
+    _atomic(path, uncompiled.save, suffix=".keras")
 
 
 class _Chunks:
