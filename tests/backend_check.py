@@ -51,8 +51,6 @@ def fit(spec):
     SGD, not the config's Adam."""
     if spec.get("distribute"):
         vqk.make_strategy(spec["distribute"])
-        with open(os.path.join(spec["out"], "devices.json"), "w") as f:
-            json.dump(keras.distribution.distribution().device_mesh.devices.size, f)
     for name, overrides in spec["configs"].items():
         config = vqk.Config(**overrides)
         vqvae = vqk.build_vqvae(config)
@@ -72,6 +70,9 @@ def fit(spec):
             compile_vqvae(vqvae)
         history = vqvae.train_model.fit(x, batch_size=config.batch_size, epochs=spec["epochs"], shuffle=False, verbose=0)
         weights = {f"weight{i}": numpy(w) for i, w in enumerate(vqvae.train_model.weights)}
+        if spec.get("distribute"):  # the devices a weight lives on: all of them under DataParallel
+            with open(os.path.join(spec["out"], name + "-devices.json"), "w") as f:
+                json.dump(len(vqvae.train_model.weights[0].value.sharding.device_set), f)
         np.savez(os.path.join(spec["out"], name + ".npz"), **arrays, **weights)
         with open(os.path.join(spec["out"], name + ".json"), "w") as f:
             json.dump({key: [float(v) for v in values] for key, values in history.history.items()}, f)

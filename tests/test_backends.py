@@ -110,8 +110,8 @@ def test_two_jax_devices_train_as_one(tmp_path):
         os.makedirs(tmp_path / devices)
         spec = {"configs": configs, "epochs": 3, "sgd": True, "out": str(tmp_path / devices), "distribute": distribute}
         run_check("jax", "fit", spec, tmp_path, **flags)
-    assert json.load(open(tmp_path / "two" / "devices.json")) == 2  # the batch was split
     for name in names:
+        assert json.load(open(tmp_path / "two" / f"{name}-devices.json")) == 2  # replicated: DataParallel was on
         one, two = (json.load(open(tmp_path / devices / f"{name}.json")) for devices in ("one", "two"))
         assert one.keys() == two.keys()
         for key in one:
@@ -136,6 +136,8 @@ def test_weights_written_under_one_backend_compute_the_same_under_the_others(wri
     run_check(writer, "outputs", {**spec, "train": True, "out": str(tmp_path / f"{writer}.npz")}, tmp_path)
     written = np.load(tmp_path / f"{writer}.npz")
     readers = [name for name in PACKAGES if name != writer and importlib.util.find_spec(PACKAGES[name])]
+    if not readers:
+        pytest.skip("no other backend installed to read the weights")
     for reader in readers:
         run_check(reader, "outputs", {**spec, "out": str(tmp_path / f"{reader}.npz")}, tmp_path)
         read = np.load(tmp_path / f"{reader}.npz")
@@ -157,13 +159,14 @@ def test_weights_written_under_one_backend_compute_the_same_under_the_others(wri
 @pytest.mark.slow
 @pytest.mark.parametrize("backend_name", [b for b in BACKENDS if b.values[0] != "tensorflow"])
 def test_the_commands_run_under_the_backend(backend_name, tmp_path):
-    """train.py and sample.py as a user runs them with KERAS_BACKEND set: both stages, a resume,
-    every sample command; the run says which backend wrote it."""
+    """train.py and sample.py as a user runs them with KERAS_BACKEND set: both stages, a resume
+    (and one under TensorFlow), every sample command; the run says which backend wrote it."""
     data, run = write_images(tmp_path / "images"), str(tmp_path / "run")
     env = {**os.environ, "KERAS_BACKEND": backend_name}
 
-    def cli(*args, status=0):
-        done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    def cli(*args, status=0, **more_env):
+        done = subprocess.run([sys.executable, *args], cwd=ROOT, env={**env, **more_env}, capture_output=True, text=True,
+                              timeout=900)
         assert done.returncode == status, done.stderr[-3000:]
         return done
 
@@ -172,8 +175,10 @@ def test_the_commands_run_under_the_backend(backend_name, tmp_path):
     with open(os.path.join(run, "config.json")) as f:
         config = json.load(f)
     assert config["backend"] == backend_name and backend_name in config["versions"]
+    # Its checkpoint resumes under TensorFlow too.
+    cli("train.py", "vqvae", "--data", data, "--run", run, "--steps", "6", "--resume", KERAS_BACKEND="tensorflow")
     assert [line.split(",")[0] for line in open(os.path.join(run, "log.csv")).read().split()[1:]] == \
-        ["1", "2", "3", "4", "5"]
+        ["1", "2", "3", "4", "5", "6"]
     config.update(prior_heads=2, prior_head_dim=4, prior_depth=2)  # the prior's size is no flag: tests only
     with open(os.path.join(run, "config.json"), "w") as f:
         json.dump(config, f)
@@ -198,7 +203,8 @@ def test_the_commands_run_under_the_backend(backend_name, tmp_path):
     other = str(tmp_path / "other")
     refused = cli("train.py", "vqvae", "--data", data, "--run", other, *TINY_FLAGS, "--steps", "1",
                   "--distribute", "multiworker" if backend_name == "jax" else "mirrored", status=2)
-    assert "needs Keras's TensorFlow backend" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert "needs Keras's TensorFlow backend" in refused.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in refused.stderr
     if backend_name == "jax":
         env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
         cli("train.py", "vqvae", "--data", data, "--run", other, *TINY_FLAGS, "--steps", "2", "--distribute", "mirrored")

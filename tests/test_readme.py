@@ -39,18 +39,23 @@ def smaller(code):
     return code
 
 
-def backend_missing(line):
-    """Whether the line runs under a Keras backend whose package this Python lacks (KERAS_BACKEND=jax
-    or torch: the README's test command installs neither; CI's backend stage does)."""
-    backend = re.match(r"KERAS_BACKEND=(\w+) ", line.strip())
-    return bool(backend) and importlib.util.find_spec(backend.group(1)) is None
+def backends(block):
+    """The Keras backends the block's lines name (KERAS_BACKEND=jax python ...)."""
+    return set(re.findall(r"^KERAS_BACKEND=(\w+) ", block, flags=re.M))
+
+
+def backend_missing(line, block):
+    """Whether the line is one of a block that needs a Keras backend whose package this Python
+    lacks (the README's test command installs neither jax nor torch; CI's backend stage does)."""
+    missing = [name for name in backends(block) if importlib.util.find_spec(name) is None]
+    return bool(missing) and line.strip().startswith("KERAS_BACKEND=")
 
 
 def script(block):
     """A bash block as a script: comments and lines not run dropped, the budget made smaller, the
     commands pointed at this checkout, stopping at the first failure."""
     lines = [line for line in block.splitlines() if not line.strip().startswith(NOT_RUN + ("#",))
-             and line.split("  #")[0].strip() != "python train.py" and not backend_missing(line)]
+             and line.split("  #")[0].strip() != "python train.py" and not backend_missing(line, block)]
     text = smaller("\n".join(lines))
     for command in ("train.py", "sample.py"):
         text = text.replace(f"python {command}", f"{sys.executable} {os.path.join(ROOT, command)}")
@@ -79,6 +84,6 @@ def test_readme_blocks_run_as_written(tmp_path):
         argv = [sys.executable, "-c", smaller(block)] if kind == "python" else ["bash", "-c", script(block)]
         done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, f"README block {number} ({kind}) failed:\n{argv[-1]}\n{done.stderr[-3000:]}"
-        ran = "\n".join(line for line in block.splitlines() if not backend_missing(line))
+        ran = "\n".join(line for line in block.splitlines() if not backend_missing(line, block))
         for run in re.findall(r"--run (\S+)", ran):  # each run a block names was made (background jobs too)
             assert os.path.isfile(tmp_path / run / "config.json"), f"README block {number}: no {run}"

@@ -107,6 +107,28 @@ def test_the_noise_is_its_spec_in_numpy_eager_and_compiled(seed):
     compiled = tf.function(lambda s, p: noise(s, p, rows, num_codes), jit_compile=True)(*args[:2]).numpy()
     np.testing.assert_array_equal(eager, expected)
     np.testing.assert_array_equal(compiled, expected)
+    # The JAX and PyTorch samplers' NumPy noise: the same spec.
+    from vq_vae_keras.priors.sampling import noise_numpy
+
+    np.testing.assert_array_equal(noise_numpy((seed, first), position, rows, num_codes), expected)
+
+
+@pytest.mark.parametrize("options", [dict(temperature=1.0, top_k=70, top_p=1.0), dict(temperature=0.6, top_k=5, top_p=1.0),
+                                     dict(temperature=1.3, top_k=70, top_p=0.7), dict(temperature=0.9, top_k=9, top_p=0.5)])
+def test_the_numpy_draw_of_the_other_backends_is_tensorflows(options):
+    """draw_numpy (the JAX and PyTorch samplers') picks the code `draw` picks, compiled as the
+    TensorFlow sampler runs it, for the same logits, options, seed and position: tied logits too."""
+    from vq_vae_keras.priors.sampling import draw, draw_numpy
+
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 2, (64, 70)).astype(np.float32)
+    logits[:8, :3] = logits[:8, :1]  # ties at the top
+    compiled = tf.function(lambda lg, s, p: draw(lg, options["temperature"], options["top_k"], options["top_p"], s, p),
+                           jit_compile=True)
+    for seed, position in [((0, 0), 0), ((2**40 + 3, 17), 255), ((7, 1000), 5)]:
+        expected = compiled(tf.constant(logits), tf.constant(seed, tf.int64), tf.constant(position)).numpy()
+        got = draw_numpy(logits, options["temperature"], options["top_k"], options["top_p"], seed, position)
+        assert np.mean(got == expected) >= 63 / 64  # a near-tie may round either way
 
 
 def test_the_noise_never_reaches_0_or_1():

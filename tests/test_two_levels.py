@@ -72,7 +72,7 @@ def test_the_objective_sums_both_levels_terms():
     objective([t.astype("float32") for t in (x, x_rec, z, e, z_top, e_top)])
     expected = np.mean((x - x_rec) ** 2) + 1.3 * np.mean((z - e) ** 2) + 1.3 * np.mean((z_top - e_top) ** 2)
     np.testing.assert_allclose(float(sum(objective.losses)), expected, rtol=1e-5)
-    objective.update_metrics()  # what the training model's compute_loss does with what the call recorded
+    objective.update_metrics()  # JAX: what the training model's compute_loss does with what the call recorded
     assert float(objective.mse_z_top.result()) == pytest.approx(np.mean((z_top - e_top) ** 2), rel=1e-5)
 
 

@@ -16,11 +16,19 @@ def name() -> str:
     return keras.backend.backend()
 
 
+def jit_compile(xla):
+    """compile()'s jit_compile for a config's XLA flag: the flag itself on TensorFlow (XLA or not);
+    Keras's "auto" on the others, which compiles JAX's step with jax.jit (uncompiled it is several
+    times slower) and runs PyTorch's eagerly."""
+    return xla if name() == "tensorflow" else "auto"
+
+
 def sync_variables(model):
-    """Make the model's variables current before a callback reads or sets them in the middle of
-    fit. JAX's fit keeps the training state outside the variables between steps; Keras's
-    jax_state_sync puts it back, and the next step reads it from them again. A no-op on the
-    other backends, whose variables are always current."""
+    """Make the model's variables current before code reads or sets them in the middle of fit.
+    JAX's fit keeps the training state outside the variables between steps; Keras's jax_state_sync
+    puts it back, and the next step reads it from them again. Reading a callback's `self.model`
+    does this already; this is for code that reaches the variables another way (a layer, a
+    closure, the model after fit was interrupted). A no-op on the other backends."""
     sync = getattr(model, "jax_state_sync", None)
     if sync is not None:
         sync()

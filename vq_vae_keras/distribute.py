@@ -87,6 +87,14 @@ def check_global_batch(batch_size, field):
         raise UsageError(f"{field} {batch_size} must be a multiple of the {devices} devices it is split over", field)
 
 
+def whole_device_batch(batch_size):
+    """batch_size rounded up to a multiple of the devices a Keras distribution (JAX's mirrored)
+    splits each batch over; batch_size itself without one."""
+    distribution = keras.distribution.distribution()
+    devices = 1 if distribution is None else distribution.device_mesh.devices.size
+    return -(-batch_size // devices) * devices
+
+
 def check_tf_config():
     """A missing or malformed TF_CONFIG is a one-line error, not a hang or a traceback."""
     text = os.environ.get("TF_CONFIG")

@@ -14,7 +14,8 @@ from keras import layers, ops
 from tqdm.auto import tqdm
 
 from .config import OPTIMIZER_FIELDS, Config
-from .distribute import ReplicaLocalLosses
+from . import backend
+from .distribute import ReplicaLocalLosses, whole_device_batch
 from .errors import UsageError, one_trace_per_object
 from .quantizers import LEVEL_SUFFIXES, PACKAGE, CodebookLayer, StepMetrics, build_quantizer, quantizer_class
 
@@ -29,6 +30,11 @@ class BatchNormalization(layers.BatchNormalization):
     tf.keras 2 did, so every replica holds the same values. `synchronized=True` (Keras's own
     option) normalises with the statistics of the global batch instead of the replica's slice.
     """
+
+    def __init__(self, *args, synchronized=False, **kwargs):
+        # Keras's option is tf.distribute's. Under JAX's DataParallel every layer already sees the
+        # global batch; PyTorch runs on one device. So a run trained with it builds everywhere.
+        super().__init__(*args, synchronized=synchronized and keras.backend.backend() == "tensorflow", **kwargs)
 
     def add_weight(self, *args, **kwargs):
         if kwargs.get("name") in ("moving_mean", "moving_variance"):
@@ -157,6 +163,7 @@ def predict_whole_batches(model, x, batch_size):
     TensorFlow warns about such retracing, and it costs a compile each time."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise UsageError(f"batch_size must be an integer >= 1, got {batch_size!r}", "batch_size")
+    batch_size = whole_device_batch(batch_size)
     if isinstance(x, (list, tuple)):  # a two-level model's latents: one array per level, as many rows each
         n = len(x[0])
         padded = [pad_rows(np.asarray(part, np.float32), batch_size) for part in x]
@@ -318,14 +325,14 @@ class VQVAEObjective(StepMetrics, ReplicaLocalLosses, keras.layers.Layer):
 class TrainModel(keras.Model):
     """The training graph (the reference's train_model): a functional model, image in,
     reconstruction out, whose layers add the whole objective (add_loss) and record the step's
-    metrics (StepMetrics). compute_loss, where every backend's trainer has the metrics in scope,
-    updates them from what the layers recorded."""
+    metrics (StepMetrics). Under JAX, compute_loss (where its trainer has the metrics in scope)
+    updates them from what the layers recorded in this training step."""
 
-    def compute_loss(self, *args, **kwargs):
-        loss = super().compute_loss(*args, **kwargs)
-        for layer in self.layers:
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        loss = super().compute_loss(x, y, y_pred, sample_weight, training=training)
+        for layer in self._flatten_layers(include_self=False):
             if isinstance(layer, StepMetrics):
-                layer.update_metrics()
+                layer.update_metrics(update=training)  # not a training call's values in evaluate
         return loss
 
 
@@ -480,5 +487,5 @@ def compile_vqvae(vqvae: VQVAE, total_steps=None) -> keras.Model:
     `train_model.compile(optimizer=...)` from user code does the same."""
     model = vqvae.train_model
     model.compile(optimizer=keras.optimizers.Adam(learning_rate(vqvae.config, total_steps)),
-                  jit_compile=vqvae.config.jit_compile)
+                  jit_compile=backend.jit_compile(vqvae.config.jit_compile))
     return model

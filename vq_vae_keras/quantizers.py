@@ -80,19 +80,26 @@ def perplexity(codes, num_codes):
 
 class StepMetrics:
     """Mixin for a layer whose call computes metrics of the training step (the perplexity, code
-    usage, the loss terms). Keras's JAX trainer runs call() with only the model's weights in scope,
-    where a metric cannot be updated (keras-team/keras#21639); compute_loss has the metrics in scope
-    on every backend. So call() records each metric's values (`record`), and the training model's
-    compute_loss updates the metrics from them (`update_metrics`, models.TrainModel): the same step,
-    the same trace. Kept per thread: MirroredStrategy traces each replica's step in its own."""
+    usage, the loss terms): `record(metric, values)` in call.
+
+    TensorFlow and PyTorch: the metric is updated there and then, as any Keras layer would.
+    JAX: Keras's trainer runs call() with only the model's weights in scope, where a metric cannot
+    be updated (keras-team/keras#21639); its compute_loss has the metrics in scope. So the values
+    are kept, and the training model's compute_loss updates the metrics from them
+    (`update_metrics`, models.TrainModel): the same step, the same trace. Kept per thread."""
 
     def record(self, metric, *values):
+        if keras.backend.backend() != "jax":
+            metric.update_state(*values)
+            return
         recorded = vars(thread_state(self)).setdefault("metrics", {})
         recorded[metric.name] = (metric, values)  # one entry a metric: a later call replaces it
 
-    def update_metrics(self):
+    def update_metrics(self, update=True):
+        """Update the metrics from what call() recorded since (update=False: drop it)."""
         for metric, values in vars(thread_state(self)).pop("metrics", {}).values():
-            metric.update_state(*values)
+            if update:
+                metric.update_state(*values)
 
 
 class CodebookLayer(StepMetrics, keras.layers.Layer):

@@ -11,6 +11,7 @@ pick and compile the config's kind.
 
 import keras
 
+from .. import backend
 from ..config import Config
 from ..models import learning_rate, seeded_initializers
 from .attention import Prior
@@ -47,5 +48,5 @@ def compile_prior(prior: keras.Model, config: Config, total_steps=None) -> keras
     prior.compile(optimizer=keras.optimizers.Adam(learning_rate(config, total_steps, prior=True)),
                   loss="sparse_categorical_crossentropy",
                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-                  jit_compile=config.prior_jit_compile)
+                  jit_compile=backend.jit_compile(config.prior_jit_compile))
     return prior
