@@ -133,7 +133,6 @@ class LearningRate(keras.callbacks.Callback):
     at the step it is about to take). Put it before the callbacks that read the logs."""
 
     def on_train_batch_begin(self, batch, logs=None):
-        sync_variables(self.model)  # the schedule reads the optimizer's step
         self.lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
     def on_train_batch_end(self, batch, logs=None):

@@ -77,12 +77,15 @@ def jax_data_parallel(kind, cpu_replicas):
     return None
 
 
+def batch_devices():
+    """How many devices a Keras distribution (JAX's mirrored) splits each batch over: 1 without one."""
+    distribution = keras.distribution.distribution()
+    return 1 if distribution is None else distribution.device_mesh.devices.size
+
+
 def check_global_batch(batch_size, field):
     """UsageError unless a Keras distribution (JAX's mirrored) splits batch_size evenly over its devices."""
-    distribution = keras.distribution.distribution()
-    if distribution is None:
-        return
-    devices = distribution.device_mesh.devices.size
+    devices = batch_devices()
     if batch_size % devices:
         raise UsageError(f"{field} {batch_size} must be a multiple of the {devices} devices it is split over", field)
 
@@ -90,8 +93,7 @@ def check_global_batch(batch_size, field):
 def whole_device_batch(batch_size):
     """batch_size rounded up to a multiple of the devices a Keras distribution (JAX's mirrored)
     splits each batch over; batch_size itself without one."""
-    distribution = keras.distribution.distribution()
-    devices = 1 if distribution is None else distribution.device_mesh.devices.size
+    devices = batch_devices()
     return -(-batch_size // devices) * devices
 
 
